@@ -1,0 +1,1 @@
+"""Clips, captions and aesthetic labels in; cached latent/text-embedding pairs out."""

@@ -1,0 +1,1 @@
+"""Recipes, expert routing, LoRA attachment, the training loop, checkpoints and export."""
