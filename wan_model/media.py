@@ -1,0 +1,68 @@
+"""Writing videos and frame strips: mp4 through PyAV's bundled libx264 (no system ffmpeg), PNG through PIL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> Path:
+    """Write [F, H, W, 3] uint8 frames as H.264 (yuv420p) mp4, atomically (temp name, then rename).
+
+    yuv420p needs even sizes; odd sizes are padded by one pixel on the right/bottom edge.
+    """
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f, h, w, _ = frames.shape
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = w + pad_w, h + pad_h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+def frame_strip(frames: np.ndarray, count: int = 5) -> Image.Image:
+    """`count` evenly spaced frames side by side: the PNG preview of a video ([F, H, W, 3] uint8)."""
+    idx = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+    return Image.fromarray(np.concatenate([frames[i] for i in idx], axis=1))
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save a PNG atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_video(video: torch.Tensor, path: str | Path, fps: int) -> tuple[Path, Path]:
+    """Save a [3, F, H, W] video in [-1, 1] as `path` (mp4) plus `path` with .png (a strip of frames)."""
+    frames = to_uint8_frames(video)
+    mp4 = write_mp4(frames, Path(path).with_suffix(".mp4"), fps)
+    png = save_png(frame_strip(frames), Path(path).with_suffix(".png"))
+    return mp4, png
