@@ -66,3 +66,13 @@ def save_video(video: torch.Tensor, path: str | Path, fps: int) -> tuple[Path, P
     mp4 = write_mp4(frames, Path(path).with_suffix(".mp4"), fps)
     png = save_png(frame_strip(frames), Path(path).with_suffix(".png"))
     return mp4, png
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as [3, H, W] float in [-1, 1] (RGB; alpha dropped)."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read as an image ({err})") from None
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -28,3 +28,18 @@ def test_odd_sizes_are_padded_and_strip_has_five_frames(tmp_path):
     assert reader[0].shape == (16, 18, 3)
     strip = frame_strip(to_uint8_frames(video), count=5)
     assert strip.size == (17 * 5, 15)
+
+
+def test_read_image_range_and_errors(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from wan_model.media import read_image
+
+    Image.new("RGB", (6, 4), (255, 0, 128)).save(tmp_path / "a.png")
+    img = read_image(tmp_path / "a.png")
+    assert img.shape == (3, 4, 6)
+    assert torch.allclose(img[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1]))
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="bad.jpg: cannot read as an image"):
+        read_image(tmp_path / "bad.jpg")
