@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+
+from data.typed_config import ConfigError
+from train.evaluate import contact_sheet, flicker, load_suite, loss_curve_svg, palette, palette_distance
+
+
+def test_suite_defaults_seeds_and_relative_image(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("defaults: {size: 64x96, frames: 9}\n"
+                     "prompts:\n"
+                     "  - prompt: a red fox\n"
+                     "    seeds: [1, 2]\n"
+                     "  - a plain string prompt\n"
+                     "  - prompt: with image\n"
+                     "    image: cat.jpg\n"
+                     "    guide: [3.0, 4.0]\n")
+    entries = load_suite(suite)
+    assert [e.prompt for e in entries] == ["a red fox", "a plain string prompt", "with image"]
+    assert entries[0].seeds == [1, 2] and entries[1].seeds == [0]
+    assert (entries[0].height, entries[0].width, entries[0].frames) == (64, 96, 9)
+    assert entries[2].image == tmp_path / "cat.jpg" and entries[2].guide == (3.0, 4.0)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("  - prompt: ok\n  - prompt: bad\n    sedes: [1]\n", r"suite.yaml:3: unknown keys \['sedes'\]"),
+    ("  - prompt: ok\n  - seeds: [1]\n", r"suite.yaml:3: each entry needs a non-empty 'prompt'"),
+    ("  - prompt: ok\n    size: big\n", r"suite.yaml:2: size must be HEIGHTxWIDTH"),
+    ("  - prompt: ok\n    seeds: [a]\n", r"suite.yaml:2: seeds must be a list of whole numbers"),
+])
+def test_bad_entry_names_its_line(tmp_path, entry, message):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("prompts:\n" + entry)
+    with pytest.raises(ConfigError, match=message):
+        load_suite(suite)
+
+
+def test_palette_warmth_and_flicker():
+    warm = np.zeros((4, 8, 8, 3), np.uint8)
+    warm[..., 0], warm[..., 2] = 200, 50
+    cool = warm[..., ::-1].copy()
+    assert palette(warm)["warmth"] == pytest.approx(150) and palette(cool)["warmth"] == pytest.approx(-150)
+    assert palette_distance(palette(warm), palette(warm)) == 0
+    steady = np.full((5, 4, 4, 3), 100, np.uint8)
+    blinking = steady.copy()
+    blinking[1::2] = 140
+    assert flicker(steady) == 0 and flicker(blinking) == pytest.approx(40, rel=1e-3)
+
+
+def test_contact_sheet_and_loss_curve(tmp_path):
+    frames = np.zeros((9, 16, 24, 3), np.uint8)
+    sheet = contact_sheet([("base", frames), ("step-10", frames + 255)], frames_per_row=5)
+    assert sheet.size == (140 + 5 * 24, 2 * 16)
+    assert sheet.getpixel((140, 20)) == (255, 255, 255) and sheet.getpixel((140, 2)) == (0, 0, 0)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": s, "loss": 1 / (s + 1), "expert": e})
+                                 for s in range(5) for e in ("high_noise", "low_noise")))
+    svg = loss_curve_svg(metrics)
+    assert svg.count("<polyline") == 2 and "high_noise" in svg
+    assert loss_curve_svg(tmp_path / "missing.jsonl") == ""

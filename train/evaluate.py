@@ -1,0 +1,311 @@
+"""Adapter evaluation: render a prompt suite with the base model and with each adapter, same seeds.
+
+    python sample.py evaluate --release DIR --suite SUITE.yaml --adapters A [B ...] [--run RUN_DIR] [--out DIR]
+
+Writes, under --out (default RUN_DIR/eval or outputs/eval):
+  videos/<prompt>-<seed>-<variant>.mp4   every render, with a PNG frame strip beside it
+  sheet-<prompt>-<seed>.png             contact sheet: one row per variant (base first), same frames
+  report.html                           videos, sheets, palette and flicker checks, the recipe and the loss curve
+  metrics.json                          the numbers in the report
+
+Numeric checks that need no extra model: each render's palette (mean R, G, B, brightness, saturation,
+warmth = mean(R - B)) compared with the training clips' palette (distance in that 6-number space: does the
+adapter move the palette toward the style?) and temporal flicker (mean |difference| of consecutive frames'
+mean brightness, in 0..255 units).
+
+Suite file (YAML):
+    defaults: {size: 480x832, frames: 81, steps: 40}
+    prompts:
+      - prompt: "a red fox in snow, golden hour"
+        seeds: [0, 1]
+      - prompt: "..."
+        size: 832x480
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw
+
+from data.typed_config import ConfigError
+
+SUITE_KEYS = {"prompt", "seeds", "seed", "size", "frames", "steps", "image", "negative_prompt", "guide", "shift"}
+
+
+@dataclass
+class SuiteEntry:
+    prompt: str
+    seeds: list[int]
+    height: int
+    width: int
+    frames: int | None = None
+    steps: int | None = None
+    shift: float | None = None
+    guide: tuple[float, float] | None = None
+    image: Path | None = None
+    negative_prompt: str | None = None
+    line: int = 0  # where the entry starts in the suite file, for messages
+
+
+@dataclass
+class Variant:
+    """One column of the comparison: the base model (no adapters) or one adapter set at a strength."""
+
+    name: str
+    adapters: list[Path] = field(default_factory=list)
+    strength: float = 1.0
+
+
+def _parse_size(value, where: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in str(value).lower().split("x"))
+        return h, w
+    except ValueError:
+        raise ConfigError(f"{where}: size must be HEIGHTxWIDTH, e.g. 480x832; got {value!r}") from None
+
+
+def load_suite(path: str | Path) -> list[SuiteEntry]:
+    """Read a prompt suite; a bad entry is named by its line in the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the suite ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompts"), list) or not raw["prompts"]:
+        raise ConfigError(f"{path}: a suite is a mapping with a non-empty 'prompts' list (and optional 'defaults')")
+    unknown = set(raw) - {"defaults", "prompts"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: defaults, prompts")
+    defaults = raw.get("defaults") or {}
+    prompt_nodes = next(v for k, v in root.value if k.value == "prompts").value
+    entries = []
+    for item, node in zip(raw["prompts"], prompt_nodes):
+        line = node.start_mark.line + 1
+        where = f"{path}:{line}"
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise ConfigError(f"{where}: each entry needs a non-empty 'prompt' text")
+        merged = {**defaults, **item}
+        bad = set(merged) - SUITE_KEYS
+        if bad:
+            raise ConfigError(f"{where}: unknown keys {sorted(bad)}; valid: {sorted(SUITE_KEYS)}")
+        seeds = merged.get("seeds", [merged.get("seed", 0)])
+        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ConfigError(f"{where}: seeds must be a list of whole numbers, got {seeds!r}")
+        height, width = _parse_size(merged.get("size", "480x832"), where)
+        guide = merged.get("guide")
+        if guide is not None:
+            guide = tuple(float(g) for g in (guide if isinstance(guide, list) else [guide, guide]))
+        for key in ("frames", "steps"):
+            if key in merged and (not isinstance(merged[key], int) or merged[key] < 1):
+                raise ConfigError(f"{where}: {key} must be a positive whole number, got {merged[key]!r}")
+        image = Path(merged["image"]) if merged.get("image") else None
+        if image is not None and not image.is_absolute():
+            image = path.parent / image
+        entries.append(SuiteEntry(prompt=merged["prompt"], seeds=seeds, height=height, width=width,
+                                  frames=merged.get("frames"), steps=merged.get("steps"), shift=merged.get("shift"),
+                                  guide=guide, image=image, negative_prompt=merged.get("negative_prompt"), line=line))
+    return entries
+
+
+# -- numeric checks -------------------------------------------------------------------------------------
+def palette(frames: np.ndarray) -> dict[str, float]:
+    """Palette of [F, H, W, 3] uint8 frames: mean R, G, B, brightness (Rec. 601 luma), saturation, warmth."""
+    rgb = frames.astype(np.float32)
+    maxc, minc = rgb.max(axis=-1), rgb.min(axis=-1)
+    saturation = np.where(maxc > 0, (maxc - minc) / np.maximum(maxc, 1e-6), 0.0)
+    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return {"r": float(rgb[..., 0].mean()), "g": float(rgb[..., 1].mean()), "b": float(rgb[..., 2].mean()),
+            "brightness": float(luma.mean()), "saturation": float(saturation.mean() * 255),
+            "warmth": float((rgb[..., 0] - rgb[..., 2]).mean())}
+
+
+def flicker(frames: np.ndarray) -> float:
+    """Mean |change| of per-frame mean brightness between consecutive frames (0..255); 0 for one frame."""
+    luma = (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean(axis=(1, 2))
+    return float(np.abs(np.diff(luma)).mean()) if len(luma) > 1 else 0.0
+
+
+def palette_distance(a: dict[str, float], b: dict[str, float]) -> float:
+    return float(np.sqrt(sum((a[k] - b[k]) ** 2 for k in a)))
+
+
+def mean_palette(palettes: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([p[k] for p in palettes])) for k in palettes[0]}
+
+
+# -- pictures -------------------------------------------------------------------------------------------
+def contact_sheet(rows: list[tuple[str, np.ndarray]], frames_per_row: int = 5) -> Image.Image:
+    """One row per variant: its name, then `frames_per_row` evenly spaced frames. rows: (name, [F,H,W,3])."""
+    label_w = 140
+    _, h, w, _ = rows[0][1].shape
+    sheet = Image.new("RGB", (label_w + frames_per_row * w, len(rows) * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, frames) in enumerate(rows):
+        idx = np.linspace(0, len(frames) - 1, num=min(frames_per_row, len(frames))).round().astype(int)
+        for c, i in enumerate(idx):
+            sheet.paste(Image.fromarray(frames[i]), (label_w + c * w, r * h))
+        draw.text((6, r * h + h // 2 - 6), name[:22], fill="black")
+    return sheet
+
+
+def loss_curve_svg(metrics_path: Path, width: int = 640, height: int = 200) -> str:
+    """An inline SVG of the training loss per expert from metrics.jsonl ('' when there is none)."""
+    if not metrics_path.exists():
+        return ""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in row and "step" in row:
+            series.setdefault(str(row.get("expert", "all")), []).append((float(row["step"]), float(row["loss"])))
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
+    sx = (width - 40) / max(x1 - x0, 1e-9)
+    sy = (height - 30) / max(y1 - y0, 1e-9)
+    colours = ["#c0392b", "#2471a3", "#1e8449", "#7d3c98"]
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>']
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        path = " ".join(f"{30 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in pts)
+        colour = colours[i % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
+        parts.append(f'<text x="{40 + 120 * i}" y="14" fill="{colour}" font-size="12">{html.escape(name)}</text>')
+    parts.append(f'<text x="4" y="{height - 4}" font-size="10">step {x0:.0f}..{x1:.0f}, loss {y0:.3g}..{y1:.3g}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], metrics: dict, run: Path | None) -> Path:
+    """report.html next to the renders; paths are relative so the folder can be moved."""
+    recipe = ""
+    if run is not None and (run / "recipe.yaml").exists():
+        recipe = f"<h2>Recipe</h2><pre>{html.escape((run / 'recipe.yaml').read_text())}</pre>"
+    curve = loss_curve_svg(run / "metrics.jsonl") if run is not None else ""
+    rows = []
+    for key, m in metrics["renders"].items():
+        dist = m.get("palette_distance_to_training")
+        rows.append(f"<tr><td>{html.escape(key)}</td><td>{m['palette']['brightness']:.1f}</td>"
+                    f"<td>{m['palette']['saturation']:.1f}</td><td>{m['palette']['warmth']:.1f}</td>"
+                    f"<td>{m['flicker']:.2f}</td><td>{'' if dist is None else f'{dist:.1f}'}</td></tr>")
+    body = ["<!doctype html><meta charset='utf-8'><title>wanlora evaluation</title>",
+            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style>",
+            "<h1>Adapter evaluation</h1>",
+            "<h2>Contact sheets (rows: base, then each adapter)</h2>"]
+    body += [f"<p>{html.escape(s.stem)}<br><img src='{s.relative_to(out)}' style='max-width:100%'></p>" for s in sheets]
+    body.append("<h2>Palette and flicker</h2><table><tr><th>render</th><th>brightness</th><th>saturation</th>"
+                "<th>warmth</th><th>flicker</th><th>palette distance to training clips</th></tr>")
+    body += rows + ["</table>"]
+    if curve:
+        body.append(f"<h2>Training loss</h2>{curve}")
+    body.append("<h2>Videos</h2>")
+    for key, paths in videos.items():
+        body.append(f"<h3>{html.escape(key)}</h3>")
+        body += [f"<video src='{p.relative_to(out)}' controls loop muted width='320'></video>" for p in paths]
+    body.append(recipe)
+    report = out / "report.html"
+    tmp = report.with_suffix(".html.tmp")
+    tmp.write_text("\n".join(body), encoding="utf-8")
+    tmp.replace(report)
+    return report
+
+
+def training_palette(clips_dir: Path, max_clips: int = 16) -> dict[str, float] | None:
+    """Mean palette over up to 16 training clips (a few frames each), or None when no clip can be read."""
+    from data.video import VideoError, probe, read_frames
+
+    palettes = []
+    for path in sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in {".mp4", ".mov", ".webm", ".mkv"}):
+        try:
+            info = probe(path)
+            idx = np.linspace(0, info.num_frames - 1, num=min(5, info.num_frames)).round().astype(int).tolist()
+            frames = read_frames(path, idx, None).permute(0, 2, 3, 1).numpy()
+        except VideoError:
+            continue
+        palettes.append(palette(frames))
+        if len(palettes) >= max_clips:
+            break
+    return mean_palette(palettes) if palettes else None
+
+
+def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, run: Path | None = None,
+             clips_dir: Path | None = None) -> Path:
+    """Render every (entry, seed) for every variant, then write sheets, metrics.json and report.html."""
+    from wan_model.media import read_image, save_png, save_video, to_uint8_frames
+    from wan_model.pipeline import GenerationRequest
+
+    reference = training_palette(clips_dir) if clips_dir is not None else None
+    metrics: dict = {"training_palette": reference, "renders": {}}
+    sheets, videos = [], {}
+    for p_index, entry in enumerate(suite):
+        image = read_image(entry.image) if entry.image else None
+        for seed in entry.seeds:
+            key = f"p{p_index}-s{seed}"
+            rows, videos[key] = [], []
+            for variant in variants:
+                pipe.set_adapters(variant.adapters, variant.strength)
+                request = GenerationRequest(prompt=entry.prompt, seed=seed, height=entry.height, width=entry.width,
+                                            frames=entry.frames, steps=entry.steps, shift=entry.shift,
+                                            guide_scale=entry.guide, image=image,
+                                            negative_prompt=entry.negative_prompt)
+                video = pipe.generate(request).video
+                mp4, _ = save_video(video, out / "videos" / f"{key}-{variant.name}", fps=pipe.preset.sample_fps)
+                frames = to_uint8_frames(video)
+                rows.append((variant.name, frames))
+                videos[key].append(mp4)
+                m = {"prompt": entry.prompt, "seed": seed, "variant": variant.name,
+                     "palette": palette(frames), "flicker": flicker(frames)}
+                if reference is not None:
+                    m["palette_distance_to_training"] = palette_distance(m["palette"], reference)
+                metrics["renders"][f"{key}-{variant.name}"] = m
+            sheets.append(save_png(contact_sheet(rows), out / f"sheet-{key}.png"))
+    pipe.set_adapters([], 1.0)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out / "metrics.json")
+    return write_report(out, sheets, videos, metrics, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from wan_model.pipeline import load_pipeline
+
+    ap = argparse.ArgumentParser(prog="sample.py evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--release", required=True, type=Path)
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--suite", required=True, type=Path)
+    ap.add_argument("--adapters", nargs="*", type=Path, default=[],
+                    help="adapter folders (a checkpoint step's adapters/) or files; each is one variant")
+    ap.add_argument("--strength", type=float, default=1.0)
+    ap.add_argument("--run", type=Path, default=None, help="training run folder (recipe, loss curve)")
+    ap.add_argument("--clips", type=Path, default=None, help="training clips folder, for the palette check")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--offload-experts", action="store_true")
+    args = ap.parse_args(argv)
+    suite = load_suite(args.suite)
+    out = args.out or ((args.run / "eval") if args.run else Path("outputs/eval"))
+    pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts)
+    variants = [Variant("base")] + [Variant(p.name if p.is_dir() else p.stem, [p], args.strength) for p in args.adapters]
+    report = evaluate(pipe, suite, variants, out, run=args.run, clips_dir=args.clips)
+    print(f"wrote {report}")
+    return 0
