@@ -1,0 +1,277 @@
+"""The Wan 2.2 diffusion transformer (official `wan/modules/model.py`, `WanModel`), batched.
+
+One class serves the three released networks: T2V-A14B and I2V-A14B experts (dim 5120, 40 blocks,
+in_dim 16 / 36) and TI2V-5B (dim 3072, 30 blocks, in_dim 48, per-token timesteps). Parameter names and
+shapes are the released checkpoints' own, so an official state dict loads with `strict=True`
+(`keymaps.py` converts diffusers / ComfyUI files). Wan 2.2 I2V has no CLIP image branch
+(no `img_emb`, `k_img`, `v_img`): the image enters through the 36 input channels.
+
+Forward, per sample (d = dim, L = F*H*W / prod(patch) video tokens, T = text_len = 512):
+    x   = patch_embedding(latents)                                 [L, d]
+    e   = time_embedding(sinusoid(t))                              [1 or L, d]       float32
+    e0  = time_projection(e) -> 6 vectors                          [1 or L, 6, d]    float32
+    c   = text_embedding(context zero-padded to T rows)            [T, d]
+    per block, (shift, scale, gate, c_shift, c_scale, c_gate) = modulation + e0:
+        x = x + gate   * self_attn(LN(x) * (1 + scale) + shift)         (3-axis RoPE on q, k)
+        x = x + cross_attn(norm3(x), c)                                  (all T text rows, no mask)
+        x = x + c_gate * ffn(LN(x) * (1 + c_scale) + c_shift)
+    out = head(LN(x) * (1 + scale_h) + shift_h), (shift_h, scale_h) = head.modulation + e
+Precision: the time embedding and projection, the modulation arithmetic, every norm and the head
+run in float32 (the official autocast-float32 regions); the residual stream and the big linears
+stay in the model dtype (bf16 in training), as diffusers' `WanTransformer3DModel` keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
+from .config import TransformerConfig
+from .rope import apply_rope, rope_tables
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """t: [...] -> [..., dim] float32: [cos(t w_0..w_{h-1}), sin(t w_0..w_{h-1})], w_i = 10000^(-i/h), h = dim/2.
+
+    Official `sinusoidal_embedding_1d` (cos first); float32 as diffusers' `Timesteps(flip_sin_to_cos=True)`.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().unsqueeze(-1) * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """`layer(x)` in float32 whatever the weights' dtype and any autocast around it."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """LayerNorm(x) * (1 + scale) + shift in float32 (no affine), returned in x's dtype.
+
+    x: [B, L, d]; shift, scale: [B, 1 or L, d] float32.
+    """
+    normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (normed * (1 + scale) + shift).to(x.dtype)
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + y * gate in float32, returned in x's dtype. x, y: [B, L, d]; gate: [B, 1 or L, d] float32."""
+    return (x.float() + y.float() * gate).to(x.dtype)
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> Tensor:
+    """x: [B, L, pt*ph*pw*C] (features ordered pt, ph, pw, C) -> [B, C, F*pt, H*ph, W*pw], grid = (F, H, W)."""
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = x.view(x.shape[0], f, h, w, pt, ph, pw, channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(x.shape[0], channels, f * pt, h * ph, w * pw)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, computed in float32 (official WanRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (weights upcast), returned in the input's dtype (official WanLayerNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMSNorm on q and k over the full dim (official WanSelfAttention)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: [B, L, d]; context: [B, Lc, d] for cross-attention, None for self-attention;
+        rope: (cos, sin) tables [1, L, 1, head_dim/2] rotating q and k. Returns [B, L, d]."""
+        source = x if context is None else context
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(source)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(source).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q.to(v.dtype), k.to(v.dtype), v)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    """Self-attention, cross-attention and FFN, modulated by the timestep (official WanAttentionBlock)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = (FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm
+                      else nn.Identity())
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """x: [B, L, d]; e0: [B, 1 or L, 6, d] float32; context: [B, text_len, d]. Returns [B, L, d]."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e0).unbind(2)
+        x = gated_residual(x, self.self_attn(modulate(x, shift, scale, self.eps), rope=rope), gate)
+        x = x + self.cross_attn(self.norm3(x), context)
+        return gated_residual(x, self.ffn(modulate(x, c_shift, c_scale, self.eps)), c_gate)
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm and projection to patch pixels (official Head), in float32."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """x: [B, L, d]; e: [B, 1 or L, d] float32 -> [B, L, prod(patch) * out_dim] float32."""
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+        return linear_fp32(self.head, modulate(x.float(), shift, scale, self.eps))
+
+
+class WanTransformer(nn.Module):
+    """Wan 2.2 DiT with the official parameter names; see the module docstring for the maths."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self._checkpoint_every = 0  # 0: off; n: recompute every n-th block in backward
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official `WanModel.init_weights`: Xavier linears and patch embedding, N(0, 0.02) text and time
+        embeddings, zero output projection; also resets norms (ones) and modulation tables (N(0, 1/dim)),
+        so a model built on the meta device and materialised with `to_empty` gets sane weights."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for m in (*self.text_embedding, *self.time_embedding):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        for block in self.blocks:
+            block.modulation.normal_(0.0, self.config.dim**-0.5)
+        self.head.modulation.normal_(0.0, self.config.dim**-0.5)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
+        """Recompute the activations of every `every`-th block in backward instead of storing them."""
+        if every < 1:
+            raise ValueError(f"gradient checkpointing: every must be >= 1 (1 = every block), got {every}")
+        self._checkpoint_every = every if enabled else 0
+
+    def forward(self, latents: Tensor, timestep: Tensor, context: Tensor,
+                context_lens: Tensor | None = None) -> Tensor:
+        """Flow velocity prediction.
+
+        latents: [B, in_dim, F, H, W] (i2v: noisy 16 + mask 4 + image latents 16 channels, in that order);
+        timestep: [B] float train timesteps in [0, 1000], or [B, L] per token (ti2v: first-frame tokens 0),
+            L = F*H*W / prod(patch_size);
+        context: [B, L_text, text_dim] UMT5 embeddings, L_text <= text_len;
+        context_lens: [B] real text lengths; rows past them are zeroed (None: all rows real).
+        Returns [B, out_dim, F, H, W] in latents' dtype.
+        """
+        cfg = self.config
+        grid = self._token_grid(latents)
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        e, e0 = self._embed_time(timestep, latents.shape[0], x.shape[1])
+        context = self._embed_text(context, context_lens)
+        rope = rope_tables(grid, cfg.head_dim, x.device)
+        recompute = self._checkpoint_every and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if recompute and i % self._checkpoint_every == 0:
+                x = checkpoint(block, x, e0, context, rope, use_reentrant=False)
+            else:
+                x = block(x, e0, context, rope)
+        out = self.head(x, e)
+        return unpatchify(out, grid, cfg.patch_size, cfg.out_dim).to(latents.dtype)
+
+    def _token_grid(self, latents: Tensor) -> tuple[int, int, int]:
+        """(F, H, W) of the token grid; checks channels and divisibility by the patch size."""
+        cfg = self.config
+        if latents.ndim != 5 or latents.shape[1] != cfg.in_dim:
+            raise ValueError(f"WanTransformer ({cfg.model_type}): latents must be [B, {cfg.in_dim}, F, H, W], "
+                             f"got {tuple(latents.shape)}"
+                             + ("; i2v input is cat([noisy 16, mask 4, image 16]) on channels"
+                                if cfg.model_type == "i2v" else ""))
+        sizes = latents.shape[2:]
+        if any(n % p for n, p in zip(sizes, cfg.patch_size)):
+            raise ValueError(f"WanTransformer: latent (F, H, W) {tuple(sizes)} is not divisible by the "
+                             f"patch size {cfg.patch_size}; crop or resize the video to a multiple")
+        return tuple(n // p for n, p in zip(sizes, cfg.patch_size))
+
+    def _embed_time(self, timestep: Tensor, batch: int, tokens: int) -> tuple[Tensor, Tensor]:
+        """timestep: [B] or [B, L] -> e: [B, 1 or L, d], e0: [B, 1 or L, 6, d], both float32.
+
+        A [B] timestep stays one vector per sample, broadcast over tokens (the official code expands it
+        to [B, L, 6, d]; same values, L times the memory)."""
+        if timestep.ndim == 1:
+            timestep = timestep[:, None]
+        if timestep.ndim != 2 or timestep.shape[0] != batch or timestep.shape[1] not in (1, tokens):
+            raise ValueError(f"WanTransformer: timestep must be [B]={batch} or [B, L]=[{batch}, {tokens}] "
+                             f"(one per video token), got {tuple(timestep.shape)}")
+        emb = sinusoidal_embedding(timestep, self.config.freq_dim)
+        e = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], emb)))
+        e0 = linear_fp32(self.time_projection[1], F.silu(e))
+        return e, e0.unflatten(-1, (6, self.config.dim))
+
+    def _embed_text(self, context: Tensor, context_lens: Tensor | None) -> Tensor:
+        """context: [B, L_text, text_dim] -> [B, text_len, d]: rows past context_lens zeroed, zero-padded
+        to text_len, then text_embedding (padded rows become text_embedding(0), as the weights expect)."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[2] != cfg.text_dim or context.shape[1] > cfg.text_len:
+            raise ValueError(f"WanTransformer: context must be [B, L_text <= {cfg.text_len}, {cfg.text_dim}], "
+                             f"got {tuple(context.shape)}; cut prompts to text_len tokens")
+        if context_lens is not None:
+            real = torch.arange(context.shape[1], device=context.device) < context_lens.to(context.device)[:, None]
+            context = context.masked_fill(~real[..., None], 0)
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
