@@ -71,8 +71,8 @@ def build_ours(cfg: TransformerConfig, device: torch.device, checkpointing: str)
     from wan_model.transformer import WanTransformer
 
     with torch.device("meta"):
-        model = WanTransformer(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
+        model = WanTransformer(cfg).to(torch.bfloat16)  # bf16 before materialising: no fp32 copy
+    model = model.to_empty(device=device)
     init_random_(model)
     if checkpointing != "none":
         model.enable_gradient_checkpointing(True)
@@ -88,8 +88,8 @@ def build_diffusers(cfg: TransformerConfig, device: torch.device) -> nn.Module:
                   ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
                   qk_norm="rms_norm_across_heads", eps=cfg.eps, rope_max_seq_len=1024)
     with torch.device("meta"):
-        model = WanTransformer3DModel(**kwargs)
-    model = model.to_empty(device=device).to(torch.bfloat16)
+        model = WanTransformer3DModel(**kwargs).to(torch.bfloat16)
+    model = model.to_empty(device=device)
     # RoPE tables are non-persistent buffers, left empty by to_empty: build the module again on the GPU.
     with torch.device(device):
         model.rope = WanRotaryPosEmbed(cfg.head_dim, cfg.patch_size, 1024)
