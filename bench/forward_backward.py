@@ -7,7 +7,8 @@
 The model is built on the meta device and materialised on the GPU with random bf16 weights
 (`to_empty` + `init_weights`, nothing to download). The base weights are frozen as in LoRA training,
 so backward computes the activation gradients (here down to the latents), not 14B weight gradients.
-Gradient checkpointing on every block (`--checkpoint-every 0` turns it off). ti2v presets get a
+Gradient checkpointing on every block (`--checkpoint-every 0` turns it off); `--compile` compiles the blocks
+(the warm-up step absorbs the compilation). ti2v presets get a
 per-token timestep with the first latent frame at t=0, as in TI2V training.
 
 Latents: 480x832, 81 frames with the Wan 2.1 VAE (4x8x8) -> [1, 16, 21, 60, 104], 21*30*52 = 32,760 tokens.
@@ -114,6 +115,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every n-th block; 0: off")
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (WanTransformer.compile_blocks)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args(argv)
@@ -124,9 +126,11 @@ def main(argv=None) -> dict:
     height, width = (int(v) for v in args.size.split("x"))
     shape = latent_shape(preset, height, width, args.frames, args.batch)
     model = build_random(preset, device, checkpoint_every=args.checkpoint_every)
+    if args.compile:
+        model.compile_blocks()
     result = dict(preset=args.preset, size=args.size, frames=args.frames, latents=list(shape),
                   tokens=math.prod(n // p for n, p in zip(shape[2:], preset.transformer.patch_size)),
-                  checkpoint_every=args.checkpoint_every, attention=args.attention,
+                  checkpoint_every=args.checkpoint_every, attention=args.attention, compile=args.compile,
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__)
     result.update(measure(model, random_inputs(preset, shape, device), args.warmup, args.iters))
     print(json.dumps(result), flush=True)

@@ -36,7 +36,8 @@ def _axis_angles(positions: int, channels: int, theta: float) -> Tensor:
 @functools.lru_cache(maxsize=32)
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device,
                 theta: float = ROPE_THETA) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of a token grid, each [1, F*H*W, 1, head_dim // 2] float32 on `device`.
+    """cos and sin tables of a token grid, each [1, F*H*W, 1, head_dim] float32 on `device`, every angle
+    repeated for both channels of its pair (c0 c0 c1 c1 ...), as diffusers' `WanRotaryPosEmbed` holds them.
 
     Tokens are ordered frame-major, then height, then width (the order of `patch_embedding(x).flatten(2)`).
     Cached per (grid, head_dim, device, theta): a training run sees a handful of bucket shapes.
@@ -50,16 +51,16 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device,
             af.view(f, 1, 1, -1).expand(f, h, w, -1),
             ah.view(1, h, 1, -1).expand(f, h, w, -1),
             aw.view(1, 1, w, -1).expand(f, h, w, -1),
-        ], dim=-1).reshape(1, f * h * w, 1, head_dim // 2)
+        ], dim=-1).reshape(1, f * h * w, 1, head_dim // 2).repeat_interleave(2, dim=-1)
         return (angles.cos().to(device=device, dtype=torch.float32),
                 angles.sin().to(device=device, dtype=torch.float32))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs of `x: [B, L, heads, head_dim]` by the tables `cos, sin: [1, L, 1, head_dim // 2]`.
+    """Rotate channel pairs of `x: [B, L, heads, head_dim]` by the tables `cos, sin: [1, L, 1, head_dim]`.
 
-    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), computed in float32, returned in x's dtype.
+    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), i.e. x * cos + (-x2, x1) * sin, in float32
+    (bf16 operands widened inside the kernels), returned in x's dtype.
     """
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    return torch.addcmul(x * cos, rotated, sin).to(x.dtype)
