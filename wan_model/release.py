@@ -60,7 +60,7 @@ def detect_preset(config: TransformerConfig) -> str | None:
 def _expert_config(folder: Path, looking_for: str) -> TransformerConfig:
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{CONFIG_NAME} not found in {folder} (looking for a {looking_for} release); "
+        raise FileNotFoundError(f"{CONFIG_NAME} not found in {folder} (looking for {looking_for}); "
                                 f"the transformer folder must hold its config.json, index and shards")
     return config_from_json(read_json(path), str(path))
 
@@ -80,7 +80,11 @@ def load_release(root: str | os.PathLike, preset: str | None = None) -> Release:
         folders = ("high_noise_model", "low_noise_model")
     else:
         folders = ("",)
-    looking_for = named.name if named else ("A14B (MoE)" if len(folders) == 2 else "TI2V-5B (dense)")
+    # Name the preset in a missing-config error: the one asked for, else the one another expert's config shows.
+    present = [f for f in folders if (root / f / CONFIG_NAME).is_file()]
+    guess = named.name if named else detect_preset(_expert_config(root / present[0], "")) if present else None
+    looking_for = (f"preset {guess!r}" if guess else
+                   "an A14B (MoE) preset" if len(folders) == 2 else "the TI2V-5B (dense) preset")
     configs = {folder: _expert_config(root / folder, looking_for) for folder in folders}
     first_folder, first = next(iter(configs.items()))
     found = detect_preset(first)
