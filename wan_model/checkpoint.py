@@ -110,6 +110,9 @@ def config_from_json(raw: dict, where: str) -> TransformerConfig:
                 num_heads=raw["num_attention_heads"], num_layers=raw["num_layers"], freq_dim=raw["freq_dim"],
                 text_dim=raw["text_dim"], patch_size=tuple(raw["patch_size"]), eps=raw["eps"],
                 qk_norm=bool(raw.get("qk_norm")), cross_attn_norm=bool(raw.get("cross_attn_norm")))
+        if "model_type" not in raw and raw.get("in_dim") in MODEL_TYPE_BY_IN_DIM:
+            # Some re-packaged official configs leave model_type out; in_dim tells it.
+            raw = {**raw, "model_type": MODEL_TYPE_BY_IN_DIM[raw["in_dim"]]}
         return TransformerConfig.from_json_dict(raw)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{where}: not a valid Wan 2.2 transformer config ({type(err).__name__}: {err}); "
@@ -164,6 +167,7 @@ class CheckpointFiles:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file as a dict; a broken or unreadable file fails naming it."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -19,6 +19,8 @@ from wan_model.keymaps import official_to_diffusers
 from wan_model.release import random_weights_
 from wan_model.transformer import WanTransformer
 
+from .test_transformer import diffusers_twin
+
 
 def tiny(preset: str = "tiny-t2v", seed: int = 0) -> WanTransformer:
     model = WanTransformer(PRESETS[preset].transformer)
@@ -83,15 +85,9 @@ def test_bf16_load_gives_bf16_params_rounded_from_the_file(tmp_path):
 
 def test_diffusers_save_pretrained_folder_loads_to_same_output(tmp_path):
     """Reference: diffusers 0.42 WanTransformer3DModel.save_pretrained (sharded), our keymaps back."""
-    diffusers = pytest.importorskip("diffusers")
     model = tiny("tiny-ti2v")
     cfg = model.config
-    twin = diffusers.WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps)
-    twin.load_state_dict(official_to_diffusers(model.state_dict()), strict=True)
+    twin = diffusers_twin(model)
     twin.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / INDEX_NAME).is_file()  # diffusers used the same sharded layout
 
@@ -226,3 +222,13 @@ def test_bf16_load_peak_host_memory_is_near_model_size(tmp_path):
     rise = _peak_rss_bytes() - before
     assert rise < 1.5 * bf16_bytes, f"peak RSS rose {rise / 1e6:.1f} MB for a {bf16_bytes / 1e6:.1f} MB model"
     assert model.blocks[5].ffn[2].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_loads_straight_to_gpu_in_bf16(tmp_path):
+    model = tiny("tiny-ti2v")
+    save_transformer(model, tmp_path, model.config, max_shard_bytes=50_000)
+    loaded = load_transformer(tmp_path, dtype=torch.bfloat16, device="cuda")
+    assert {(p.device.type, p.dtype) for p in loaded.parameters()} == {("cuda", torch.bfloat16)}
+    cpu = load_transformer(tmp_path, dtype=torch.bfloat16)
+    assert_same_weights(loaded.cpu(), cpu)
