@@ -1,0 +1,84 @@
+"""data/scan.py: sidecars, metadata.jsonl / .csv through HF datasets, several captions, bad inputs skipped."""
+
+import json
+
+import pytest
+
+from data.scan import ScanError, scan_folder
+
+
+def _touch(path, data=b"\x00fake"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_sidecars_several_captions_and_bad_captions(tmp_path):
+    _touch(tmp_path / "a.mp4")
+    (tmp_path / "a.txt").write_text("a fox runs\n\n  a red fox in snow  \n", encoding="utf-8")
+    _touch(tmp_path / "sub" / "b.png")
+    (tmp_path / "sub" / "b.txt").write_text("a still lake", encoding="utf-8")
+    _touch(tmp_path / "empty.mp4")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    _touch(tmp_path / "latin.mov")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    _touch(tmp_path / "nocap.webm")
+    _touch(tmp_path / "notes.md")  # not media: ignored
+
+    result = scan_folder(tmp_path)
+    items = {i.clip_id: i for i in result.items}
+    assert set(items) == {"a.mp4", "sub/b.png"}
+    assert items["a.mp4"].captions == ("a fox runs", "a red fox in snow") and items["a.mp4"].kind == "video"
+    assert items["sub/b.png"].kind == "image"
+    reasons = {s.path.name: s.reason for s in result.skipped}
+    assert "empty" in reasons["empty.mp4"]
+    assert "not UTF-8" in reasons["latin.mov"]
+    assert "no caption" in reasons["nocap.webm"]
+    assert len(result.skipped) == 3
+
+
+def test_metadata_jsonl_merges_rows_lists_labels_and_skips_missing(tmp_path):
+    _touch(tmp_path / "a.mp4")
+    _touch(tmp_path / "b.mp4")
+    _touch(tmp_path / "c.mp4")  # present but not listed
+    _touch(tmp_path / "d.mp4")  # listed with an empty caption
+    rows = [
+        {"file_name": "a.mp4", "caption": "first", "lighting": "golden hour", "score": 0.7},
+        {"file_name": "a.mp4", "caption": "second", "lighting": "night"},
+        {"file_name": "b.mp4", "captions": ["one", "two"], "camera_motion": "pan left"},
+        {"file_name": "gone.mp4", "caption": "lost"},
+        {"file_name": "d.mp4", "caption": "  "},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    result = scan_folder(tmp_path)
+    items = {i.clip_id: i for i in result.items}
+    assert items["a.mp4"].captions == ("first", "second")
+    assert items["a.mp4"].labels == {"lighting": "golden hour"} and items["a.mp4"].score == 0.7
+    assert items["b.mp4"].captions == ("one", "two") and items["b.mp4"].labels == {"camera_motion": "pan left"}
+    assert items["b.mp4"].score is None
+    reasons = {s.path.name: s.reason for s in result.skipped}
+    assert "does not exist" in reasons["gone.mp4"] and "row 4" in reasons["gone.mp4"]
+    assert "not listed" in reasons["c.mp4"]
+    assert "no caption" in reasons["d.mp4"]
+
+
+def test_metadata_csv_several_rows(tmp_path):
+    _touch(tmp_path / "x.mp4")
+    (tmp_path / "metadata.csv").write_text('file_name,caption,shot_size\nx.mp4,"a, b",close-up\nx.mp4,c,\n',
+                                           encoding="utf-8")
+    (item,) = scan_folder(tmp_path).items
+    assert item.captions == ("a, b", "c") and item.labels == {"shot_size": "close-up"}
+
+
+def test_unknown_metadata_column_names_it_and_valid_ones(tmp_path):
+    _touch(tmp_path / "x.mp4")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "x.mp4", "caption": "c", "mood": "sad"}))
+    with pytest.raises(ScanError, match=r"unknown column\(s\) mood; valid columns are file_name, caption"):
+        scan_folder(tmp_path)
+
+
+def test_missing_root_and_named_metadata(tmp_path):
+    with pytest.raises(ScanError, match="not a folder"):
+        scan_folder(tmp_path / "nope")
+    with pytest.raises(ScanError, match="not found"):
+        scan_folder(tmp_path, metadata="meta.jsonl")
