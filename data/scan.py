@@ -5,9 +5,11 @@ Two layouts, as in diffusers' and HF `datasets`' image/video folders:
   * sidecars: `clip.mp4` + `clip.txt`; each non-empty line of the .txt is one caption.
   * metadata: `metadata.jsonl` or `metadata.csv` (read with HF `datasets`) with a `file_name` column
     relative to the folder, `caption` (text) or `captions` (list, jsonl only), optional label columns
-    (lighting, colour_tone, contrast, composition, shot_size, camera_motion) and `score` in [0, 1].
+    (lighting, colour_tone, contrast, composition, shot_size, camera_motion) and `score` in [0, 1], or
+    the same names inside one `labels` mapping column ({"shot_size": "wide", "score": 0.4}; jsonl).
     A file may appear on several rows; its captions are merged and its labels taken from the first row
-    that sets them.
+    that sets them. Media files the metadata does not list fall back to their .txt sidecar, so both
+    layouts can be mixed in one folder.
 
 A problem with one clip (missing file, empty or non-UTF-8 caption file, no caption) becomes a
 `Skipped(path, reason)` and the scan goes on; a problem with the metadata file itself (unknown column,
@@ -24,7 +26,7 @@ from pathlib import Path
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 LABEL_COLUMNS = ("lighting", "colour_tone", "contrast", "composition", "shot_size", "camera_motion")
-METADATA_COLUMNS = ("file_name", "caption", "captions", *LABEL_COLUMNS, "score")
+METADATA_COLUMNS = ("file_name", "caption", "captions", *LABEL_COLUMNS, "score", "labels")
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 
 
@@ -85,7 +87,7 @@ def scan_folder(root: str | Path, metadata: str | None = None) -> ScanResult:
         if not meta_path.is_file():
             raise ScanError(f"metadata file {meta_path} not found (dataset.metadata = {metadata!r})")
     if meta_path is None:
-        return _scan_sidecars(root)
+        return ScanResult(*_sidecar_items(root, _media_files(root), "a metadata.jsonl row"))
     return _scan_metadata(root, meta_path)
 
 
@@ -109,19 +111,20 @@ def _clip_id(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _scan_sidecars(root: Path) -> ScanResult:
+def _sidecar_items(root: Path, paths: list[Path], alternative: str) -> tuple[list[ClipItem], list[Skipped]]:
+    """Clips captioned by .txt sidecars; a clip without one is skipped, the reason naming `alternative`."""
     items, skipped = [], []
-    for path in _media_files(root):
+    for path in paths:
         sidecar = path.with_suffix(".txt")
         if not sidecar.is_file():
-            skipped.append(Skipped(path, f"no caption: add {sidecar.name} next to it or a metadata.jsonl row"))
+            skipped.append(Skipped(path, f"no caption: add {sidecar.name} next to it or {alternative}"))
             continue
         captions, problem = read_caption_file(sidecar)
         if problem:
             skipped.append(Skipped(path, problem))
             continue
         items.append(ClipItem(path, _clip_id(root, path), media_kind(path), tuple(captions)))
-    return ScanResult(items, skipped)
+    return items, skipped
 
 
 def _read_table(meta_path: Path) -> list[dict]:
@@ -184,22 +187,23 @@ def _scan_metadata(root: Path, meta_path: Path) -> ScanResult:
         entry = merged.setdefault(_clip_id(root, path), {"path": path, "captions": [], "labels": {},
                                                           "score": None})
         entry["captions"].extend(c for c in _row_captions(row) if c not in entry["captions"])
-        for column in LABEL_COLUMNS:
-            value = row.get(column)
-            if isinstance(value, str) and value.strip() and column not in entry["labels"]:
+        nested = row.get("labels") if isinstance(row.get("labels"), dict) else {}
+        flat = {c: row[c] for c in (*LABEL_COLUMNS, "score") if row.get(c) is not None}
+        for column, value in {**nested, **flat}.items():
+            if column == "score":
+                if entry["score"] is None and isinstance(value, (int, float)) and not math.isnan(value):
+                    entry["score"] = float(value)
+            elif isinstance(value, str) and value.strip() and column not in entry["labels"]:
+                # Names are checked against the vocabulary by data.labels (a bad one skips the clip).
                 entry["labels"][column] = value.strip()
-        score = row.get("score")
-        if entry["score"] is None and isinstance(score, (int, float)) and not math.isnan(score):
-            entry["score"] = float(score)
     items = []
-    for clip_id, entry in sorted(merged.items()):
+    for clip_id, entry in merged.items():
         if not entry["captions"]:
             skipped.append(Skipped(entry["path"], f"no caption in {meta_path.name}; fill its caption column"))
             continue
         items.append(ClipItem(entry["path"], clip_id, media_kind(entry["path"]), tuple(entry["captions"]),
                               entry["labels"], entry["score"]))
     listed = {item.path for item in items} | {s.path for s in skipped}
-    for path in _media_files(root):
-        if path not in listed:
-            skipped.append(Skipped(path, f"not listed in {meta_path.name}; add a row with its file_name"))
-    return ScanResult(items, skipped)
+    unlisted = [path for path in _media_files(root) if path not in listed]
+    sidecar_items, sidecar_skipped = _sidecar_items(root, unlisted, f"a row in {meta_path.name}")
+    return ScanResult(sorted(items + sidecar_items, key=lambda i: i.clip_id), skipped + sidecar_skipped)

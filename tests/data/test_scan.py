@@ -40,7 +40,9 @@ def test_sidecars_several_captions_and_bad_captions(tmp_path):
 def test_metadata_jsonl_merges_rows_lists_labels_and_skips_missing(tmp_path):
     _touch(tmp_path / "a.mp4")
     _touch(tmp_path / "b.mp4")
-    _touch(tmp_path / "c.mp4")  # present but not listed
+    _touch(tmp_path / "c.mp4")  # present but not listed, no sidecar
+    _touch(tmp_path / "e.mp4")  # not listed: its sidecar captions it
+    (tmp_path / "e.txt").write_text("from the sidecar\n", encoding="utf-8")
     _touch(tmp_path / "d.mp4")  # listed with an empty caption
     rows = [
         {"file_name": "a.mp4", "caption": "first", "lighting": "golden hour", "score": 0.7},
@@ -48,17 +50,20 @@ def test_metadata_jsonl_merges_rows_lists_labels_and_skips_missing(tmp_path):
         {"file_name": "b.mp4", "captions": ["one", "two"], "camera_motion": "pan left"},
         {"file_name": "gone.mp4", "caption": "lost"},
         {"file_name": "d.mp4", "caption": "  "},
+        {"file_name": "b.mp4", "caption": "three", "labels": {"shot_size": "wide", "score": 0.4}},
     ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     result = scan_folder(tmp_path)
     items = {i.clip_id: i for i in result.items}
     assert items["a.mp4"].captions == ("first", "second")
     assert items["a.mp4"].labels == {"lighting": "golden hour"} and items["a.mp4"].score == 0.7
-    assert items["b.mp4"].captions == ("one", "two") and items["b.mp4"].labels == {"camera_motion": "pan left"}
-    assert items["b.mp4"].score is None
+    assert items["b.mp4"].captions == ("one", "two", "three")
+    assert items["b.mp4"].labels == {"camera_motion": "pan left", "shot_size": "wide"}
+    assert items["b.mp4"].score == 0.4  # from the nested labels mapping of a later row
+    assert items["e.mp4"].captions == ("from the sidecar",)
     reasons = {s.path.name: s.reason for s in result.skipped}
     assert "does not exist" in reasons["gone.mp4"] and "row 4" in reasons["gone.mp4"]
-    assert "not listed" in reasons["c.mp4"]
+    assert "no caption" in reasons["c.mp4"]
     assert "no caption" in reasons["d.mp4"]
 
 
