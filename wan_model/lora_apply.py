@@ -1,0 +1,182 @@
+"""Apply LoRAs (`lora_formats.LoraWeights`) to a WanTransformer: merged into the weights, or attached as hooks.
+
+Merged (`merge_loras`): for each targeted Linear, once, in float32 then cast to the weight's dtype:
+    W <- W + sum_j strength_j * (alpha_j / r_j) * up_j @ down_j
+Inference then costs nothing extra. The touched weights are first copied (to the CPU by default), so
+`unmerge()` restores them bit for bit; subtracting the delta again would not (bf16 rounding).
+
+Attached (`LoraSet.attach`): forward hooks add the update to each targeted Linear's output,
+    y <- y + ((x @ D^T) * c) @ U^T,   D = [down_1; down_2; ...]: [R, in], U = [up_1, up_2, ...]: [out, R],
+    c: [R] float32 = strength_j * alpha_j / r_j on the rank columns of LoRA j,
+so several LoRAs on one Linear cost two matmuls, and `set_strength` only rewrites c in place: switching
+or weighting adapters needs no re-merge and, under torch.compile, no recompilation.
+
+Both accept a model with PEFT layers (the Linear inside `base_layer` is used) or a PeftModel.
+Modules named by a LoRA but absent from the model are reported (returned and logged), never skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .lora_formats import LoraModule, LoraWeights, describe_fit
+
+log = logging.getLogger(__name__)
+
+
+def _linears(model: nn.Module, names: set[str]) -> tuple[dict[str, nn.Linear], list[str]]:
+    """Official module names -> the model's nn.Linear (inside PEFT wrappers); and the names it lacks."""
+    if hasattr(model, "get_base_model"):  # PeftModel: names sit under base_model.model
+        model = model.get_base_model()
+    modules = dict(model.named_modules())
+    found, missing = {}, []
+    for name in sorted(names):
+        module = modules.get(name)
+        module = getattr(module, "base_layer", module)
+        if isinstance(module, nn.Linear):
+            found[name] = module
+        else:
+            missing.append(name)
+    if missing:
+        log.warning("LoRA targets missing from the model (not applied): %s", ", ".join(missing))
+    return found, missing
+
+
+def _check_shape(name: str, linear: nn.Linear, mod: LoraModule, weights: LoraWeights) -> None:
+    got = (mod.down.shape[1], mod.up.shape[0])
+    if got != (linear.in_features, linear.out_features):
+        raise ValueError(f"LoRA module {name}: in {got[0]} -> out {got[1]}, but the model's Linear is in "
+                         f"{linear.in_features} -> out {linear.out_features}. {describe_fit(weights)}")
+
+
+@dataclass
+class MergedLoras:
+    """Handle returned by `merge_loras`: which modules changed, which targets were missing, and the originals."""
+
+    model: nn.Module
+    merged: list[str]
+    missing: list[str]
+    _originals: dict[str, tuple[nn.Linear, Tensor]] = field(repr=False, default_factory=dict)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put the original weights back, bit for bit; a second call does nothing."""
+        for linear, original in self._originals.values():
+            linear.weight.copy_(original.to(linear.weight.device, non_blocking=True))
+        self._originals.clear()
+
+
+@torch.no_grad()
+def merge_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float]],
+                backup_device: torch.device | str = "cpu") -> MergedLoras:
+    """Merge `[(weights, strength), ...]` into the model's Linear weights (formula in the module docstring).
+
+    Each weight is rounded once, whatever the number of LoRAs. Modules whose strengths are all 0 are not
+    touched. The original of every touched weight is kept on `backup_device` for `unmerge()`."""
+    names = {n for weights, s in loras if s != 0 for n in weights}
+    linears, missing = _linears(model, names)
+    for weights, _ in loras:
+        for name, mod in weights.items():
+            if name in linears:
+                _check_shape(name, linears[name], mod, weights)
+    handle = MergedLoras(model=model, merged=sorted(linears), missing=missing)
+    for name, linear in linears.items():
+        weight = linear.weight
+        delta = sum(s * weights[name].delta(weight.device) for weights, s in loras if s != 0 and name in weights)
+        handle._originals[name] = (linear, weight.detach().to(backup_device, copy=True))
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+    return handle
+
+
+@dataclass
+class _Target:
+    """Stacked factors of the LoRAs on one Linear: down [R, in], up [out, R], coef [R] float32."""
+
+    down: Tensor
+    up: Tensor
+    coef: Tensor
+    columns: dict[str, slice]  # LoRA name -> its rank columns in down / up / coef
+    active: bool = True
+
+
+class LoraSet:
+    """Named LoRAs with a strength each, attached to a model as forward hooks (unmerged).
+
+        lora_set = LoraSet({"style": (style_weights, 1.0), "motion": (motion_weights, 0.6)})
+        missing = lora_set.attach(model)
+        lora_set.set_strength("style", 0.0)
+        lora_set.detach()
+    """
+
+    def __init__(self, loras: Mapping[str, tuple[LoraWeights, float]]):
+        self.loras = {name: weights for name, (weights, _) in loras.items()}
+        self.strengths = {name: float(s) for name, (_, s) in loras.items()}
+        self._targets: dict[str, _Target] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self, model: nn.Module) -> list[str]:
+        """Hook every targeted Linear of `model`; the factors are copied to its dtype and device.
+
+        Returns the targets the model does not have (also logged). Attach once; `detach()` before re-attaching."""
+        if self._handles:
+            raise RuntimeError("LoraSet is already attached; call detach() first")
+        linears, missing = _linears(model, {n for weights in self.loras.values() for n in weights})
+        for name, linear in linears.items():
+            self._targets[name] = self._stack(name, linear)
+            self._handles.append(linear.register_forward_hook(self._hook(self._targets[name])))
+        self._refresh()
+        return missing
+
+    def _stack(self, name: str, linear: nn.Linear) -> _Target:
+        dtype, device = linear.weight.dtype, linear.weight.device
+        downs, ups, columns, start = [], [], {}, 0
+        for lora, weights in self.loras.items():
+            if name in weights:
+                mod = weights[name]
+                _check_shape(name, linear, mod, weights)
+                downs.append(mod.down.to(device, dtype))
+                ups.append(mod.up.to(device, dtype))
+                columns[lora] = slice(start, start + mod.rank)
+                start += mod.rank
+        coef = torch.zeros(start, dtype=torch.float32, device=device)
+        return _Target(torch.cat(downs), torch.cat(ups, dim=1), coef, columns)
+
+    @staticmethod
+    def _hook(target: _Target):
+        def add_lora(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            if not target.active:
+                return out
+            x = args[0]
+            h = (F.linear(x.to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
+            return out + F.linear(h, target.up).to(out.dtype)
+        return add_lora
+
+    def set_strength(self, name: str, strength: float) -> None:
+        """Change one LoRA's strength (in place; 0 removes its contribution exactly)."""
+        if name not in self.loras:
+            raise KeyError(f"LoraSet has no LoRA named {name!r}; it has {sorted(self.loras)}")
+        self.strengths[name] = float(strength)
+        self._refresh()
+
+    @torch.no_grad()
+    def _refresh(self) -> None:
+        """Write strength * alpha / r into every target's coefficient columns; a target whose
+        coefficients are all 0 is skipped in forward, so its output is the base output bit for bit."""
+        for name, target in self._targets.items():
+            for lora, cols in target.columns.items():
+                target.coef[cols] = self.strengths[lora] * self.loras[lora][name].scale
+            target.active = any(self.strengths[lora] != 0 for lora in target.columns)
+
+    def detach(self) -> None:
+        """Remove every hook and free the stacked factors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._targets.clear()
