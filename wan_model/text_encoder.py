@@ -93,11 +93,7 @@ def official_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_official_state_dict(path: str | Path, config: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """Read an official UMT5 encoder `.pth` and return it under `UMT5EncoderModel` names (CPU, mmap).
-
-    Every official key must be present with the shape `config` implies; the tied embedding is returned
-    under both of its transformers names.
-    """
+    """Read an official UMT5 encoder `.pth` and return it under `UMT5EncoderModel` names (CPU, mmap)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: UMT5 checkpoint not found; expected {config.checkpoint} "
@@ -105,19 +101,29 @@ def load_official_state_dict(path: str | Path, config: TextEncoderConfig) -> dic
     official = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(official, dict):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(official).__name__}")
+    return map_official_state_dict(official, config, source=str(path))
+
+
+def map_official_state_dict(official: dict[str, torch.Tensor], config: TextEncoderConfig,
+                            source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Check official names and shapes against `config`, return the tensors under transformers names.
+
+    Every official key must be present with the shape `config` implies; the tied embedding is returned
+    under both of its transformers names. `source` names the file in errors.
+    """
     shapes = official_shapes(config)
     missing = sorted(set(shapes) - set(official))
     unexpected = sorted(set(official) - set(shapes))
     if missing or unexpected:
         raise ValueError(
-            f"{path}: not an official UMT5 encoder state dict for {config.num_layers} layers; "
+            f"{source}: not an official UMT5 encoder state dict for {config.num_layers} layers; "
             f"missing {len(missing)} keys {missing[:5]}, unexpected {len(unexpected)} keys {unexpected[:5]}. "
             "Use the release's models_t5_umt5-xxl-enc-bf16.pth (official wan/modules/t5.py names) and a "
             "TextEncoderConfig matching it")
     bad = [f"{k}: expected {shapes[k]}, found {tuple(official[k].shape)}"
            for k in shapes if tuple(official[k].shape) != shapes[k]]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} tensors do not match the TextEncoderConfig shape: "
+        raise ValueError(f"{source}: {len(bad)} tensors do not match the TextEncoderConfig shape: "
                          + "; ".join(bad[:5]) + ". Check the preset's text_encoder config")
     mapped = {official_key_map(config.num_layers)[k]: v for k, v in official.items()}
     mapped[_HF_EMBEDDINGS[1]] = mapped[_HF_EMBEDDINGS[0]]
@@ -141,19 +147,35 @@ class TextEncoder(nn.Module):
     def from_release(cls, t5_path: str | Path, tokenizer_dir: str | Path, config: TextEncoderConfig,
                      dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                      text_len: int = TEXT_LEN) -> "TextEncoder":
-        """Load the official checkpoint (built on the meta device, so no random init of 5.7B weights)."""
+        """Load the release's `models_t5_umt5-xxl-enc-bf16.pth` and `google/umt5-xxl` tokenizer folder."""
         tokenizer_dir = Path(tokenizer_dir)
         if not tokenizer_dir.is_dir():
             raise FileNotFoundError(f"{tokenizer_dir}: tokenizer folder not found; expected the release's "
                                     f"{config.tokenizer} folder (spiece.model / tokenizer.json)")
         state = load_official_state_dict(t5_path, config)
+        return cls._from_mapped(state, AutoTokenizer.from_pretrained(tokenizer_dir), config, dtype, device, text_len)
+
+    @classmethod
+    def from_official(cls, official: dict[str, torch.Tensor], tokenizer, config: TextEncoderConfig,
+                      dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                      text_len: int = TEXT_LEN) -> "TextEncoder":
+        """Build from an in-memory state dict with official names (tests, GPU checks at real shapes)."""
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        state = map_official_state_dict(official, config)
+        return cls._from_mapped(state, tokenizer, config, dtype, device, text_len)
+
+    @classmethod
+    def _from_mapped(cls, state: dict[str, torch.Tensor], tokenizer, config: TextEncoderConfig,
+                     dtype: torch.dtype, device: str | torch.device, text_len: int) -> "TextEncoder":
+        """Model built on the meta device (no random init of 5.7B weights), weights assigned in place."""
         with torch.device("meta"):
             model = UMT5EncoderModel(umt5_config(config))
         # copy the tied embedding once (1 GB at XXL size), then give it both names again
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k != _HF_EMBEDDINGS[1]}
         state[_HF_EMBEDDINGS[1]] = state[_HF_EMBEDDINGS[0]]
         model.load_state_dict(state, strict=True, assign=True)
-        return cls(model, AutoTokenizer.from_pretrained(tokenizer_dir), config, text_len)
+        return cls(model, tokenizer, config, text_len)
 
     @classmethod
     def from_config(cls, config: TextEncoderConfig, tokenizer, dtype: torch.dtype = torch.float32,

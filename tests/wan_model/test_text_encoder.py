@@ -53,15 +53,21 @@ def _bucket(rel_pos, num_buckets, max_dist):
 
 
 def _rms(x, w, eps):
-    return w * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps))
+    """T5LayerNorm: float32 statistics, back to the weight dtype when it is half precision."""
+    return w * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
+
+
+def _gelu(x):
+    """The official GELU module, written out (so bf16 rounds where the official code rounds)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 def _official_forward(sd, cfg: TextEncoderConfig, ids, mask):
-    """Official T5Encoder.forward(ids, mask) in float32 -> [B, L, dim]."""
+    """Official T5Encoder.forward(ids, mask) in the state dict's dtype -> [B, L, dim]."""
     b, length = ids.shape
     n, c = cfg.num_heads, cfg.dim_attn // cfg.num_heads
     x = F.embedding(ids, sd["token_embedding.weight"])
-    rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+    rel = torch.arange(length, device=ids.device)[None, :] - torch.arange(length, device=ids.device)[:, None]
     buckets = _bucket(rel, cfg.num_buckets, cfg.max_distance)
     for i in range(cfg.num_layers):
         p = lambda k: sd[f"blocks.{i}.{k}"]  # noqa: E731
@@ -70,16 +76,31 @@ def _official_forward(sd, cfg: TextEncoderConfig, ids, mask):
         bias = F.embedding(buckets, p("pos_embedding.embedding.weight")).permute(2, 0, 1)[None]
         bias = bias.repeat(b, 1, 1, 1).masked_fill(mask.view(b, 1, 1, -1) == 0, torch.finfo(x.dtype).min)
         attn = torch.einsum("binc,bjnc->bnij", q, k) + bias  # no 1/sqrt(c)
-        attn = F.softmax(attn.float(), dim=-1)
+        attn = F.softmax(attn.float(), dim=-1).type_as(attn)
         x = x + F.linear(torch.einsum("bnij,bjnc->binc", attn, v).reshape(b, -1, n * c), p("attn.o.weight"))
         h = _rms(x, p("norm2.weight"), cfg.eps)
-        gate = F.gelu(F.linear(h, p("ffn.gate.0.weight")), approximate="tanh")
+        gate = _gelu(F.linear(h, p("ffn.gate.0.weight")))
         x = x + F.linear(F.linear(h, p("ffn.fc1.weight")) * gate, p("ffn.fc2.weight"))
     return _rms(x, sd["norm.weight"], cfg.eps)
 
 
 def _rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _official_random_state(cfg: TextEncoderConfig, device) -> dict[str, torch.Tensor]:
+    """Random float32 weights with the official `init_weights` standard deviations (wan/modules/t5.py)."""
+    stds = {"attn.q.weight": (cfg.dim * cfg.dim_attn) ** -0.5, "attn.k.weight": cfg.dim ** -0.5,
+            "attn.v.weight": cfg.dim ** -0.5, "attn.o.weight": (cfg.num_heads * cfg.dim_attn) ** -0.5,
+            "ffn.gate.0.weight": cfg.dim ** -0.5, "ffn.fc1.weight": cfg.dim ** -0.5,
+            "ffn.fc2.weight": cfg.dim_ffn ** -0.5, "token_embedding.weight": 1.0,
+            "pos_embedding.embedding.weight": (2 * cfg.num_buckets * cfg.num_heads) ** -0.5}
+    out = {}
+    for name, shape in official_shapes(cfg).items():
+        std = next((v for k, v in stds.items() if name.endswith(k)), None)
+        out[name] = (torch.ones(shape, device=device) if std is None  # norms
+                     else torch.randn(shape, device=device) * std)
+    return out
 
 
 def test_tiny_tokenizer_fits_the_tiny_encoder(tokenizer_dir):
@@ -152,3 +173,49 @@ def test_load_errors_name_the_file_and_the_key(encoder, tmp_path):
         load_official_state_dict(tmp_path / "nope.pth", TINY_UMT5)
     with pytest.raises(ValueError, match="non-empty list"):
         encoder.encode("a single string")
+
+
+@pytest.mark.gpu
+def test_xxl_bf16_against_official_maths_on_gpu(tokenizer_dir):
+    """Real UMT5-XXL shapes, random official-init weights, bf16 on the GPU (the official pipeline's dtype).
+
+    Ours (transformers UMT5 + SDPA) and the official maths in bf16 are both compared with the official
+    maths in float32; SDPA keeps attention scores in float32, so ours must be no further from it.
+    """
+    import time
+
+    from wan_model.config import UMT5_XXL
+    torch.manual_seed(0)
+    sd = _official_random_state(UMT5_XXL, "cuda")
+    enc = TextEncoder.from_official(sd, tokenizer_dir, UMT5_XXL, dtype=torch.bfloat16, device="cuda")
+    prompts = PROMPTS + [p.upper() for p in PROMPTS[:2]] + ["A red car drives along a winding mountain road."] * 3
+    context, lengths = enc.encode(prompts)
+    ids, mask = (t.cuda() for t in enc.tokenize(prompts))
+    with torch.no_grad():
+        ref32 = _official_forward(sd, UMT5_XXL, ids, mask)
+        ref16 = _official_forward({k: v.bfloat16() for k, v in sd.items()}, UMT5_XXL, ids, mask)
+    keep = mask.bool()[..., None]
+    ours_err = _rel_err(context * keep, ref32 * keep)
+    official_bf16_err = _rel_err(ref16 * keep, ref32 * keep)
+    print(f"\nUMT5-XXL bf16 rel err vs fp32 official maths: ours {ours_err:.2e}, "
+          f"official bf16 {official_bf16_err:.2e}, ours vs official bf16 {_rel_err(context * keep, ref16 * keep):.2e}")
+    assert ours_err < 2e-2 and ours_err <= 1.2 * official_bf16_err
+    assert torch.all(context[~mask.bool()] == 0)
+
+    # time on 8 short prompts: our trimmed batch vs the official full 512-token run (both bf16, same model)
+    short = PROMPTS[:2] * 4
+    short_ids, short_mask = (t.cuda() for t in enc.tokenize(short))
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 5
+    with torch.no_grad():
+        full = timed(lambda: enc.model(input_ids=short_ids, attention_mask=short_mask).last_hidden_state)
+    trimmed = timed(lambda: enc.encode(short))
+    print(f"encode 8 prompts (longest {int(short_mask.sum(1).max())} tokens): {trimmed * 1e3:.1f} ms; "
+          f"full 512-token run {full * 1e3:.1f} ms; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
