@@ -9,7 +9,11 @@ Attached (`LoraSet.attach`): forward hooks add the update to each targeted Linea
     y <- y + ((x @ D^T) * c) @ U^T,   D = [down_1; down_2; ...]: [R, in], U = [up_1, up_2, ...]: [out, R],
     c: [R] float32 = strength_j * alpha_j / r_j on the rank columns of LoRA j,
 so several LoRAs on one Linear cost two matmuls, and `set_strength` only rewrites c in place: switching
-or weighting adapters needs no re-merge and, under torch.compile, no recompilation.
+or weighting adapters needs no re-merge and, under torch.compile, no recompilation. Outside the blocks
+(text / time embeddings, time projection, head) WanTransformer runs its Linears through `linear_fp32`,
+which reads `.weight` and never calls forward, so there a weight parametrization adds U diag(c) D to the
+weight instead (recomputed per forward; those modules are about 2% of the weights). While attached,
+their state-dict keys read `...parametrizations.weight.original`.
 
 Both accept a model with PEFT layers (the Linear inside `base_layer` is used) or a PeftModel.
 Modules named by a LoRA but absent from the model are reported (returned and logged), never skipped silently.
@@ -18,13 +22,14 @@ Modules named by a LoRA but absent from the model are reported (returned and log
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .lora_formats import LoraModule, LoraWeights, describe_fit
 
@@ -106,6 +111,30 @@ class _Target:
     active: bool = True
 
 
+def _output_hook(target: _Target):
+    """Forward hook: y + ((x @ D^T) * c) @ U^T; the base output itself when every strength is 0."""
+    def add_lora(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        if not target.active:
+            return out
+        h = (F.linear(args[0].to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
+        return out + F.linear(h, target.up).to(out.dtype)
+    return add_lora
+
+
+class _WeightDelta(nn.Module):
+    """Parametrization W -> W + (U * c) @ D, in float32 then cast to W's dtype; W itself when all strengths are 0."""
+
+    def __init__(self, target: _Target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, weight: Tensor) -> Tensor:
+        t = self.target
+        if not t.active:
+            return weight
+        return (weight.float() + (t.up.float() * t.coef) @ t.down.float()).to(weight.dtype)
+
+
 class LoraSet:
     """Named LoRAs with a strength each, attached to a model as forward hooks (unmerged).
 
@@ -119,18 +148,23 @@ class LoraSet:
         self.loras = {name: weights for name, (weights, _) in loras.items()}
         self.strengths = {name: float(s) for name, (_, s) in loras.items()}
         self._targets: dict[str, _Target] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], object]] = []  # removes one hook or parametrization each
 
     def attach(self, model: nn.Module) -> list[str]:
         """Hook every targeted Linear of `model`; the factors are copied to its dtype and device.
 
         Returns the targets the model does not have (also logged). Attach once; `detach()` before re-attaching."""
-        if self._handles:
+        if self._undo:
             raise RuntimeError("LoraSet is already attached; call detach() first")
         linears, missing = _linears(model, {n for weights in self.loras.values() for n in weights})
         for name, linear in linears.items():
-            self._targets[name] = self._stack(name, linear)
-            self._handles.append(linear.register_forward_hook(self._hook(self._targets[name])))
+            target = self._targets[name] = self._stack(name, linear)
+            if name.startswith("blocks."):
+                self._undo.append(linear.register_forward_hook(_output_hook(target)).remove)
+            else:  # called through linear_fp32 (reads .weight, skips forward hooks): see the module docstring
+                parametrize.register_parametrization(linear, "weight", _WeightDelta(target))
+                self._undo.append(lambda linear=linear: parametrize.remove_parametrizations(
+                    linear, "weight", leave_parametrized=False))
         self._refresh()
         return missing
 
@@ -147,16 +181,6 @@ class LoraSet:
                 start += mod.rank
         coef = torch.zeros(start, dtype=torch.float32, device=device)
         return _Target(torch.cat(downs), torch.cat(ups, dim=1), coef, columns)
-
-    @staticmethod
-    def _hook(target: _Target):
-        def add_lora(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            if not target.active:
-                return out
-            x = args[0]
-            h = (F.linear(x.to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
-            return out + F.linear(h, target.up).to(out.dtype)
-        return add_lora
 
     def set_strength(self, name: str, strength: float) -> None:
         """Change one LoRA's strength (in place; 0 removes its contribution exactly)."""
@@ -175,8 +199,8 @@ class LoraSet:
             target.active = any(self.strengths[lora] != 0 for lora in target.columns)
 
     def detach(self) -> None:
-        """Remove every hook and free the stacked factors."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove every hook and parametrization (the original weights are back untouched); free the factors."""
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
         self._targets.clear()
