@@ -137,7 +137,7 @@ def resample_indices(num_src_frames: int, src_fps: float, target_fps: float,
     src_fps, so the count is ceil(num_src_frames * target_fps / src_fps): 350 frames at 50 fps -> 112 at
     16 fps; 106 at 30 fps (3.53 s) -> 57 at 16 fps. Constant rate: index_k = floor(t_k * src_fps + 1/2).
     Variable rate: `timestamps` (each frame's start time in seconds, increasing, as decord reports) give
-    the frame whose start is nearest t_k, and duration = last start + the median frame duration.
+    the frame whose start is nearest t_k, and the last frame lasts as long as the one before it.
     A single frame (an image) gives [0]. target_fps above src_fps repeats frames.
     """
     if num_src_frames < 1:
@@ -156,8 +156,7 @@ def resample_indices(num_src_frames: int, src_fps: float, target_fps: float,
     starts = list(timestamps)
     if len(starts) != num_src_frames:
         raise ValueError(f"{len(starts)} timestamps for {num_src_frames} frames; pass one start time per frame")
-    step = float(np.median(np.diff(starts)))
-    duration = starts[-1] + step
+    duration = starts[-1] + (starts[-1] - starts[-2])  # the last frame lasts as long as the one before
     count = math.ceil((duration - starts[0]) * target_fps - 1e-9)
     indices = []
     for k in range(count):
