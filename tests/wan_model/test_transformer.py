@@ -223,6 +223,23 @@ def test_attention_backends():
     assert attn_mod.get_attention_backend() == "auto"
 
 
+def test_flash_backend_dispatch(monkeypatch):
+    """'flash' calls flash_attn_func on [B, L, heads, head_dim] as is and unwraps FA3's (out, lse) tuple."""
+    calls = []
+
+    def fake_flash(q, k, v):
+        calls.append(q.shape)
+        return torch.zeros_like(q), None
+
+    monkeypatch.setattr(attn_mod, "_flash_attn_func", fake_flash)
+    monkeypatch.setattr(attn_mod, "_backend", "auto")
+    q = torch.randn(1, 4, 2, 8)
+    attn_mod.set_attention_backend("flash")
+    assert torch.equal(attn_mod.attention(q, q, q), torch.zeros_like(q)) and calls == [q.shape]
+    attn_mod.set_attention_backend("auto")  # CPU float32: sdpa
+    assert not torch.equal(attn_mod.attention(q, q, q), torch.zeros_like(q)) and len(calls) == 1
+
+
 @pytest.mark.gpu
 def test_a14b_expert_forward_backward_on_gpu():
     """Real T2V-A14B expert shape, random bf16 weights, 480x832x81 (latents [1, 16, 21, 60, 104]),
