@@ -45,6 +45,10 @@ from .keymaps import COMFY_PREFIXES, diffusers_key_to_official, official_key_to_
 from .transformer import WanTransformer
 
 FORMATS = ("comfy", "peft")
+# Header keys of our exports (train/export.py writes them, samplers read them; all values are strings).
+META_BASE_MODEL = "wanlora.base_model"  # preset name, 't2v-A14B'
+META_EXPERT = "wanlora.expert"  # 'high_noise' | 'low_noise' | 'dense'
+META_TIMESTEPS = "wanlora.timestep_range"  # JSON [lo, hi): train timesteps the expert covers
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PEFT_PREFIX = "transformer."  # diffusers' WanLoraLoaderMixin.transformer_name
 KOHYA_PREFIX = "lora_unet_"

@@ -201,33 +201,41 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("layout", ["comfy", "peft"])
-def test_diffusers_loads_our_file_with_nothing_missing_or_unexpected(tmp_path, layout):
-    """Reference: diffusers 0.42 WanPipeline.lora_state_dict + load_lora_into_transformer on WanTransformer3DModel."""
+def diffusers_model(cfg=TINY):
     diffusers = pytest.importorskip("diffusers")
-    from peft.utils import get_peft_model_state_dict
-
-    cfg = TINY
-    twin = diffusers.WanTransformer3DModel(
+    return diffusers.WanTransformer3DModel(
         patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
         in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
         qk_norm="rms_norm_across_heads", eps=cfg.eps)
-    weights = mixed_lora(torch.float32)
-    path = save_lora(weights, tmp_path / "lora.safetensors", {"wanlora.expert": "high_noise"}, format=layout)
+
+
+def load_into_diffusers(path, twin, adapter_name="ours") -> set[str]:
+    """WanPipeline.lora_state_dict + load_lora_into_transformer(twin); asserts diffusers logged no missing or
+    unexpected keys; returns the modules of the loaded adapter (diffusers names)."""
+    diffusers = pytest.importorskip("diffusers")
+    from peft.utils import get_peft_model_state_dict
+
     records = _Records()
-    logger = logging.getLogger("diffusers")
+    logger = logging.getLogger("diffusers")  # diffusers' loggers do not propagate to the root (caplog)
     logger.addHandler(records)
     try:
         state, metadata = diffusers.WanPipeline.lora_state_dict(str(path), return_lora_metadata=True)
-        diffusers.WanPipeline.load_lora_into_transformer(state, transformer=twin, adapter_name="ours",
+        diffusers.WanPipeline.load_lora_into_transformer(state, transformer=twin, adapter_name=adapter_name,
                                                          metadata=metadata)
     finally:
         logger.removeHandler(records)
     assert not [m for m in records.messages if "unexpected" in m or "missing" in m], records.messages
-    loaded = get_peft_model_state_dict(twin, adapter_name="ours")
-    modules = {k.rsplit(".lora_", 1)[0] for k in loaded}
-    assert modules == {official_key_to_diffusers(n) for n in weights}
+    return {k.rsplit(".lora_", 1)[0] for k in get_peft_model_state_dict(twin, adapter_name=adapter_name)}
+
+
+@pytest.mark.parametrize("layout", ["comfy", "peft"])
+def test_diffusers_loads_our_file_with_nothing_missing_or_unexpected(tmp_path, layout):
+    """Reference: diffusers 0.42 WanPipeline.lora_state_dict + load_lora_into_transformer on WanTransformer3DModel."""
+    twin = diffusers_model()
+    weights = mixed_lora(torch.float32)
+    path = save_lora(weights, tmp_path / "lora.safetensors", {"wanlora.expert": "high_noise"}, format=layout)
+    assert load_into_diffusers(path, twin) == {official_key_to_diffusers(n) for n in weights}
     # diffusers' effective update (its scaling times B @ A) equals ours for every module.
     for n, m in weights.items():
         layer = twin.get_submodule(official_key_to_diffusers(n))
