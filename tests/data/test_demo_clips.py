@@ -1,0 +1,79 @@
+"""The procedural demo dataset: files, captions, metadata, determinism, size, speed, and labels that
+match what each clip was built to show (after an H.264 round trip through decord)."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from data.demo_clips import DEMO_CLIPS, render_demo_dataset
+from data.labels import resolve_labels
+from data.video import probe, read_frames
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and on a shared CPU two threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    start = time.perf_counter()
+    folder = render_demo_dataset(tmp_path_factory.mktemp("demo") / "clips")
+    return folder, time.perf_counter() - start
+
+
+def test_files_captions_and_metadata(demo):
+    folder, seconds = demo
+    clips = sorted(folder.glob("*.mp4"))
+    assert len(clips) == 6
+    sidecars = sorted(p.stem for p in folder.glob("*.txt"))
+    assert sidecars == [p.stem for p in clips[:3]]
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [p.name for p in clips[3:]]
+    assert all(r["caption"] and 0 <= r["labels"]["score"] <= 1 for r in rows)
+    assert not list(folder.glob(".*"))  # no temp files left behind
+    sizes = [p.stat().st_size for p in clips]
+    assert all(1_000 < s < 60_000 for s in sizes), sizes
+    assert seconds < 2.0 * 3  # < 2 s on an idle core; slack for a shared CI machine
+
+
+def test_clips_decode_with_requested_shape(demo):
+    folder, _ = demo
+    info = probe(next(folder.glob("*.mp4")))
+    assert (info.width, info.height, info.num_frames, info.fps) == (96, 64, 33, 16.0)
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = render_demo_dataset(tmp_path / "a", num_clips=2, frames=9)
+    b = render_demo_dataset(tmp_path / "b", num_clips=2, frames=9)
+    c = render_demo_dataset(tmp_path / "c", num_clips=2, frames=9, seed=1)
+    name = sorted(p.name for p in a.glob("*.mp4"))[0]
+    assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / name).read_bytes() != (c / name).read_bytes()
+
+
+EXPECTED = {  # what each demo clip was built to show
+    "pan_right": {"camera_motion": "pan right"},
+    "zoom_in": {"camera_motion": "zoom in", "colour_tone": "warm"},
+    "shapes_cool": {"camera_motion": "static", "colour_tone": "cool"},
+    "dark": {"lighting": "low-key"},
+    "bright": {"lighting": "high-key", "camera_motion": "tilt up"},
+    "pan_left": {"camera_motion": "pan left", "colour_tone": "saturated"},
+}
+
+
+def test_decoded_demo_clips_read_as_built(demo):
+    folder, _ = demo
+    assert set(EXPECTED) == {spec.name for spec in DEMO_CLIPS}
+    for path in sorted(folder.glob("*.mp4")):
+        frames = read_frames(path, list(range(33)))
+        labels = resolve_labels({}, frames).labels()
+        name = path.stem.split("_", 2)[2]
+        for field, value in EXPECTED[name].items():
+            assert labels.get(field) == value, (path.name, labels)
