@@ -1,0 +1,162 @@
+"""Training checkpoints: everything a run needs to continue on the exact same loss trajectory.
+
+    output_dir/checkpoints/step-00000250/
+      state.json                   step, recipe hash, per-expert update counts, loss history, data position
+      rng-rank<k>.pt               python / numpy / torch / cuda RNG states of process k
+      <expert>/adapter.safetensors LoRA weights (in-model names, fp32)
+      <expert>/optimizer.pt        AdamW state;  <expert>/scheduler.pt  LR schedule state
+      <expert>/deepspeed/          (DeepSpeed runs) the engine's checkpoint, frozen base weights excluded
+
+Written to `step-N.tmp/`, every file fsynced, then renamed to `step-N/` (a rename is atomic), so a
+crash leaves either a whole checkpoint or a `.tmp` folder that is ignored and cleared. The data position
+is the step itself: micro-batch i of a run is `source.batch(i)` and every random draw is seeded by the
+step (train/experts.py), so nothing else about the data needs storing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .recipe import recipe_hash
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (`.tmp` folders are not complete)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: str) -> Path:
+    """'latest' -> the newest complete checkpoint of the run; else a checkpoint folder path."""
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_root(output_dir))
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_root(output_dir)}; "
+                                    f"start without --resume or pass a checkpoint folder")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: {path / 'state.json'} not found; pass a step-N folder "
+                                f"from <output_dir>/checkpoints or 'latest'")
+    return path
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(trainer, keep_last: int) -> Path:
+    """Write the trainer's state at its current step (collective: every process calls it). Refuses to
+    write non-finite LoRA weights. Returns the final folder."""
+    acc = trainer.accelerator
+    root = checkpoint_root(trainer.settings.output_dir)
+    final = root / f"step-{trainer.step:08d}"
+    tmp = root / f"step-{trainer.step:08d}.tmp"
+    weights = {name: trainer.lora_weights(name) for name in trainer.states}
+    for name, tensors in weights.items():
+        bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(f"refusing to checkpoint step {trainer.step}: expert {name} LoRA weights {bad[:3]} "
+                               f"are not finite; resume from {list_checkpoints(root)[-1:] or 'the start'}")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+    for name, state in trainer.states.items():
+        folder = tmp / name
+        if state.engine is not None:
+            state.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        if acc.is_main_process:
+            folder.mkdir(exist_ok=True)
+            save_file(weights[name], str(folder / "adapter.safetensors"))
+            if state.engine is None:
+                torch.save(state.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(state.scheduler.state_dict(), folder / "scheduler.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        meta = {"step": trainer.step, "recipe_hash": recipe_hash(trainer.recipe),
+                "updates": {n: s.updates for n, s in trainer.states.items()},
+                "nonfinite_in_a_row": trainer.nonfinite_in_a_row, "processes": acc.num_processes,
+                "data_position": {"micro_batches": trainer.step * trainer.settings.grad_accum},
+                "history": trainer.history}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(trainer, path: Path) -> None:
+    """Restore the trainer from a checkpoint folder written by `save_checkpoint` for the same recipe."""
+    meta = json.loads((path / "state.json").read_text())
+    expected = recipe_hash(trainer.recipe)
+    if meta["recipe_hash"] != expected:
+        raise ValueError(f"{path}: written by a different recipe (hash {meta['recipe_hash']}, this one {expected}); "
+                         f"only steps/logging/output keys may change between a run and its resume")
+    if meta["processes"] != trainer.accelerator.num_processes:
+        raise ValueError(f"{path}: written by {meta['processes']} processes, resumed with "
+                         f"{trainer.accelerator.num_processes}; the data order would change; use the same count")
+    for name, state in trainer.states.items():
+        folder = path / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{path}: no state for training expert {name!r}; was it frozen in that run?")
+        if state.engine is not None:
+            state.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False)
+        else:
+            saved = load_file(str(folder / "adapter.safetensors"))
+            inner = getattr(state.model, "module", state.model)
+            params = dict(inner.named_parameters())
+            with torch.no_grad():
+                for key, value in saved.items():
+                    params[key].copy_(value)
+            state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        state.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        state.updates = meta["updates"][name]
+    trainer.step = meta["step"]
+    trainer.history = meta["history"]
+    trainer.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
+    set_rng_state(torch.load(path / f"rng-rank{trainer.accelerator.process_index}.pt", weights_only=False))

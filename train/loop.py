@@ -1,0 +1,363 @@
+"""The training loop: per-expert LoRA on cached latents with the flow-matching loss, under accelerate.
+
+One step = `grad_accum` micro-batches routed to one expert (train/experts.py), then that expert's
+optimizer step. Each expert has its own model, adapter, optimizer and LR schedule; an expert not routed
+to is not touched at all (no forward, no zero-grad Adam step), so its weights and moments stay bitwise.
+
+Loss (rectified flow, wan_model/schedule.py), per sample with sigma = t / 1000:
+    x_t = (1 - sigma) x0 + sigma eps,   target = eps - x0,   L = w(sigma) * mean((v(x_t, t, c) - target)^2)
+Conditioning as the official pipelines:
+  i2v  (wan/image2video.py): input = cat([x_t (16), mask (4), image_cond (16)]) on channels, the mask is 1
+       on the first latent frame (its 4 channels are the 4 pixel frames folded into latent frame 0).
+  ti2v (wan/textimage2video.py): with probability `ti2v_image_prob` a sample keeps its first latent frame
+       clean (x0), those tokens get timestep 0, and the loss covers only the other frames.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from wan_model.schedule import add_noise, flow_target, loss_weighting, timestep_to_sigma
+
+from .checkpoints import checkpoint_root, list_checkpoints, load_checkpoint, save_checkpoint
+from .experts import (STREAM_NOISE, STREAM_TI2V, Expert, expert_for_step, experts_from_recipe, planned_updates,
+                      step_generator, step_timesteps)
+from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
+from .metrics import MetricsLogger
+from .recipe import Recipe
+
+
+@dataclass
+class Batch:
+    """One micro-batch of cached training pairs, all from one bucket.
+
+    latents: [B, C, F, H, W] clean VAE latents x0; context: [B, L, D] text embeddings; context_lens: [B];
+    image_cond: [B, 16, F, H, W] (i2v: VAE latents of the first frame then black frames) or None;
+    clip_ids: which clips these are (named when a step goes non-finite)."""
+
+    latents: Tensor
+    context: Tensor
+    context_lens: Tensor | None
+    image_cond: Tensor | None
+    clip_ids: list[str]
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.latents), move(self.context), move(self.context_lens), move(self.image_cond),
+                     self.clip_ids)
+
+
+class BatchSource(Protocol):
+    """Random access to this process's micro-batches: `batch(i)` is the same for the same i, so a resumed
+    run continues from micro-batch `step * grad_accum` with nothing but the step stored."""
+
+    def batch(self, index: int) -> Batch: ...
+
+
+# ------------------------------------------------------------------------------------------------ the maths
+
+def i2v_mask(latents: Tensor) -> Tensor:
+    """[B, C, F, H, W] -> [B, 4, F, H, W]: 1 on latent frame 0 (the given image), 0 elsewhere."""
+    b, _, f, h, w = latents.shape
+    mask = torch.zeros(b, 4, f, h, w, dtype=latents.dtype, device=latents.device)
+    mask[:, :, 0] = 1
+    return mask
+
+
+def token_timesteps(t: Tensor, clean_first: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """ti2v per-token timesteps [B, L], L = F*H*W tokens in (F, H, W) order: t everywhere, 0 on the first
+    frame's H*W tokens where `clean_first` [B] is set (textimage2video.py: mask2[:, ::2, ::2] * t)."""
+    f, h, w = grid
+    per_token = t[:, None].expand(-1, f * h * w).clone()
+    first = torch.zeros(f * h * w, dtype=torch.bool, device=t.device)
+    first[: h * w] = True
+    return per_token.masked_fill(clean_first[:, None] & first[None], 0.0)
+
+
+def flow_matching_loss(model: torch.nn.Module, batch: Batch, t: Tensor, noise: Tensor, task: str,
+                       clean_first: Tensor | None, weighting: str) -> tuple[Tensor, Tensor]:
+    """Weighted MSE of the predicted velocity; returns (mean loss, per-sample losses [B] float32).
+
+    t: [B] train timesteps; noise: like batch.latents; clean_first: [B] bool (ti2v) or None."""
+    x0 = batch.latents
+    sigma = timestep_to_sigma(t)
+    x_t = add_noise(x0, noise, sigma)
+    target = flow_target(x0, noise)
+    frame_weight = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1, device=x0.device)
+    timestep = t
+    if task == "i2v":
+        if batch.image_cond is None:
+            raise ValueError("i2v training needs image_cond in every batch; re-run prepare for an i2v preset")
+        x_in = torch.cat([x_t, i2v_mask(x0), batch.image_cond.to(x_t.dtype)], dim=1)
+    elif task == "ti2v" and clean_first is not None and bool(clean_first.any()):
+        keep = clean_first.view(-1, 1, 1, 1, 1)
+        first = torch.zeros_like(frame_weight, dtype=torch.bool)
+        first[:, :, 0] = True
+        x_in = torch.where(keep & first, x0, x_t)
+        frame_weight = frame_weight.masked_fill(keep & first, 0.0)
+        p = model_patch(model)
+        grid = (x0.shape[2] // p[0], x0.shape[3] // p[1], x0.shape[4] // p[2])
+        timestep = token_timesteps(t, clean_first, grid)
+    else:
+        x_in = x_t
+    pred = model(x_in, timestep, batch.context, batch.context_lens)
+    err = (pred.float() - target.float()).pow(2).mean(dim=(1, 3, 4), keepdim=True)  # [B, 1, F, 1, 1]
+    per_sample = (err * frame_weight).sum(dim=(1, 2, 3, 4)) / frame_weight.sum(dim=(1, 2, 3, 4))
+    per_sample = per_sample * loss_weighting(weighting, sigma.float())
+    return per_sample.mean(), per_sample.detach()
+
+
+def model_patch(model: torch.nn.Module) -> tuple[int, int, int]:
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the WanTransformer
+    return inner.config.patch_size
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+def should_offload(mode: str, expert_bytes: list[int], free_bytes: int | None) -> bool:
+    """Keep idle experts in host memory? 'auto': when all experts' weights plus 20% for activations and
+    optimizer state exceed the free device memory (None: a CPU run, nothing to offload to)."""
+    if mode == "never" or free_bytes is None:
+        return False
+    if mode == "always":
+        return True
+    return sum(expert_bytes) * 1.2 > free_bytes
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+@dataclass
+class ExpertState:
+    """One training expert: its (possibly wrapped) model, LoRA params, optimizer, schedule, update count."""
+
+    expert: Expert
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    updates: int = 0
+    engine: object | None = None  # the DeepSpeed engine (also `model`) under DeepSpeed
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is untouched."""
+
+
+class Trainer:
+    """Builds per-expert LoRA training from a recipe and already loaded base models, then runs steps.
+
+    models: expert name -> WanTransformer (base weights, any device); experts that do not train may be
+    absent. accelerator: an `accelerate.Accelerator` (None: a plain single-process one is made)."""
+
+    def __init__(self, recipe: Recipe, models: dict[str, torch.nn.Module], source: BatchSource,
+                 accelerator=None, total_steps: int | None = None):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        self.settings = recipe.training
+        self.task = recipe.preset.task
+        self.source = source
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.total_steps = total_steps or self.settings.steps
+        self.deepspeed = self.settings.deepspeed is not None
+        self.experts = experts_from_recipe(recipe)
+        self.base_dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float32
+        self.step = 0
+        self.history: list[dict] = []
+        self.nonfinite_in_a_row = 0
+        updates = planned_updates(self.experts, self.settings, self.total_steps)
+        self.states: dict[str, ExpertState] = {}
+        free = torch.cuda.mem_get_info()[0] if self.device.type == "cuda" else None
+        active = [e for e in self.experts if e.trains]
+        missing = [e.name for e in active if e.name not in models]
+        if missing:
+            raise ValueError(f"no base model given for training expert(s) {missing}")
+        sizes = [sum(p.numel() * self.base_dtype.itemsize for p in models[e.name].parameters()) for e in active]
+        self.offload = not self.deepspeed and len(active) > 1 and should_offload(
+            self.settings.offload_inactive_expert, sizes, free)
+        self.swap_seconds: list[float] = []
+        for i, expert in enumerate(active):
+            self.states[expert.name] = self._build(expert, models[expert.name], i, updates[expert.name])
+        self.active_name: str | None = None
+
+    def _build(self, expert: Expert, model: torch.nn.Module, index: int, total_updates: int) -> ExpertState:
+        model.to(self.base_dtype)
+        params = attach_lora(model, expert.lora, seed=self.settings.seed * 100 + index)
+        model.enable_gradient_checkpointing(self.settings.gradient_checkpointing)
+        model.train()
+        optimizer = make_optimizer(params, expert.optimizer)
+        scheduler = make_scheduler(optimizer, expert.lr_schedule, total_updates)
+        if self.deepspeed:
+            engine, _ = self.accelerator.prepare(model, optimizer)
+            return ExpertState(expert, engine, params, optimizer, scheduler, engine=engine)
+        if not self.offload:
+            model.to(self.device)
+        wrapped = self.accelerator.prepare_model(model, device_placement=not self.offload)
+        return ExpertState(expert, wrapped, params, optimizer, scheduler)
+
+    # -- placement
+    def activate(self, name: str) -> float:
+        """Put expert `name` on the device (idle ones to host memory when offloading); returns seconds spent."""
+        if not self.offload or self.active_name == name:
+            self.active_name = name
+            return 0.0
+        start = time.perf_counter()
+        for other, state in self.states.items():
+            if other != name:
+                _move_expert(state, torch.device("cpu"))
+        _move_expert(self.states[name], self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.active_name = name
+        seconds = time.perf_counter() - start
+        self.swap_seconds.append(seconds)
+        return seconds
+
+    # -- one step
+    def train_step(self) -> dict:
+        """Run step `self.step` on its expert; returns the step record (loss, grad norm, lr, skipped, ...)."""
+        s = self.settings
+        step = self.step
+        expert = expert_for_step(step, self.experts, s)
+        swap = self.activate(expert.name)
+        state = self.states[expert.name]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        losses, per_sample, timesteps, clips = [], [], [], []
+        poisoned = False
+        for micro in range(s.grad_accum):
+            index = step * s.grad_accum + micro
+            batch = self.source.batch(index).to(self.device)
+            draw = index * world + rank  # one independent stream per (micro-batch, process)
+            t = step_timesteps(draw, expert, batch.latents.shape[0], s.seed).to(self.device)
+            noise = torch.randn(batch.latents.shape, generator=step_generator(s.seed, draw, STREAM_NOISE),
+                                dtype=torch.float32).to(self.device, batch.latents.dtype)
+            clean_first = None
+            if self.task == "ti2v":
+                u = torch.rand(batch.latents.shape[0], generator=step_generator(s.seed, draw, STREAM_TI2V))
+                clean_first = (u < s.ti2v_image_prob).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.base_dtype == torch.bfloat16 and not self.deepspeed):
+                loss, per = flow_matching_loss(state.model, batch, t, noise, self.task, clean_first,
+                                               expert.loss_weighting)
+            finite = self._all_finite(loss.detach())
+            losses.append(loss.detach().float())
+            per_sample.append(per.float())
+            timesteps.append(t.float())
+            clips.extend(batch.clip_ids)
+            if not finite:
+                poisoned = True
+                if self.deepspeed and micro > 0:
+                    raise NonFiniteError(f"step {step} ({expert.name}): non-finite loss on clips {clips} after "
+                                         f"{micro} micro-batches; DeepSpeed cannot drop a partial accumulation")
+                break  # the rest of this step's micro-batches would be thrown away with it
+            if self.deepspeed:
+                state.engine.backward(loss)
+            else:
+                (loss / s.grad_accum).backward()
+        grad_norm = self._update(state, poisoned)
+        skipped = poisoned or not math.isfinite(grad_norm)
+        mean_loss = torch.stack(losses).mean()
+        record = {"step": step, "expert": expert.name, "loss": float(self.accelerator.reduce(mean_loss, "mean")),
+                  "grad_norm": grad_norm, "lr": state.optimizer.param_groups[0]["lr"], "skipped": skipped,
+                  "swap_s": swap, "timesteps": torch.cat(timesteps).tolist(),
+                  "sample_losses": torch.cat(per_sample).tolist()}
+        if skipped:
+            self.nonfinite_in_a_row += 1
+            record["clip_ids"] = clips
+        else:
+            self.nonfinite_in_a_row = 0
+        self.history.append({k: record[k] for k in ("step", "expert", "loss", "grad_norm", "skipped")})
+        self.step += 1
+        if self.nonfinite_in_a_row >= s.max_nonfinite_steps:
+            raise NonFiniteError(f"{self.nonfinite_in_a_row} non-finite steps in a row (last: step {step}, expert "
+                                 f"{expert.name}, clips {clips}); lower the lr, check these clips, or resume from "
+                                 f"the last checkpoint")
+        return record
+
+    def _all_finite(self, value: Tensor) -> bool:
+        """True when `value` is finite on every process (all processes then skip or step together)."""
+        bad = (~torch.isfinite(value)).float().reshape(1)
+        return float(self.accelerator.reduce(bad, "sum")) == 0.0
+
+    def _update(self, state: ExpertState, poisoned: bool) -> float:
+        """Clip and apply the accumulated gradients; nothing changes when they are poisoned (returns nan)."""
+        s = self.settings
+        if self.deepspeed:
+            if poisoned:
+                return math.nan
+            state.engine.step()
+            norm = state.engine.get_global_grad_norm()
+            norm = math.nan if norm is None else float(norm)
+            state.scheduler.step()
+            state.updates += 1
+            return norm
+        if poisoned:
+            state.optimizer.zero_grad(set_to_none=True)
+            return math.nan
+        limit = s.max_grad_norm if s.max_grad_norm > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(state.params, limit))
+        if math.isfinite(norm):
+            state.optimizer.step()
+            state.scheduler.step()
+            state.updates += 1
+        state.optimizer.zero_grad(set_to_none=True)
+        return norm if math.isfinite(norm) else math.nan
+
+    def lora_weights(self, name: str) -> dict[str, Tensor]:
+        """Expert `name`'s LoRA weights by in-model name, full (gathered under ZeRO-3), fp32, on CPU."""
+        state = self.states[name]
+        inner = getattr(state.model, "module", state.model)
+        params = lora_parameters(inner)
+        if self.settings.deepspeed == "zero3":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                return {k: p.detach().float().cpu().clone() for k, p in params.items()}
+        return {k: p.detach().float().cpu().clone() for k, p in params.items()}
+
+
+def _move_expert(state: ExpertState, device: torch.device) -> None:
+    """Move one expert's model and its optimizer moments (tensors held by the optimizer) to `device`."""
+    state.model.to(device)
+    for per_param in state.optimizer.state.values():
+        for key, value in per_param.items():
+            if isinstance(value, Tensor) and value.ndim > 0:
+                per_param[key] = value.to(device)
+
+
+def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True) -> list[dict]:
+    """Train from the start or from checkpoint `resume` to `trainer.total_steps`; checkpoints every
+    `save_every` steps and at the end. Returns the loss history (one dict per step since step 0)."""
+    s = trainer.settings
+    if resume is not None:
+        load_checkpoint(trainer, resume)
+    logger = MetricsLogger(s.output_dir, trainer.total_steps, trainer.step, s.log_every,
+                           enabled=log and trainer.accelerator.is_main_process)
+    if trainer.offload:
+        logger.message("idle experts wait in host memory (offload_inactive_expert); each expert change swaps "
+                       "weights: prefer routing: phased")
+    try:
+        while trainer.step < trainer.total_steps:
+            record = trainer.train_step()
+            logger.log(record)
+            if record["swap_s"]:
+                logger.message(f"step {record['step']}: swapped in {record['expert']} in {record['swap_s']:.2f} s")
+            if record["skipped"]:
+                logger.message(f"step {record['step']} ({record['expert']}): non-finite loss or gradient, update "
+                               f"skipped; clips {record['clip_ids']}")
+            if s.save_every and trainer.step % s.save_every == 0 and trainer.step < trainer.total_steps:
+                save_checkpoint(trainer, s.keep_last)
+        done = list_checkpoints(checkpoint_root(s.output_dir))
+        if not done or done[-1].name != f"step-{trainer.step:08d}":
+            save_checkpoint(trainer, s.keep_last)
+    finally:
+        logger.close()
+    return trainer.history

@@ -1,0 +1,256 @@
+"""Training recipes: YAML -> typed dataclasses, checked before any model loads.
+
+A recipe is one YAML file with four sections (see recipes/quickstart.yaml)::
+
+    model:    {preset: t2v-A14B, release: /models/Wan2.2-T2V-A14B, dtype: bfloat16}
+    dataset:  {root: /data/clips, trigger: mystyle, ...}          # data.config.DatasetConfig
+    experts:  {high_noise: {...}, low_noise: {...}}               # ExpertRecipe per expert
+    training: {steps: 2000, batch_size: 1, ...}                   # TrainingSettings
+
+Unknown keys are errors naming the nearest valid key and wrong types name what was expected
+(data.typed_config). `load_recipe` then checks what no single field can: expert names against the
+preset, timestep ranges that overlap or leave gaps, that at least one expert trains, and (optionally)
+that the release folder holds every file the preset needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from data.config import DatasetConfig, ModelSource
+from data.typed_config import ConfigError, from_dict, load_yaml
+from wan_model.config import ModelPreset, get_preset
+from wan_model.release import expert_names, load_release
+
+# Self- and cross-attention q, k, v, o and both FFN linears of every block (official module names;
+# PEFT matches them as name suffixes, so 'self_attn.q' hits 'blocks.<i>.self_attn.q').
+DEFAULT_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                   "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Training timestep distribution inside an expert's range (wan_model.schedule.sample_timesteps)."""
+
+    kind: Literal["uniform", "shift", "logit_normal"] = "uniform"
+    shift: float = 1.0  # 'shift' only: sigma' = shift*s / (1 + (shift-1)*s); > 1 favours high noise
+    logit_mean: float = 0.0  # 'logit_normal' only: sigma = sigmoid(N(mean, std))
+    logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, found {self.shift}")
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, found {self.logit_std}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the targeted linears: W x + (alpha / rank) * B A x, A: [rank, in], B: [out, rank] (B starts at 0)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, found {self.rank}; a rank-0 adapter has no weights (use 4..64)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), found {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; list module names such as 'self_attn.q'")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW on the LoRA weights (fp32 moments)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, found {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), found {self.betas}")
+
+
+@dataclass(frozen=True)
+class LRScheduleSettings:
+    """Linear warm-up over `warmup_steps` of this expert's own updates, then constant / linear / cosine to 0."""
+
+    kind: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, found {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class ExpertRecipe:
+    """One expert's training: its timestep range, sampler, loss weighting, LoRA and optimizer."""
+
+    train: bool = True
+    # [lo, hi) in train timesteps (0..1000); None: the preset's default (boundary split, see default_range)
+    timesteps: tuple[int, int] | None = None
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    lr_schedule: LRScheduleSettings = field(default_factory=LRScheduleSettings)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    steps: int = 1000  # optimizer steps in total, over all experts
+    batch_size: int = 1  # clips per micro-batch per process (one bucket per batch)
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * processes
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"  # base weights and autocast; LoRA weights and Adam stay fp32
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 1.0  # 0: no clipping
+    routing: Literal["random", "phased"] = "random"  # random: each step draws an expert, weighted by range width
+    phase_steps: int = 100  # 'phased': this many steps on one expert, then the next
+    offload_inactive_expert: Literal["auto", "always", "never"] = "auto"  # keep the idle expert in host memory
+    ti2v_image_prob: float = 0.5  # ti2v only: share of samples trained image-to-video (clean first frame)
+    output_dir: str = "outputs/run"
+    save_every: int = 250  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    log_every: int = 10
+    sample_every: int = 0  # steps between preview samples (0: none)
+    sample_prompts: tuple[str, ...] = ()
+    deepspeed: Literal["zero2", "zero3"] | None = None  # None: plain DDP / single device
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses or gradients in a row
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "phase_steps", "keep_last", "log_every",
+                     "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        for name in ("save_every", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        if not 0.0 <= self.ti2v_image_prob <= 1.0:
+            raise ValueError(f"ti2v_image_prob must be in [0, 1], found {self.ti2v_image_prob}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSource
+    dataset: DatasetConfig
+    experts: dict[str, ExpertRecipe] = field(default_factory=dict)  # empty: every expert of the preset, defaults
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+
+    @property
+    def preset(self) -> ModelPreset:
+        return get_preset(self.model.preset)
+
+
+def default_range(preset: ModelPreset, expert: str) -> tuple[int, int]:
+    """Official split: high_noise [boundary*1000, 1000), low_noise [0, boundary*1000); dense [0, 1000).
+    t2v-A14B: 875; i2v-A14B: 900 (wan/configs/wan_*_A14B.py: boundary)."""
+    n = preset.num_train_timesteps
+    if expert == "dense":
+        return (0, n)
+    b = preset.boundary_timestep
+    return (b, n) if expert == "high_noise" else (0, b)
+
+
+def expert_ranges(recipe: Recipe) -> dict[str, tuple[int, int]]:
+    """Every expert of the preset -> its [lo, hi) (the recipe's, else the default), highest noise first."""
+    preset = recipe.preset
+    out = {}
+    for name in expert_names(preset):
+        given = recipe.experts.get(name)
+        out[name] = given.timesteps if given and given.timesteps is not None else default_range(preset, name)
+    return out
+
+
+def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None:
+    """Checks across fields; each error names the key and the fix. Loads no weights."""
+    try:
+        preset = recipe.preset
+    except KeyError as err:
+        raise ConfigError(f"{where}: model.preset: {err.args[0]}") from None
+    valid = list(expert_names(preset))
+    for name in recipe.experts:
+        if name not in valid:
+            raise ConfigError(f"{where}: experts.{name} is not an expert of preset {preset.name!r}; "
+                              f"its experts are {', '.join(valid)}")
+    ranges = expert_ranges(recipe)
+    n = preset.num_train_timesteps
+    for name, (lo, hi) in ranges.items():
+        if not 0 <= lo < hi <= n:
+            raise ConfigError(f"{where}: experts.{name}.timesteps [{lo}, {hi}) must satisfy 0 <= lo < hi <= {n}")
+    ordered = sorted(ranges.items(), key=lambda kv: kv[1])
+    if ordered[0][1][0] != 0:
+        name, (lo, hi) = ordered[0]
+        raise ConfigError(f"{where}: experts.{name}.timesteps [{lo}, {hi}) leaves [0, {lo}) to no expert; "
+                          f"ranges must cover [0, {n}) without gaps")
+    if ordered[-1][1][1] != n:
+        name, (lo, hi) = ordered[-1]
+        raise ConfigError(f"{where}: experts.{name}.timesteps [{lo}, {hi}) leaves [{hi}, {n}) to no expert; "
+                          f"ranges must cover [0, {n}) without gaps")
+    for (a, (alo, ahi)), (b, (blo, bhi)) in zip(ordered, ordered[1:]):
+        if blo < ahi:
+            raise ConfigError(f"{where}: experts.{a}.timesteps [{alo}, {ahi}) overlaps {b} [{blo}, {bhi}); "
+                              f"ranges must not overlap (e.g. end {a} at {blo})")
+        if blo > ahi:
+            raise ConfigError(f"{where}: experts.{a}.timesteps [{alo}, {ahi}) and {b} [{blo}, {bhi}) leave "
+                              f"[{ahi}, {blo}) to no expert; make one range reach the other")
+    if not any(trains(recipe, name) for name in valid):
+        raise ConfigError(f"{where}: experts: no expert has train: true; set it on at least one of "
+                          f"{', '.join(valid)}")
+    if check_release:
+        if recipe.model.release is None:
+            raise ConfigError(f"{where}: model.release is not set; point it at the downloaded release folder")
+        try:
+            load_release(recipe.model.release, preset.name)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{where}: model.release: {err}") from None
+
+
+def trains(recipe: Recipe, name: str) -> bool:
+    """An expert trains unless the recipe lists it with train: false (unlisted experts train with defaults
+    when `experts` is empty, and stay frozen when other experts are listed)."""
+    if not recipe.experts:
+        return True
+    return name in recipe.experts and recipe.experts[name].train
+
+
+def expert_recipe(recipe: Recipe, name: str) -> ExpertRecipe:
+    return recipe.experts.get(name, ExpertRecipe(train=trains(recipe, name)))
+
+
+def load_recipe(path: str | Path, check_release: bool = True) -> Recipe:
+    """Read and check a recipe file; ConfigError (naming `path` and the key) on any problem."""
+    where = str(path)
+    raw = load_yaml(path)
+    if "dataset" not in raw:
+        raise ConfigError(f"{where}: no 'dataset' section; add one with at least 'root: <folder of clips>'")
+    recipe = from_dict(Recipe, raw, where)
+    check_recipe(recipe, where, check_release)
+    return recipe
+
+
+# Keys that may change between a run and its resume without changing what is trained.
+_RESUME_FREE = ("steps", "save_every", "keep_last", "log_every", "sample_every", "sample_prompts", "output_dir")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """16 hex digits of sha256 over everything that defines the training trajectory (not the step count,
+    logging or output settings), so a resume can refuse a checkpoint of a different recipe."""
+    raw = dataclasses.asdict(recipe)
+    for key in _RESUME_FREE:
+        raw["training"].pop(key)
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
