@@ -22,8 +22,10 @@ Modules named by a LoRA but absent from the model are reported (returned and log
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -117,7 +119,10 @@ def _output_hook(target: _Target):
         if not target.active:
             return out
         h = (F.linear(args[0].to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
-        return out + F.linear(h, target.up).to(out.dtype)
+        if out.dtype != target.up.dtype:
+            return out + F.linear(h, target.up).to(out.dtype)
+        # addmm adds y in the GEMM epilogue: one pass over the [*, out] output instead of two.
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), target.up.t()).view_as(out)
     return add_lora
 
 
@@ -204,3 +209,25 @@ class LoraSet:
             undo()
         self._undo.clear()
         self._targets.clear()
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float, str | None]:
+    """Command-line LoRA 'PATH[:STRENGTH][@EXPERT]' -> (path, strength, expert or None).
+
+    'out/adapters/step-00002000:0.8@high_noise' -> (Path('out/adapters/step-00002000'), 0.8, 'high_noise');
+    strength defaults to 1.0; a ':' not followed by a number stays part of the path."""
+    rest, expert = spec, None
+    if "@" in rest:
+        rest, expert = rest.rsplit("@", 1)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", expert):
+            raise ValueError(f"LoRA spec {spec!r}: expert {expert!r} after '@' must be a name such as high_noise")
+    strength = 1.0
+    if ":" in rest:
+        head, tail = rest.rsplit(":", 1)
+        try:
+            strength, rest = float(tail), head
+        except ValueError:
+            pass
+    if not rest:
+        raise ValueError(f"LoRA spec {spec!r} has no path; expected PATH[:STRENGTH][@EXPERT]")
+    return Path(rest), strength, expert

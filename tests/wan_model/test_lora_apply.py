@@ -4,13 +4,14 @@ missing targets, PEFT-wrapped models, and parity with diffusers' WanTransformer3
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.wan_model.test_lora_formats import BLOCK_MODULES, TINY
 from tests.wan_model.test_transformer import diffusers_twin, inputs, rel_err, tiny_model
-from wan_model.lora_apply import LoraSet, merge_loras
+from wan_model.lora_apply import LoraSet, merge_loras, parse_lora_spec
 from wan_model.lora_formats import LoraModule, lora_targets, save_lora
 
 
@@ -137,3 +138,29 @@ def test_merged_matches_diffusers_with_adapter_loaded(tmp_path, layout):
         ref = twin(hidden_states=latents, timestep=timestep, encoder_hidden_states=padded, return_dict=False)[0]
     assert rel_err(ours, base) > 1e-2
     assert rel_err(ours, ref) < 1e-5
+
+
+def test_attach_in_bf16_matches_merge_in_bf16():
+    """The fused bf16 hook path (addmm) agrees with merged bf16 weights to bf16 accuracy."""
+    model = tiny_model("tiny-t2v").to(torch.bfloat16)
+    base = run(model)
+    lora = small_lora(STYLE, seed=5)
+    lora_set = LoraSet({"a": (lora, 0.8)})
+    lora_set.attach(model)
+    attached = run(model)
+    lora_set.detach()
+    merge_loras(model, [(lora, 0.8)])
+    assert rel_err(attached, base) > 0.2  # the LoRA moves the output far more than the bf16 disagreement
+    assert rel_err(attached, run(model)) < 2e-2  # measured 0.006
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("out/adapters/step-00002000", (Path("out/adapters/step-00002000"), 1.0, None)),
+    ("a.safetensors:0.75", (Path("a.safetensors"), 0.75, None)),
+    ("dir:-1@low_noise", (Path("dir"), -1.0, "low_noise")),
+    ("C:/loras/x.safetensors@dense", (Path("C:/loras/x.safetensors"), 1.0, "dense")),
+])
+def test_parse_lora_spec(spec, expected):
+    assert parse_lora_spec(spec) == expected
+    with pytest.raises(ValueError, match="expert"):
+        parse_lora_spec("x@high noise")
