@@ -5,6 +5,8 @@ Layout::
     cache_dir/
       index.json                      {"format": 1, "entries": {key: {file, sha256, bytes, clip_id, bucket, ...}}}
       shards/<key[:2]>/<key>.safetensors
+      labels.json                     labels measured from pixels, by (file sha256, bucket, fps, window):
+                                      a re-run skips the measuring (delete it to measure again)
 
 One entry (one shard file) per (clip, window). Its key is a content hash (`entry_key`) of the clip's
 file bytes and every setting that changes the entry (bucket, fps, window, VAE kind, text encoder id, the
@@ -166,3 +168,25 @@ class LatentCache:
             raise CacheError(f"{path}: shard does not match its sha256 in {self.index_path} (corrupted or "
                              f"truncated); re-run python -m data.prepare to re-encode it")
         return load_safetensors(data), _header_metadata(data, path)
+
+
+class JsonTable:
+    """A JSON mapping kept in one file, rewritten atomically by `save` (prepare's measured labels)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.data: dict = {}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.data = {}  # a damaged table only costs re-measuring: start empty, rewrite on save
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+
+    def save(self) -> None:
+        atomic_write_bytes(self.path, json.dumps(self.data, sort_keys=True).encode("utf-8"))

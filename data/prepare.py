@@ -1,0 +1,343 @@
+"""Dataset folder -> latent cache: `python -m data.prepare CONFIG.yaml [--release DIR]`.
+
+For each clip (in scan order): probe -> size/duration filter -> byte-duplicate check -> resample to the
+model fps -> bucket (nearest aspect, longest frame count that fits) -> windows -> decode the first window
+-> labels (user labels win; the rest measured from those pixels) -> score filter -> perceptual-duplicate
+check -> K prompt variants -> for each window, look up its content key in the cache; encode (VAE
+posterior, text embeddings, I2V image condition) and store only what is missing or changed.
+
+CONFIG.yaml is a prepare config or a whole training recipe; only its `model` and `dataset` sections are
+read (data/config.py). Writes into dataset.cache_dir: the shards and index.json (data/cache.py),
+report.json (every clip used or skipped and why), dataset_card.md and contact_sheet.png (data/card.py).
+Re-running is cheap: entries already cached are verified (sha256) and reused; corrupt ones re-encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from wan_model.config import ModelPreset, get_preset
+
+from .buckets import Bucket, assign_bucket, make_buckets
+from .cache import JsonTable, LatentCache, atomic_write_bytes, entry_key, trim_context
+from .card import CardClip, write_card
+from .config import DatasetConfig, ModelSource, PrepareConfig, load_prepare_config
+from .filters import Deduper, check_media, check_score, file_sha256, perceptual_hash
+from .labels import LABEL_VALUES, AestheticLabels, LabelError, resolve_labels
+from .prompts import check_template, prompt_variants
+from .scan import ClipItem, scan_folder
+from .video import VideoError, clip_windows, probe, read_frames, to_model_range
+
+REPORT_NAME = "report.json"
+LABELS_NAME = "labels.json"
+THUMB_WIDTH = 160  # contact-sheet thumbnail width in pixels
+
+
+class VAELike(Protocol):
+    """What prepare needs of a VAE (wan_model.vae.WanVAEBase satisfies it)."""
+
+    config: object  # a wan_model.config.VAEConfig: .kind names it in the cache key
+
+    @property
+    def stride(self) -> tuple[int, int, int]: ...
+
+    @property
+    def z_dim(self) -> int: ...
+
+    def encode_distribution(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """video: [B, 3, F, H, W] in [-1, 1] -> (mean, logvar) [B, z, F', H', W'] in normalised latent units."""
+
+
+class TextEncoderLike(Protocol):
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (context [B, 512, D], zero past each length; lengths [B])."""
+
+
+@dataclass
+class ClipReport:
+    """One clip's outcome in report.json. status: 'used' | 'skipped'."""
+
+    clip_id: str
+    path: str
+    status: str
+    reason: str | None = None
+    bucket: str | None = None
+    entries: list[str] = field(default_factory=list)  # cache keys, one per window
+    prompts: list[str] = field(default_factory=list)
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrepareReport:
+    clips: list[ClipReport]
+    encoded: int  # cache entries written this run
+    reused: int  # cache entries found valid and kept
+    repaired: list[str]  # problems found in existing shards (those entries were dropped / re-encoded)
+    pruned: int  # entries of earlier runs that this run no longer uses (old settings, removed clips)
+    seconds: float
+    cache_dir: Path
+
+    @property
+    def used(self) -> list[ClipReport]:
+        return [c for c in self.clips if c.status == "used"]
+
+    @property
+    def skipped(self) -> list[ClipReport]:
+        return [c for c in self.clips if c.status == "skipped"]
+
+
+def _module_device_dtype(module: object) -> tuple[torch.device, torch.dtype]:
+    params = getattr(module, "parameters", None)
+    first = next(params(), None) if callable(params) else None
+    return (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+
+
+def model_identity(source: ModelSource, preset: ModelPreset) -> dict:
+    """What identifies the encoders in a cache key: preset (fixes shapes), weights folder, dtype."""
+    release = str(Path(source.release).resolve()) if source.release else "random-init"
+    return {"preset": preset.name, "vae": preset.vae.kind, "text_encoder": f"umt5:{release}", "dtype": source.dtype,
+            "release": release}
+
+
+def entry_settings(identity: dict, bucket: Bucket, fps: float, window: range, prompts: list[str],
+                   image_cond: bool) -> dict:
+    """Everything besides the file bytes that changes a cache entry (hashed by cache.entry_key)."""
+    return {**identity, "bucket": bucket.name, "fps": fps, "window": [window.start, window.stop],
+            "prompts": prompts, "image_cond": image_cond}
+
+
+@torch.no_grad()
+def encode_entry(frames: torch.Tensor, prompts: list[str], vae: VAELike, text_encoder: TextEncoderLike,
+                 image_cond: bool) -> dict[str, torch.Tensor]:
+    """frames: [F, 3, H, W] uint8 -> the tensors of one cache entry (data/cache.py lists them).
+
+    image_cond follows the official I2V pipeline (wan/image2video.py): the VAE encodes the first frame
+    followed by F - 1 black frames (zeros in [-1, 1] units) and the latent mean is kept."""
+    device, dtype = _module_device_dtype(vae)
+    video = to_model_range(frames)[None].to(device=device, dtype=dtype)  # [1, 3, F, H, W]
+    mean, logvar = vae.encode_distribution(video)
+    context, lengths = text_encoder.encode(prompts)
+    out = {"latent_mean": mean[0].float().cpu(), "latent_logvar": logvar[0].float().cpu(),
+           "context": trim_context(context, lengths).cpu(), "context_lens": lengths.long().cpu()}
+    if image_cond:
+        first = torch.zeros_like(video)
+        first[:, :, 0] = video[:, :, 0]
+        out["image_cond"] = vae.encode_distribution(first)[0][0].float().cpu()
+    return out
+
+
+def _thumbnail(frame: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] uint8 -> [3, h, THUMB_WIDTH] uint8, aspect kept."""
+    h, w = frame.shape[-2:]
+    size = (max(1, round(h * THUMB_WIDTH / w)), THUMB_WIDTH)
+    return torch.nn.functional.interpolate(frame[None].float(), size=size, mode="area")[0].round().to(torch.uint8)
+
+
+class _Preparer:
+    """The per-clip steps of `prepare`, sharing the run's settings, cache and duplicate memory."""
+
+    def __init__(self, config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike):
+        self.ds: DatasetConfig = config.dataset
+        self.preset = get_preset(config.model.preset)
+        self.fps = self.ds.fps or self.preset.sample_fps
+        self.identity = model_identity(config.model, self.preset)
+        self.image_cond = self.ds.i2v_condition or self.preset.task == "i2v"
+        self.vae, self.text_encoder = vae, text_encoder
+        self.cache = LatentCache(self.ds.cache_dir)
+        self.measured = JsonTable(Path(self.ds.cache_dir) / LABELS_NAME)
+        self.dedupe = Deduper()
+        b = self.ds.buckets
+        # Sizes must be multiples of VAE stride x patch (16 px for A14B, 32 for TI2V-5B); square strides.
+        self.buckets = make_buckets(b.base_area, b.aspects, b.frame_counts, self.preset.latent_stride[1])
+        self.encoded = self.reused = 0
+        self.used_keys: set[str] = set()
+        self.cards: list[CardClip] = []
+
+    def repair(self) -> list[str]:
+        """Drop entries whose shard is missing or corrupt (they are re-encoded if still wanted)."""
+        problems = []
+        for key in list(self.cache.entries):
+            problem = self.cache.verify(key)
+            if problem:
+                problems.append(problem)
+                self.cache.remove(key)
+        if problems:
+            self.cache.save_index()
+        return problems
+
+    def prune(self) -> int:
+        """After a complete run: delete entries no clip used (stale settings or clips), so the cache holds
+        exactly this dataset. An interrupted run never gets here and keeps everything."""
+        stale = [key for key in self.cache.entries if key not in self.used_keys]
+        for key in stale:
+            self.cache.remove(key)
+        self.cache.save_index()
+        return len(stale)
+
+    def _labels(self, user: dict, frames: torch.Tensor, key: str) -> AestheticLabels:
+        """resolve_labels(user, frames), with the measured part looked up in labels.json by `key` (file hash,
+        bucket, fps, window) so a re-run does not measure again; user labels still win."""
+        computed = self.measured.get(key)
+        if computed is None:
+            computed = resolve_labels({}, frames).as_dict()
+            self.measured.put(key, computed)
+            self.measured.save()
+        labels = resolve_labels(user, None)
+        labels.measurements = dict(computed["measurements"])
+        for name in LABEL_VALUES:
+            if getattr(labels, name) is None and computed.get(name) is not None:
+                setattr(labels, name, computed[name])
+                labels.source[name] = "computed"
+        return labels
+
+    def run(self, item: ClipItem) -> ClipReport:
+        report = ClipReport(item.clip_id, str(item.path), "used")
+        try:
+            reason = self._process(item, report)
+        except (VideoError, LabelError) as err:
+            reason = str(err)
+        if reason:
+            report.status, report.reason = "skipped", reason
+        return report
+
+    def _process(self, item: ClipItem, report: ClipReport) -> str | None:
+        info = probe(item.path)
+        filters = self.ds.filters
+        reason = check_media(info.width, info.height, info.duration_s, info.kind, filters)
+        if reason:
+            return reason
+        sha = file_sha256(item.path)
+        if filters.dedupe and (reason := self.dedupe.check_bytes(item.clip_id, sha)):
+            return reason
+        indices = info.indices_at(self.fps)
+        bucket = assign_bucket(info.width, info.height, len(indices), self.buckets)
+        if bucket is None:
+            shortest = min(b.frames for b in self.buckets)
+            return (f"{len(indices)} frames at {self.fps} fps is shorter than the shortest bucket ({shortest} "
+                    f"frames); add a shorter length to dataset.buckets.frame_counts or drop the clip")
+        report.bucket = bucket.name
+        windows = clip_windows(len(indices), bucket.frames, self.ds.windows.mode, self.ds.windows.max_windows,
+                               self.ds.windows.stride)
+        size = (bucket.height, bucket.width)
+        frames = read_frames(item.path, [indices[i] for i in windows[0]], size)  # [F, 3, H, W] uint8
+        thumb = _thumbnail(frames[0])
+        user = dict(item.labels) | ({"score": item.score} if item.score is not None else {})
+        labels = self._labels(user, frames, f"{sha}:{bucket.name}:{self.fps}:{windows[0].start}")
+        report.labels = labels.as_dict()
+        if reason := check_score(labels.score, filters):
+            return reason
+        if filters.dedupe and (reason := self.dedupe.check_frames(item.clip_id, perceptual_hash(frames))):
+            return reason
+        ds = self.ds
+        report.prompts = prompt_variants(item.captions, labels.labels(), count=ds.prompt_variants,
+                                         trigger=ds.trigger, template=ds.caption_template,
+                                         label_dropout=ds.label_dropout, caption_dropout=ds.caption_dropout,
+                                         seed=ds.seed, clip_id=item.clip_id)
+        for number, window in enumerate(windows):
+            settings = entry_settings(self.identity, bucket, self.fps, window, report.prompts, self.image_cond)
+            key = entry_key(sha, settings)
+            report.entries.append(key)
+            self.used_keys.add(key)
+            if self.cache.has(key):
+                self.reused += 1
+                continue
+            if number:
+                frames = read_frames(item.path, [indices[i] for i in window], size)
+            tensors = encode_entry(frames, report.prompts, self.vae, self.text_encoder, self.image_cond)
+            meta = {"clip_id": item.clip_id, "path": str(item.path), "bucket": bucket.name,
+                    "window": number, "frames": [window.start, window.stop], "fps": self.fps,
+                    "prompts": report.prompts, "labels": report.labels, "settings": settings}
+            self.cache.put(key, tensors, meta)
+            self.encoded += 1
+        self.cards.append(CardClip(item.clip_id, report.bucket, labels.labels(), thumb))
+        return None
+
+
+def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *, progress: bool = True) -> PrepareReport:
+    """Scan, filter, label, prompt, encode and cache a dataset (module docstring); returns what happened.
+
+    Writes report.json, dataset_card.md and contact_sheet.png into dataset.cache_dir."""
+    start = time.perf_counter()
+    check_template(config.dataset.caption_template)
+    runner = _Preparer(config, vae, text_encoder)
+    repaired = runner.repair()
+    scan = scan_folder(config.dataset.root, config.dataset.metadata)
+    root = Path(config.dataset.root)
+    clips = [ClipReport(s.path.relative_to(root).as_posix() if s.path.is_relative_to(root) else str(s.path),
+                        str(s.path), "skipped", s.reason) for s in scan.skipped]
+    for item in tqdm(scan.items, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True):
+        clips.append(runner.run(item))
+    pruned = runner.prune()
+    report = PrepareReport(clips, runner.encoded, runner.reused, repaired, pruned, time.perf_counter() - start,
+                           Path(config.dataset.cache_dir))
+    _write_report(report)
+    write_card(report.cache_dir, runner.cards, [c for c in clips if c.status == "skipped"])
+    return report
+
+
+def _write_report(report: PrepareReport) -> None:
+    data = {"encoded": report.encoded, "reused": report.reused, "repaired": report.repaired, "pruned": report.pruned,
+            "seconds": round(report.seconds, 3), "used": len(report.used), "skipped": len(report.skipped),
+            "clips": [asdict(c) for c in report.clips]}
+    atomic_write_bytes(report.cache_dir / REPORT_NAME, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
+def build_encoders(source: ModelSource, release: str | None = None, tokenizer: str | None = None,
+                   seed: int = 0, device: str | None = None) -> tuple[VAELike, TextEncoderLike]:
+    """The VAE and text encoder of `source`: from the release folder when there is one, else random weights
+    (tiny presets only, seeded; `tokenizer` names a tokenizer folder)."""
+    from wan_model.text_encoder import TextEncoder
+    from wan_model.vae_io import build_vae, load_vae
+
+    preset = get_preset(source.preset)
+    dtype = getattr(torch, source.dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    release = release or source.release
+    if release:
+        from wan_model.release import load_release
+
+        parts = load_release(release, preset.name)
+        vae = load_vae(parts.vae_path, preset.vae, dtype=torch.float32 if dtype == torch.float32 else dtype,
+                       device=device)
+        text = TextEncoder.from_release(parts.t5_path, parts.tokenizer_path, preset.text_encoder, dtype, device)
+        return vae, text
+    if not preset.name.startswith("tiny-"):
+        raise ValueError(f"model.preset {preset.name!r} needs its weights: set model.release (or --release) to "
+                         f"the downloaded release folder; random weights are only for tiny-* presets")
+    if tokenizer is None:
+        raise ValueError(f"random {preset.name} encoders need a tokenizer folder: pass --tokenizer DIR "
+                         f"(or set model.release)")
+    torch.manual_seed(seed)
+    vae = build_vae(preset.vae).to(device).eval().requires_grad_(False)
+    text = TextEncoder.from_config(preset.text_encoder, tokenizer, dtype=dtype, device=device)
+    return vae, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.prepare",
+                                     description="Encode a dataset folder into the latent cache (data/prepare.py).")
+    parser.add_argument("config", help="prepare config or training recipe YAML (its model and dataset sections)")
+    parser.add_argument("--release", help="official release folder (overrides model.release)")
+    parser.add_argument("--tokenizer", help="tokenizer folder for random tiny encoders (no release)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    args = parser.parse_args(argv)
+    config = load_prepare_config(args.config)
+    vae, text_encoder = build_encoders(config.model, args.release, args.tokenizer, config.dataset.seed)
+    report = prepare(config, vae, text_encoder, progress=not args.no_progress)
+    print(f"{len(report.used)} clips used, {len(report.skipped)} skipped; {report.encoded} entries encoded, "
+          f"{report.reused} reused, {len(report.repaired)} repaired, {report.pruned} pruned in {report.seconds:.1f} s; "
+          f"see {report.cache_dir / REPORT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

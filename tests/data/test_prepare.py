@@ -1,0 +1,272 @@
+"""data/prepare.py end to end on the demo dataset (data.demo_clips): cache reuse, invalidation, corruption
+repair, resume after an interruption, bad inputs skipped with reasons, the I2V image condition, the YAML
+entry point and the real tiny VAE + UMT5 (wan_model.vae_io / wan_model.text_encoder)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.cache import LatentCache
+from data.config import BucketSettings, DatasetConfig, FilterSettings, ModelSource, PrepareConfig, load_prepare_config
+from data.demo_clips import DEMO_CLIPS, render_clip, render_demo_dataset
+from data.prepare import prepare
+from data.typed_config import ConfigError
+from wan_model.config import PRESETS
+from wan_model.media import write_mp4
+
+# Demo clips here are 17 frames of 64 x 96 at 16 fps; one bucket size (aspect 1.5 -> 96 x 64), 17 frames.
+BUCKETS = BucketSettings(base_area=64 * 96, aspects=(1.5, 1.0), frame_counts=(17,))
+FILTERS = FilterSettings(min_width=32, min_height=32)
+
+
+class StandInVAE(torch.nn.Module):
+    """Deterministic stand-in for wan_model's VAE: latents = stride-pooled pixels projected to z channels.
+
+    video [B, 3, F, H, W] -> mean, logvar [B, z, 1 + (F-1)/4, H/s, W/s]; counts calls; raises after
+    `fail_after` calls (an interruption)."""
+
+    def __init__(self, preset="tiny-t2v", fail_after: int | None = None):
+        super().__init__()
+        self.config = PRESETS[preset].vae
+        self.proj = torch.nn.Parameter(torch.linspace(-1, 1, 3 * self.config.z_dim).view(self.config.z_dim, 3))
+        self.calls, self.fail_after = 0, fail_after
+
+    @property
+    def stride(self):
+        return self.config.stride
+
+    @property
+    def z_dim(self):
+        return self.config.z_dim
+
+    def encode_distribution(self, video):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("stand-in interruption")
+        self.calls += 1
+        st, sh, sw = self.stride
+        first = video[:, :, :1]
+        rest = video[:, :, 1:]
+        if rest.shape[2]:
+            rest = F.avg_pool3d(rest, (st, 1, 1))
+        pooled = F.avg_pool3d(torch.cat([first, rest], 2), (1, sh, sw))  # [B, 3, F', H', W']
+        mean = torch.einsum("zc,bcfhw->bzfhw", self.proj, pooled)
+        return mean, torch.full_like(mean, -4.0)
+
+
+class StandInText:
+    """prompts -> context [B, 512, 8] (a hash of each word), zero past len = words + 1 (EOS); counts calls."""
+
+    def __init__(self, dim=8):
+        self.dim, self.calls = dim, 0
+
+    def encode(self, prompts):
+        self.calls += 1
+        lens = torch.tensor([len(p.split()) + 1 for p in prompts])
+        context = torch.zeros(len(prompts), 512, self.dim)
+        for b, p in enumerate(prompts):
+            for i, word in enumerate(p.split() + ["</s>"]):
+                context[b, i] = torch.randn(self.dim, generator=torch.Generator().manual_seed(hash(word) % 2**31))
+        return context, lens
+
+
+def make_config(root, cache, preset="tiny-t2v", **dataset) -> PrepareConfig:
+    ds = dict(root=str(root), cache_dir=str(cache), trigger="demo", buckets=BUCKETS, filters=FILTERS,
+              prompt_variants=3)
+    ds.update(dataset)
+    return PrepareConfig(model=ModelSource(preset=preset, dtype="float32"), dataset=DatasetConfig(**ds))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """4 demo clips of 17 frames (2 captioned by sidecars, 2 by metadata.jsonl with user labels)."""
+    return render_demo_dataset(tmp_path_factory.mktemp("demo") / "clips", num_clips=4, frames=17)
+
+
+@pytest.fixture(scope="module")
+def prepared(demo, tmp_path_factory):
+    """One full prepare of the demo with stand-in encoders; later tests start from copies of its cache
+    (measuring labels from pixels is the slow part on CPU, and labels.json keeps it)."""
+    cache = tmp_path_factory.mktemp("prepared") / "cache"
+    vae, text = StandInVAE(), StandInText()
+    report = prepare(make_config(demo, cache), vae, text, progress=False)
+    return cache, report, vae, text
+
+
+@pytest.fixture
+def dataset(demo, tmp_path):
+    root = tmp_path / "clips"
+    shutil.copytree(demo, root)
+    return root
+
+
+def copy_cache(prepared, tmp_path, labels_only=False):
+    target = tmp_path / "cache"
+    if labels_only:
+        target.mkdir()
+        shutil.copy(prepared[0] / "labels.json", target / "labels.json")
+    else:
+        shutil.copytree(prepared[0], target)
+    return target
+
+
+def test_demo_end_to_end_then_everything_reused(prepared, dataset, tmp_path):
+    cache, report, vae, text = prepared
+    assert len(report.used) == 4 and not report.skipped
+    assert vae.calls == 4 and text.calls == 4 and report.encoded == 4
+    entries = LatentCache(cache).entries
+    assert {e["bucket"] for e in entries.values()} == {"96x64x17"}  # 96 x 64 is aspect 1.5
+    tensors, meta = LatentCache(cache).read(next(iter(entries)))
+    assert tensors["latent_mean"].shape == (16, 5, 8, 12)  # 17 frames -> 1 + 16/4 latent frames, 64/8 x 96/8
+    assert tensors["context"].shape[0] == 3 and tensors["context_lens"].shape == (3,)
+    assert tensors["context"].shape[1] == int(tensors["context_lens"].max())  # stored trimmed
+    assert all(p == "" or p.startswith("demo, ") for p in meta["prompts"])
+    assert meta["labels"]["source"]  # labels measured from pixels (and user ones from metadata.jsonl)
+    saved = json.loads((cache / "report.json").read_text())
+    assert saved["used"] == 4 and {c["status"] for c in saved["clips"]} == {"used"}
+    card = (cache / "dataset_card.md").read_text()
+    assert "| 96x64x17 | 4 |" in card and "camera motion" in card
+    assert (cache / "contact_sheet.png").stat().st_size > 0
+
+    cache = copy_cache(prepared, tmp_path)  # the dataset moved to another folder: same bytes, same keys
+    vae2, text2 = StandInVAE(), StandInText()
+    again = prepare(make_config(dataset, cache), vae2, text2, progress=False)
+    assert vae2.calls == 0 and text2.calls == 0 and again.reused == 4 and again.encoded == 0
+
+
+def test_changed_clip_or_setting_reencodes(prepared, dataset, tmp_path):
+    cache = copy_cache(prepared, tmp_path)
+    target = sorted(dataset.glob("*.mp4"))[0]
+    frames = render_clip(DEMO_CLIPS[2], (64, 96), 17, seed=99)
+    write_mp4(frames.permute(0, 2, 3, 1).numpy(), target, fps=16, crf=23)
+    vae = StandInVAE()
+    report = prepare(make_config(dataset, cache), vae, StandInText(), progress=False)
+    assert vae.calls == 1 and report.reused == 3 and report.pruned == 1  # the old entry of that clip is gone
+    assert len(LatentCache(cache).entries) == 4
+
+    vae = StandInVAE()
+    report = prepare(make_config(dataset, cache, trigger="other"), vae, StandInText(), progress=False)
+    assert vae.calls == 4 and report.reused == 0 and report.pruned == 4
+
+
+def test_corrupt_shard_is_reported_and_reencoded(prepared, dataset, tmp_path):
+    cache = copy_cache(prepared, tmp_path)
+    store = LatentCache(cache)
+    shard = store.shard_path(sorted(store.entries)[0])
+    shard.write_bytes(shard.read_bytes()[:100])
+    vae = StandInVAE()
+    report = prepare(make_config(dataset, cache), vae, StandInText(), progress=False)
+    assert len(report.repaired) == 1 and "truncated" in report.repaired[0]
+    assert vae.calls == 1 and LatentCache(cache).verify(sorted(store.entries)[0]) is None
+
+
+def test_interrupted_prepare_resumes(prepared, dataset, tmp_path):
+    cache = copy_cache(prepared, tmp_path, labels_only=True)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(make_config(dataset, cache), StandInVAE(fail_after=2), StandInText(), progress=False)
+    kept = LatentCache(cache)
+    assert len(kept.entries) == 2 and all(kept.verify(k) is None for k in kept.entries)
+    assert not list(cache.rglob("*.tmp"))
+    vae = StandInVAE()
+    report = prepare(make_config(dataset, cache), vae, StandInText(), progress=False)
+    assert vae.calls == 2 and report.reused == 2
+
+
+def test_bad_inputs_are_skipped_with_reasons(prepared, dataset, tmp_path):
+    cache = copy_cache(prepared, tmp_path, labels_only=True)
+    (dataset / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    (dataset / "broken.txt").write_text("a broken clip")
+    short = render_clip(DEMO_CLIPS[0], (64, 96), 9, seed=5)  # 9 frames < the 17-frame bucket
+    write_mp4(short.permute(0, 2, 3, 1).numpy(), dataset / "short.mp4", fps=16)
+    (dataset / "short.txt").write_text("too short")
+    (dataset / "empty.mp4").write_bytes((dataset / "short.mp4").read_bytes() + b"x")
+    (dataset / "empty.txt").write_text("\n")
+    (dataset / "latin.mp4").write_bytes((dataset / "short.mp4").read_bytes() + b"y")
+    (dataset / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    tiny = render_clip(DEMO_CLIPS[1], (16, 16), 17, seed=6)
+    write_mp4(tiny.permute(0, 2, 3, 1).numpy(), dataset / "tiny.mp4", fps=16)
+    (dataset / "tiny.txt").write_text("too small")
+    report = prepare(make_config(dataset, cache), StandInVAE(), StandInText(), progress=False)
+    reasons = {c.clip_id: c.reason for c in report.skipped}
+    assert "cannot decode" in reasons["broken.mp4"]
+    assert "shorter than the shortest bucket (17 frames)" in reasons["short.mp4"]
+    assert "empty" in reasons["empty.mp4"] and "not UTF-8" in reasons["latin.mp4"]
+    assert "below the minimum 32x32" in reasons["tiny.mp4"]
+    assert len(report.used) == 4
+    saved = json.loads((cache / "report.json").read_text())
+    assert {c["clip_id"]: c["reason"] for c in saved["clips"] if c["status"] == "skipped"} == reasons
+
+
+def test_duplicates_and_low_scores_filtered(prepared, dataset, tmp_path):
+    cache = copy_cache(prepared, tmp_path, labels_only=True)
+    first = sorted(dataset.glob("*.mp4"))[0]
+    shutil.copy(first, dataset / "copy.mp4")
+    shutil.copy(first.with_suffix(".txt"), dataset / "copy.txt")
+    config = make_config(dataset, cache, filters=FilterSettings(min_width=32, min_height=32,
+                                                                               min_score=0.5))
+    report = prepare(config, StandInVAE(), StandInText(), progress=False)
+    reasons = {c.clip_id: c.reason for c in report.skipped}
+    assert "byte-identical to" in reasons["copy.mp4"]
+    assert "aesthetic score 0.400 is below" in reasons["clip_03_dark.mp4"]  # user score from metadata.jsonl
+
+
+def test_i2v_image_condition_is_first_frame_then_black(prepared, dataset, tmp_path):
+    cache = copy_cache(prepared, tmp_path, labels_only=True)
+    vae = StandInVAE("tiny-i2v")
+    prepare(make_config(dataset, cache, preset="tiny-i2v"), vae, StandInText(), progress=False)
+    store = LatentCache(cache)
+    tensors, meta = store.read(sorted(store.entries)[0])
+    assert tensors["image_cond"].shape == tensors["latent_mean"].shape == (16, 5, 8, 12)
+    from data.video import probe, read_frames, to_model_range
+    info = probe(meta["path"])
+    frames = read_frames(meta["path"], info.indices_at(16)[:17], (64, 96))
+    video = to_model_range(frames)[None]
+    cond = torch.zeros_like(video)
+    cond[:, :, 0] = video[:, :, 0]
+    expected = StandInVAE("tiny-i2v").encode_distribution(cond)[0][0]
+    torch.testing.assert_close(tensors["image_cond"], expected)
+    assert tensors["image_cond"][:, 1:].abs().max() < 1e-6  # later latent frames encode black (stand-in: 0)
+
+
+def test_yaml_recipe_reads_model_and_dataset_only(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {preset: tiny-t2v, dtype: float32}\n"
+                      "dataset: {root: clips, trigger: fox, buckets: {frame_counts: [17]}}\n"
+                      "experts: {high_noise: {whatever: 1}}\ntrain: {steps: 10}\n")
+    config = load_prepare_config(recipe)
+    assert config.dataset.trigger == "fox" and config.dataset.buckets.frame_counts == (17,)
+    assert config.model.preset == "tiny-t2v" and config.dataset.caption_dropout == 0.05
+    recipe.write_text("dataset: {root: clips, trigger_word: fox}\n")
+    with pytest.raises(ConfigError, match="dataset.trigger_word is not a known key; did you mean 'trigger'"):
+        load_prepare_config(recipe)
+    recipe.write_text("dataset: {root: clips, label_dropout: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"label_dropout must be in \[0, 1\]"):
+        load_prepare_config(recipe)
+
+
+def test_cli_with_real_tiny_vae_and_text_encoder(demo, tmp_path):
+    """The real tiny models: wan_model.vae_io.build_vae + wan_model.text_encoder.TextEncoder (random weights)."""
+    from data.prepare import main
+    from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(tmp_path / "tok")
+    root = tmp_path / "clips"
+    shutil.copytree(demo, root)
+    for extra in sorted(root.glob("clip_0[1-9]*")):  # one clip keeps the real VAE cheap on 2 CPU cores
+        extra.unlink()
+    (root / "metadata.jsonl").unlink(missing_ok=True)
+    config = tmp_path / "prepare.yaml"
+    config.write_text(f"model: {{preset: tiny-t2v, dtype: float32}}\n"
+                      f"dataset: {{root: {root}, cache_dir: {tmp_path / 'cache'}, prompt_variants: 2, "
+                      f"buckets: {{base_area: 6144, aspects: [1.5], frame_counts: [5]}}, "
+                      f"filters: {{min_width: 32, min_height: 32}}}}\n")
+    assert main([str(config), "--tokenizer", str(tokenizer), "--no-progress"]) == 0
+    store = LatentCache(tmp_path / "cache")
+    (key,) = store.entries
+    tensors, _ = store.read(key)
+    assert tensors["latent_mean"].shape == (16, 2, 8, 12)  # tiny 2.1 VAE: stride (4, 8, 8); 5 frames -> 2
+    assert tensors["context"].shape[-1] == 32 and torch.isfinite(tensors["latent_mean"]).all()
