@@ -40,7 +40,7 @@ LABEL_EVIDENCE: dict[str, tuple[str, ...]] = {
     "lighting": ("brightness_mean",),
     "colour_tone": ("warmth", "saturation_mean"),
     "contrast": ("contrast_rms",),
-    "camera_motion": ("camera_dx", "camera_dy", "zoom", "jitter"),
+    "camera_motion": ("camera_dx", "camera_dy", "zoom", "jitter", "motion_support"),
 }
 
 # Thresholds. Luma, saturation and warmth are in [0, 1] units of gamma-encoded RGB. Motion is per frame
@@ -56,6 +56,10 @@ MUTED_MAX = 0.15
 PAN_MIN_SPEED = 0.003  # 0.3 % of the width per frame = 5 % per second at 16 fps
 ZOOM_MIN_RATE = 0.004  # |log zoom| per frame: 1.004^16 = 6.6 % magnification per second
 HANDHELD_MIN_JITTER = 0.004  # frame-to-frame change of camera velocity, fraction of width
+# Camera motion is labelled only when at least half of the 4 x 4 tiles can be tracked (confidence >= 0.25):
+# on a black or flat background only the subject moves measurably, and its motion is not the camera's.
+MIN_MOTION_SUPPORT = 0.5
+TRACKABLE_MIN_CONFIDENCE = 0.25
 
 _MOTION_SIZE = 128  # grey frames are resized to 128 x 128 for motion: cheap FFTs, 1/128 = 0.8 % resolution
 _COLOUR_LONG_SIDE = 256  # colour statistics on frames shrunk to this long side (antialiased)
@@ -80,6 +84,8 @@ class Measurements:
     camera_dy: mean camera motion per frame, fraction of width; > 0 the camera tilts up
     zoom: mean magnification per frame (geometric mean); > 1 zoom in (content grows)
     jitter: RMS frame-to-frame change of the camera velocity (dx, dy), fraction of width; shake
+    motion_support: fraction of 4 x 4 tiles trackable between frames (correlation confidence >= 0.25),
+      averaged over frame pairs; 0 for one frame
     """
 
     brightness_mean: float
@@ -92,6 +98,7 @@ class Measurements:
     camera_dy: float
     zoom: float
     jitter: float
+    motion_support: float
 
 
 @dataclass
@@ -247,7 +254,7 @@ def measure(frames: torch.Tensor) -> Measurements:
         saturation_mean=((high - low) / high.clamp_min(0.1)).mean(),
         warmth=(rgb[:, 0] - rgb[:, 2]).mean(),
     )
-    motion = dict(camera_dx=0.0, camera_dy=0.0, zoom=1.0, jitter=0.0)
+    motion = dict(camera_dx=0.0, camera_dy=0.0, zoom=1.0, jitter=0.0, motion_support=0.0)
     if num >= 2:
         grey = F.interpolate(luma[:, None], size=(_MOTION_SIZE, _MOTION_SIZE), mode="bilinear", antialias=True,
                              align_corners=False)[:, 0]
@@ -256,14 +263,15 @@ def measure(frames: torch.Tensor) -> Measurements:
         # (the fixed window dominates) and measured half the true zoom. The subject check uses 4 x 4
         # separate tiles, so a moving subject stays in few of them.
         tiles, conf, centres = _tile_shifts(grey, _MOTION_SIZE // 2, _MOTION_SIZE // 4)
-        small_tiles, _, _ = _tile_shifts(grey, _MOTION_SIZE // 4, _MOTION_SIZE // 4)
+        small_tiles, small_conf, _ = _tile_shifts(grey, _MOTION_SIZE // 4, _MOTION_SIZE // 4)
         shift = _global_shift(whole, small_tiles)
         # Content right -> camera left; content down -> camera up. dy is in units of the height: rescale
         # to the width so equal pixel motion gives equal numbers on both axes.
         velocity = torch.stack([-shift[:, 1], shift[:, 0] * (height / width)], 1) / _MOTION_SIZE  # [F-1, 2]
         jitter = (velocity[1:] - velocity[:-1]).square().sum(1).mean().sqrt() / math.sqrt(2) if num >= 3 else 0.0
         motion = dict(camera_dx=velocity[:, 0].mean(), camera_dy=velocity[:, 1].mean(),
-                      zoom=_zoom_rates(tiles, conf, centres).mean().exp(), jitter=jitter)
+                      zoom=_zoom_rates(tiles, conf, centres).mean().exp(), jitter=jitter,
+                      motion_support=(small_conf >= TRACKABLE_MIN_CONFIDENCE).float().mean())
     return Measurements(**{k: float(v) for k, v in {**colour, **motion}.items()})
 
 
@@ -274,8 +282,9 @@ def labels_from_measurements(m: Measurements) -> dict[str, str]:
     colour_tone: warm / cool if |warmth| >= 0.06, else saturated if saturation >= 0.45, muted if <= 0.15,
       else neutral.
     contrast: low if RMS < 0.12, high if >= 0.25, else medium.
-    camera_motion, first rule that holds: handheld if jitter >= 0.004; zoom in / out if |log zoom| >= 0.004;
-      pan or tilt along the dominant axis if its speed >= 0.003; else static. Images get no motion label.
+    camera_motion, only if motion_support >= 0.5 (so never for an image), first rule that holds:
+      handheld if jitter >= 0.004; zoom in / out if |log zoom| >= 0.004; pan or tilt along the dominant
+      axis if its speed >= 0.003; else static.
     """
     out: dict[str, str] = {}
     if m.brightness_mean < LOW_KEY_MAX_BRIGHTNESS:
@@ -299,6 +308,8 @@ def labels_from_measurements(m: Measurements) -> dict[str, str]:
     else:
         out["contrast"] = "medium"
     log_zoom = math.log(m.zoom)
+    if m.motion_support < MIN_MOTION_SUPPORT:
+        return out
     if m.jitter >= HANDHELD_MIN_JITTER:
         out["camera_motion"] = "handheld"
     elif abs(log_zoom) >= ZOOM_MIN_RATE:
@@ -360,7 +371,7 @@ def resolve_labels(user: Mapping[str, object], frames: torch.Tensor | None) -> A
     user: {'lighting': 'golden hour', 'score': 0.7, ...} (validated by `validate_user_labels`; an unknown
       name or value raises LabelError). frames: [F, 3, H, W] uint8 or None (None: user labels only).
     A computed label is stored with source 'computed' and all measurements; a user label with 'user'.
-    Images (F = 1) get no camera_motion label.
+    Images (F = 1) and clips without a trackable background get no camera_motion label.
     """
     given = validate_user_labels(user)
     result = AestheticLabels(**given, source={name: "user" for name in given})
@@ -368,10 +379,7 @@ def resolve_labels(user: Mapping[str, object], frames: torch.Tensor | None) -> A
         return result
     measured = measure(frames)
     result.measurements = dataclasses.asdict(measured)
-    computed = labels_from_measurements(measured)
-    if frames.shape[0] < 2:
-        computed.pop("camera_motion", None)
-    for name, value in computed.items():
+    for name, value in labels_from_measurements(measured).items():
         if name not in given:
             setattr(result, name, value)
             result.source[name] = "computed"
