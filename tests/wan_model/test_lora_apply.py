@@ -83,6 +83,9 @@ def test_unmerge_restores_bf16_weights_bitwise():
     assert sorted(changed) == sorted(f"{n}.weight" for n in STYLE)
     handle.unmerge()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for_good = merge_loras(model, [(small_lora(MOTION), 1.0)], backup_device=None)
+    with pytest.raises(RuntimeError, match="backup_device=None"):
+        for_good.unmerge()
 
 
 def test_missing_targets_are_reported_and_wrong_shapes_raise(caplog):
