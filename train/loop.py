@@ -15,10 +15,13 @@ Conditioning as the official pipelines:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -31,7 +34,7 @@ from .experts import (STREAM_NOISE, STREAM_TI2V, Expert, expert_for_step, expert
                       step_generator, step_timesteps)
 from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
 from .metrics import MetricsLogger
-from .recipe import Recipe
+from .recipe import Recipe, TrainingSettings
 
 
 @dataclass
@@ -59,6 +62,36 @@ class BatchSource(Protocol):
     run continues from micro-batch `step * grad_accum` with nothing but the step stored."""
 
     def batch(self, index: int) -> Batch: ...
+
+
+class LoaderSource:
+    """`BatchSource` over a resumable bucket loader (data.dataset.make_dataloader).
+
+    Process k of n takes the loader's global batches k, k + n, k + 2n, ...; batch(i) is global batch
+    i * n + k, found by epoch = g // len(loader) and position = g % len(loader). Consecutive calls read
+    on from the open iterator; any other index (a resume, or n > 1) re-positions the loader first."""
+
+    def __init__(self, loader, process_index: int = 0, num_processes: int = 1):
+        if len(loader) == 0:
+            raise ValueError("the data loader yields no batches; is batch_size larger than every bucket with "
+                             "drop_last, or is the cache empty?")
+        self.loader, self.rank, self.world = loader, process_index, num_processes
+        self.iterator, self.next_global = None, None
+
+    def batch(self, index: int) -> Batch:
+        g = index * self.world + self.rank
+        if g != self.next_global:
+            epoch, position = divmod(g, len(self.loader))
+            self.loader.load_state_dict({**self.loader.state_dict(), "epoch": epoch, "position": position})
+            self.loader.set_epoch(epoch)
+            self.iterator = iter(self.loader)
+        raw = next(self.iterator, None)
+        if raw is None:  # end of an epoch: the next one starts at its batch 0
+            self.loader.set_epoch(g // len(self.loader))
+            self.iterator = iter(self.loader)
+            raw = next(self.iterator)
+        self.next_global = g + 1 if self.world == 1 else None
+        return Batch(raw["latents"], raw["context"], raw["context_len"], raw.get("image_cond"), list(raw["clip_id"]))
 
 
 # ------------------------------------------------------------------------------------------------ the maths
@@ -119,6 +152,43 @@ def model_patch(model: torch.nn.Module) -> tuple[int, int, int]:
     return inner.config.patch_size
 
 
+# ------------------------------------------------------------------------------------------------ set-up
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "deepspeed"
+
+
+def deepspeed_config(settings: TrainingSettings) -> dict:
+    """recipes/deepspeed/<zero2|zero3>.json with the recipe's batch, accumulation, clipping and precision
+    written in (the recipe is the one source of these numbers; the JSON holds the ZeRO settings)."""
+    path = DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json"
+    config = json.loads(path.read_text())
+    config.update(train_micro_batch_size_per_gpu=settings.batch_size,
+                  gradient_accumulation_steps=settings.grad_accum,
+                  gradient_clipping=settings.max_grad_norm, bf16={"enabled": settings.precision == "bf16"})
+    return config
+
+
+def make_accelerator(settings: TrainingSettings):
+    """An Accelerator for the recipe: DeepSpeed ZeRO-2/3 when `training.deepspeed` is set, else plain
+    (single device, or DDP under `accelerate launch --num_processes N`). Mixed precision is ours (autocast),
+    so accelerate does not wrap the models."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if settings.deepspeed is None:
+        if launched_ds:
+            raise ValueError("launched with a DeepSpeed accelerate config but the recipe has training.deepspeed: "
+                             "null; set it to zero2 / zero3, or launch with recipes/accelerate/single.yaml")
+        return Accelerator(cpu=not torch.cuda.is_available())
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
+                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)  # `python train_lora.py` without a launcher: one process
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(settings))
+    return Accelerator(deepspeed_plugin=plugin, cpu=not torch.cuda.is_available())
+
+
 # ------------------------------------------------------------------------------------------------ placement
 
 def should_offload(mode: str, expert_bytes: list[int], free_bytes: int | None) -> bool:
@@ -173,7 +243,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.nonfinite_in_a_row = 0
-        updates = planned_updates(self.experts, self.settings, self.total_steps)
+        updates = planned_updates(self.experts, self.settings, self.settings.steps)  # --max-steps stops early, same schedule
         self.states: dict[str, ExpertState] = {}
         free = torch.cuda.mem_get_info()[0] if self.device.type == "cuda" else None
         active = [e for e in self.experts if e.trains]
@@ -333,9 +403,11 @@ def _move_expert(state: ExpertState, device: torch.device) -> None:
                 per_param[key] = value.to(device)
 
 
-def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True) -> list[dict]:
+def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
+        stop_requested: Callable[[], bool] = lambda: False) -> list[dict]:
     """Train from the start or from checkpoint `resume` to `trainer.total_steps`; checkpoints every
-    `save_every` steps and at the end. Returns the loss history (one dict per step since step 0)."""
+    `save_every` steps, at the end, and when `stop_requested()` turns true (a signal: checkpoint, then
+    return early). Returns the loss history (one dict per step since step 0)."""
     s = trainer.settings
     if resume is not None:
         load_checkpoint(trainer, resume)
@@ -355,9 +427,33 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True) -
                                f"skipped; clips {record['clip_ids']}")
             if s.save_every and trainer.step % s.save_every == 0 and trainer.step < trainer.total_steps:
                 save_checkpoint(trainer, s.keep_last)
+            if stop_requested():
+                logger.message(f"stop requested: checkpoint at step {trainer.step}; continue with --resume latest")
+                break
         done = list_checkpoints(checkpoint_root(s.output_dir))
         if not done or done[-1].name != f"step-{trainer.step:08d}":
             save_checkpoint(trainer, s.keep_last)
+        for path in export_adapters(trainer):
+            logger.message(f"adapter: {path}")
     finally:
         logger.close()
     return trainer.history
+
+
+def export_adapters(trainer: Trainer) -> list:
+    """Each training expert's adapter at the current step, ComfyUI and diffusers formats (train/export.py)."""
+    from .export import export_expert_adapter
+    from .recipe import recipe_hash
+
+    weights = {name: trainer.lora_weights(name) for name in trainer.states}  # collective under ZeRO-3
+    if not trainer.accelerator.is_main_process:
+        return []
+    files = []
+    for name, tensors in weights.items():
+        e = trainer.states[name].expert
+        files += export_expert_adapter(tensors, trainer.settings.output_dir, base_model=trainer.recipe.preset.name,
+                                       expert=name, timestep_range=e.t_range, rank=e.lora.rank,
+                                       alpha=e.lora.alpha, trigger=trainer.recipe.dataset.trigger,
+                                       recipe_hash=recipe_hash(trainer.recipe), step=trainer.step,
+                                       formats=("comfy", "peft"))
+    return files

@@ -1,0 +1,67 @@
+"""Checkpoints: kill-and-resume continues the exact loss trajectory; atomic folders; keep_last; recipe hash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from train.loop import run
+
+from .test_loop import make_trainer, tiny_recipe
+
+
+def test_resume_latest_continues_the_exact_loss_curve_and_adapters(tmp_path):
+    straight = make_trainer(tiny_recipe(tmp_path / "a", steps=6, routing="phased", phase_steps=2))
+    full = run(straight, log=False)
+
+    recipe = tiny_recipe(tmp_path / "b", steps=6, routing="phased", phase_steps=2, save_every=3)
+    first = make_trainer(recipe, total_steps=3)  # "killed" after step 3 (its checkpoint is the end one)
+    run(first, log=False)
+    torch.manual_seed(1234)  # the resumed process starts with a different global RNG state
+    resumed = make_trainer(recipe)
+    history = run(resumed, resume=resolve_resume(recipe.training.output_dir, "latest"), log=False)
+
+    assert [h["loss"] for h in history] == [h["loss"] for h in full]
+    assert [h["expert"] for h in history] == [h["expert"] for h in full]
+    for name in straight.states:
+        a, b = straight.lora_weights(name), resumed.lora_weights(name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_checkpoints_are_complete_folders_and_only_the_last_k_are_kept(tmp_path):
+    recipe = tiny_recipe(tmp_path, steps=5, save_every=1, keep_last=2)
+    trainer = make_trainer(recipe)
+    run(trainer, log=False)
+    kept = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["step-00000004", "step-00000005"]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    meta = json.loads((kept[-1] / "state.json").read_text())
+    assert meta["step"] == 5 and len(meta["history"]) == 5
+    for name in ("high_noise", "low_noise"):
+        assert {p.name for p in (kept[-1] / name).iterdir()} == {"adapter.safetensors", "optimizer.pt", "scheduler.pt"}
+    assert (kept[-1] / "rng-rank0.pt").is_file()
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    recipe = tiny_recipe(tmp_path, steps=2)
+    run(make_trainer(recipe), log=False)
+    other = tiny_recipe(tmp_path, steps=4, seed=7)
+    with pytest.raises(ValueError, match="different recipe"):
+        run(make_trainer(other), resume=resolve_resume(other.training.output_dir, "latest"), log=False)
+
+
+def test_a_poisoned_adapter_is_never_written(tmp_path):
+    trainer = make_trainer(tiny_recipe(tmp_path, steps=2))
+    with torch.no_grad():
+        next(iter(trainer.states["low_noise"].params)).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not finite"):
+        save_checkpoint(trainer, keep_last=2)
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_resume_latest_without_checkpoints_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        resolve_resume(tmp_path, "latest")

@@ -1,0 +1,66 @@
+"""Train per-expert LoRA adapters from a recipe.
+
+    accelerate launch train_lora.py recipes/quickstart.yaml [--resume [PATH|latest]] [--max-steps N]
+    python train_lora.py recipes/quickstart.yaml            (one process, no launcher)
+
+Reads the recipe (train/recipe.py), loads the training experts' base weights from the release folder,
+reads batches from the prepared latent cache (run `python -m train.prepare RECIPE` first) and runs
+train/loop.py. Outputs under training.output_dir: checkpoints/, adapters/, logs/, metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train_lora.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH|latest",
+                        help="continue from a checkpoint folder, or the newest one of the run (default: latest)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this step (the LR schedule still spans training.steps)")
+    args = parser.parse_args(argv)
+
+    from data.dataset import CachedDataset, make_dataloader
+    from train.checkpoints import resolve_resume
+    from train.loop import LoaderSource, Trainer, make_accelerator, run
+    from train.recipe import load_recipe, trains
+    from train.run_guard import GracefulStop, RunLock
+    from wan_model.checkpoint import load_transformer
+    from wan_model.release import load_release
+
+    recipe = load_recipe(args.recipe)
+    s = recipe.training
+    if args.max_steps is not None and not 1 <= args.max_steps <= s.steps:
+        parser.error(f"--max-steps must be in [1, training.steps = {s.steps}], got {args.max_steps}")
+    accelerator = make_accelerator(s)
+    release = load_release(recipe.model.release, recipe.preset.name)
+    dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
+    # Loaded on the host; the trainer moves them to the device (or keeps the idle one on the host).
+    models = {name: load_transformer(path, dtype=dtype, device="cpu")
+              for name, path in release.expert_paths.items() if trains(recipe, name)}
+    dataset = CachedDataset(recipe.dataset.cache_dir, seed=recipe.dataset.seed, text_len=recipe.preset.text_len)
+    loader = make_dataloader(dataset, s.batch_size, seed=s.seed)
+    source = LoaderSource(loader, accelerator.process_index, accelerator.num_processes)
+    trainer = Trainer(recipe, models, source, accelerator, total_steps=args.max_steps)
+    resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
+    lock = RunLock(s.output_dir) if accelerator.is_main_process else None
+    if lock:
+        lock.acquire()
+    try:
+        with GracefulStop() as stop:
+            history = run(trainer, resume, stop_requested=lambda: stop.stop)
+    finally:
+        if lock:
+            lock.release()
+    if accelerator.is_main_process and history:
+        print(f"done: step {trainer.step}, last loss {history[-1]['loss']:.4f}; outputs in {s.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
