@@ -1,0 +1,108 @@
+"""Recipe errors fail at load time (no model is built), naming the key and the fix; the shipped recipes load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data.typed_config import ConfigError
+from train.recipe import default_range, expert_ranges, load_recipe, recipe_hash
+from wan_model.config import get_preset
+from wan_model.release import write_transformer_release
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def write(tmp_path, body: dict, name="recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def base(**experts) -> dict:
+    return {"model": {"preset": "tiny-t2v"}, "dataset": {"root": "clips"}, "experts": experts,
+            "training": {"steps": 4}}
+
+
+def fails(tmp_path, body, *needles, check_release=False):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, body), check_release=check_release)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    msg = fails(tmp_path, base(high_noise={"lora": {"rnak": 4}}), "experts.high_noise.lora.rnak", "'rank'")
+    assert "recipe.yaml" in msg
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    body = base()
+    body["training"]["steps"] = "many"
+    fails(tmp_path, body, "training.steps", "whole number", "'many'")
+
+
+def test_rank_zero_is_refused(tmp_path):
+    fails(tmp_path, base(low_noise={"lora": {"rank": 0}}), "experts.low_noise.lora", "rank must be >= 1")
+
+
+def test_overlapping_ranges(tmp_path):
+    fails(tmp_path, base(high_noise={"timesteps": [800, 1000]}), "experts.low_noise.timesteps [0, 875)",
+          "overlaps high_noise [800, 1000)")
+
+
+def test_gapped_ranges(tmp_path):
+    fails(tmp_path, base(high_noise={"timesteps": [900, 1000]}), "[875, 900)", "no expert")
+    fails(tmp_path, base(low_noise={"timesteps": [10, 875]}), "[0, 10)")
+
+
+def test_expert_names_must_fit_the_preset(tmp_path):
+    fails(tmp_path, base(dense={}), "experts.dense", "high_noise, low_noise")
+    body = base(high_noise={})
+    body["model"]["preset"] = "tiny-ti2v"
+    fails(tmp_path, body, "experts.high_noise", "'tiny-ti2v'", "dense")
+
+
+def test_no_expert_training(tmp_path):
+    fails(tmp_path, base(high_noise={"train": False}, low_noise={"train": False}), "no expert has train: true")
+
+
+def test_missing_release_file_named(tmp_path):
+    release = tmp_path / "release"
+    write_transformer_release(release, "tiny-t2v", seed=0)  # transformer only: no VAE, T5, tokenizer
+    body = base()
+    body["model"]["release"] = str(release)
+    fails(tmp_path, body, "model.release", "Wan2.1_VAE.pth", check_release=True)
+    body["model"]["release"] = str(tmp_path / "nowhere")
+    fails(tmp_path, body, "model.release", "does not exist", check_release=True)
+
+
+def test_errors_come_before_any_model_is_built(tmp_path, monkeypatch):
+    import wan_model.transformer as transformer
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built while checking the recipe")
+
+    monkeypatch.setattr(transformer.WanTransformer, "__init__", boom)
+    fails(tmp_path, base(high_noise={"timesteps": [800, 1000]}), "overlaps")
+
+
+def test_default_ranges_follow_the_boundary():
+    assert default_range(get_preset("t2v-A14B"), "high_noise") == (875, 1000)
+    assert default_range(get_preset("i2v-A14B"), "low_noise") == (0, 900)
+    assert default_range(get_preset("ti2v-5B"), "dense") == (0, 1000)
+
+
+def test_shipped_recipes_load_and_hash_ignores_step_count(tmp_path):
+    for path in sorted(RECIPES.glob("*.yaml")):
+        recipe = load_recipe(path, check_release=False)
+        assert expert_ranges(recipe)
+    a = load_recipe(RECIPES / "quickstart.yaml", check_release=False)
+    raw = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
+    raw["training"]["steps"] = 99
+    assert recipe_hash(load_recipe(write(tmp_path, raw), check_release=False)) == recipe_hash(a)
+    raw["training"]["seed"] = 5
+    assert recipe_hash(load_recipe(write(tmp_path, raw), check_release=False)) != recipe_hash(a)
