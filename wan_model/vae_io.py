@@ -13,12 +13,8 @@ The file's kind (2.1 or 2.2) is read from its shapes: the first encoder conv rea
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pickle
 import re
-import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .checkpoint import _atomic_write, read_json
 from .config import WAN21_VAE, WAN22_VAE, VAEConfig
 from .vae import WanVAE21, WanVAEBase
 from .vae22 import WanVAE22
@@ -117,3 +114,116 @@ def diffusers_to_official(state_dict: Mapping[str, Tensor], config: VAEConfig, w
         raise KeyError(f"{where or 'diffusers VAE'}: {len(unknown)} key(s) are not parameters of a {config.kind} "
                        f"AutoencoderKLWan of this config, e.g. {unknown[:3]}; check the folder's config.json")
     return {inverse[k]: v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------- load / save
+
+def _read_pth(path: Path) -> dict[str, Tensor]:
+    """An official .pth state dict (tensors only; memory-mapped where the file is a zip archive)."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a VAE state dict (name -> tensor), found {type(sd).__name__}")
+    return sd
+
+
+def detect_kind(state_dict: Mapping[str, Tensor], where: str) -> str:
+    """'wan2.1' or 'wan2.2' from the input channels of `encoder.conv1.weight` (3 pixels vs 12 patch channels)."""
+    w = state_dict.get("encoder.conv1.weight")
+    if w is None or w.dim() != 5 or w.shape[1] not in KIND_BY_IN_CHANNELS:
+        found = "missing" if w is None else f"shape {tuple(w.shape)}"
+        raise ValueError(f"{where}: not a Wan VAE: encoder.conv1.weight is {found}; expected [dim, 3, 3, 3, 3] "
+                         f"(Wan 2.1) or [dim, 12, 3, 3, 3] (Wan 2.2)")
+    return KIND_BY_IN_CHANNELS[w.shape[1]]
+
+
+def infer_config(state_dict: Mapping[str, Tensor], where: str) -> VAEConfig:
+    """VAEConfig from shapes: kind, z_dim (conv2), encoder width (encoder.conv1), decoder width (decoder.head.2).
+
+    The released files give exactly WAN21_VAE / WAN22_VAE; other widths keep the release's structure.
+    """
+    kind = detect_kind(state_dict, where)
+    base = WAN21_VAE if kind == "wan2.1" else WAN22_VAE
+    try:
+        return dataclasses.replace(base, z_dim=state_dict["conv2.weight"].shape[0],
+                                   base_dim=state_dict["encoder.conv1.weight"].shape[0],
+                                   decoder_base_dim=state_dict["decoder.head.2.weight"].shape[1] // base.dim_mult[0])
+    except KeyError as err:
+        raise ValueError(f"{where}: {kind} VAE state dict lacks {err.args[0]!r}; the file is incomplete") from None
+
+
+def _check_shapes(model: nn.Module, state_dict: Mapping[str, Tensor], config: VAEConfig, where: str) -> None:
+    """Fail naming the first differing keys/shapes, before load_state_dict's less specific message."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k}: file {tuple(state_dict[k].shape)}, model {expected[k]}" for k in expected
+             if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        problems = (([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {unexpected[:3]}"] if unexpected
+                    else []) + ([f"shape {'; '.join(wrong[:3])}"] if wrong else []))
+        raise ValueError(f"{where}: does not fit the {config.kind} VAE config (z_dim {config.z_dim}, base_dim "
+                         f"{config.base_dim}, decoder_base_dim {config.decoder_base_dim}): {', '.join(problems)}; "
+                         f"pass the matching config or config=None to read it from the file")
+
+
+def _diffusers_config(raw: dict, where: str) -> VAEConfig:
+    """VAEConfig from a diffusers AutoencoderKLWan config.json (`is_residual` marks Wan 2.2)."""
+    if raw.get("_class_name") != DIFFUSERS_CLASS:
+        raise ValueError(f"{where}: _class_name is {raw.get('_class_name')!r}, expected {DIFFUSERS_CLASS!r}")
+    base = WAN22_VAE if raw.get("is_residual") else WAN21_VAE
+    return dataclasses.replace(
+        base, z_dim=raw.get("z_dim", base.z_dim), base_dim=raw.get("base_dim", base.base_dim),
+        decoder_base_dim=raw.get("decoder_base_dim") or raw.get("base_dim", base.decoder_base_dim),
+        dim_mult=tuple(raw.get("dim_mult", base.dim_mult)), num_res_blocks=raw.get("num_res_blocks", base.num_res_blocks),
+        temporal_downsample=tuple(raw.get("temperal_downsample", base.temporal_downsample)))
+
+
+def read_vae_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], VAEConfig, str]:
+    """(official-named state dict, config read from the file, description) of an official .pth or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        cfg_path, weights = path / DIFFUSERS_CONFIG, path / DIFFUSERS_WEIGHTS
+        if not cfg_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{path}: a diffusers VAE folder needs {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
+        file_config = _diffusers_config(read_json(cfg_path), str(cfg_path))
+        return diffusers_to_official(load_file(weights), file_config, str(weights)), file_config, str(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such VAE file or folder (expected Wan2.1_VAE.pth, Wan2.2_VAE.pth or a "
+                                f"diffusers AutoencoderKLWan folder)")
+    sd = _read_pth(path)
+    return sd, infer_config(sd, str(path)), str(path)
+
+
+def load_vae(path: str | os.PathLike, config: VAEConfig | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> WanVAEBase:
+    """A Wan VAE with the weights of an official .pth or a diffusers folder, in eval mode, frozen.
+
+    config None reads the shape from the file; a given config must be of the file's kind
+    (a Wan2.2_VAE.pth for a 2.1 config fails naming both).
+    """
+    sd, file_config, where = read_vae_state(path)
+    if config is None:
+        config = file_config
+    elif config.kind != file_config.kind:
+        raise ValueError(f"{where}: is a {file_config.kind} VAE ({KIND_FILE[file_config.kind]}) but the config asks "
+                         f"for a {config.kind} VAE ({KIND_FILE[config.kind]}); pass the {KIND_FILE[config.kind]} "
+                         f"file of this model, or the config of the file")
+    with torch.device("meta"):
+        vae = build_vae(config)
+    _check_shapes(vae, sd, config, where)
+    vae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
+
+
+def save_vae_official(vae: WanVAEBase, path: str | os.PathLike) -> Path:
+    """Write the VAE as the release does (`torch.save` of the official-named state dict), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
+    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    return path
