@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from data.demo_clips import DEMO_CLIPS, render_demo_dataset
+from data.demo_clips import DEMO_CLIPS, render_clip, render_demo_dataset
 from data.labels import resolve_labels
 from data.video import probe, read_frames
 
@@ -50,12 +50,20 @@ def test_clips_decode_with_requested_shape(demo):
 
 
 def test_deterministic_for_a_seed(tmp_path):
-    a = render_demo_dataset(tmp_path / "a", num_clips=2, frames=9)
-    b = render_demo_dataset(tmp_path / "b", num_clips=2, frames=9)
-    c = render_demo_dataset(tmp_path / "c", num_clips=2, frames=9, seed=1)
-    name = sorted(p.name for p in a.glob("*.mp4"))[0]
-    assert (a / name).read_bytes() == (b / name).read_bytes()
-    assert (a / name).read_bytes() != (c / name).read_bytes()
+    """Rendered frames, captions and metadata are exact for a seed. The mp4 bytes are not: libx264 in
+    this PyAV build makes slightly different rate-control choices from run to run (seen with threads=1
+    too), so decoded frames are compared with a tolerance."""
+    for spec in DEMO_CLIPS:
+        assert torch.equal(render_clip(spec, seed=4), render_clip(spec, seed=4))
+    assert not torch.equal(render_clip(DEMO_CLIPS[0], seed=4), render_clip(DEMO_CLIPS[0], seed=5))
+    a = render_demo_dataset(tmp_path / "a", num_clips=4, frames=9)
+    b = render_demo_dataset(tmp_path / "b", num_clips=4, frames=9)
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for text in [*a.glob("*.txt"), a / "metadata.jsonl"]:
+        assert text.read_bytes() == (b / text.name).read_bytes()
+    for clip in a.glob("*.mp4"):
+        diff = read_frames(clip, list(range(9))).float() - read_frames(b / clip.name, list(range(9))).float()
+        assert diff.abs().mean() < 2.0, clip.name
 
 
 EXPECTED = {  # what each demo clip was built to show
