@@ -116,18 +116,23 @@ def entry_settings(identity: dict, bucket: Bucket, fps: float, window: range, pr
 
 
 @torch.no_grad()
-def encode_entry(frames: torch.Tensor, prompts: list[str], vae: VAELike, text_encoder: TextEncoderLike,
-                 image_cond: bool) -> dict[str, torch.Tensor]:
-    """frames: [F, 3, H, W] uint8 -> the tensors of one cache entry (data/cache.py lists them).
+def encode_text(prompts: list[str], text_encoder: TextEncoderLike) -> dict[str, torch.Tensor]:
+    """The K prompt variants -> {'context': [K, L, D] trimmed to the longest real length, 'context_lens': [K]}."""
+    context, lengths = text_encoder.encode(prompts)
+    return {"context": trim_context(context, lengths).cpu(), "context_lens": lengths.long().cpu()}
+
+
+@torch.no_grad()
+def encode_video(frames: torch.Tensor, vae: VAELike, image_cond: bool) -> dict[str, torch.Tensor]:
+    """frames: [F, 3, H, W] uint8 -> latent_mean, latent_logvar [z, F', H', W'] fp32 (+ image_cond).
 
     image_cond follows the official I2V pipeline (wan/image2video.py): the VAE encodes the first frame
     followed by F - 1 black frames (zeros in [-1, 1] units) and the latent mean is kept."""
     device, dtype = _module_device_dtype(vae)
-    video = to_model_range(frames)[None].to(device=device, dtype=dtype)  # [1, 3, F, H, W]
+    # uint8 crosses to the GPU (4x fewer bytes than float32), the scaling runs there.
+    video = to_model_range(frames.to(device))[None].to(dtype)  # [1, 3, F, H, W]
     mean, logvar = vae.encode_distribution(video)
-    context, lengths = text_encoder.encode(prompts)
-    out = {"latent_mean": mean[0].float().cpu(), "latent_logvar": logvar[0].float().cpu(),
-           "context": trim_context(context, lengths).cpu(), "context_lens": lengths.long().cpu()}
+    out = {"latent_mean": mean[0].float().cpu(), "latent_logvar": logvar[0].float().cpu()}
     if image_cond:
         first = torch.zeros_like(video)
         first[:, :, 0] = video[:, :, 0]
@@ -242,6 +247,7 @@ class _Preparer:
                                          trigger=ds.trigger, template=ds.caption_template,
                                          label_dropout=ds.label_dropout, caption_dropout=ds.caption_dropout,
                                          seed=ds.seed, clip_id=item.clip_id)
+        text: dict[str, torch.Tensor] | None = None  # the clip's prompts, encoded once for all its windows
         for number, window in enumerate(windows):
             settings = entry_settings(self.identity, bucket, self.fps, window, report.prompts, self.image_cond)
             key = entry_key(sha, settings)
@@ -252,7 +258,8 @@ class _Preparer:
                 continue
             if number:
                 frames = read_frames(item.path, [indices[i] for i in window], size)
-            tensors = encode_entry(frames, report.prompts, self.vae, self.text_encoder, self.image_cond)
+            text = text or encode_text(report.prompts, self.text_encoder)
+            tensors = {**encode_video(frames, self.vae, self.image_cond), **text}
             meta = {"clip_id": item.clip_id, "path": str(item.path), "bucket": bucket.name,
                     "window": number, "frames": [window.start, window.stop], "fps": self.fps,
                     "prompts": report.prompts, "labels": report.labels, "settings": settings}

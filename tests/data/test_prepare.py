@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from data.cache import LatentCache
-from data.config import BucketSettings, DatasetConfig, FilterSettings, ModelSource, PrepareConfig, load_prepare_config
+from data.config import (BucketSettings, DatasetConfig, FilterSettings, ModelSource, PrepareConfig, WindowSettings,
+                         load_prepare_config)
 from data.demo_clips import DEMO_CLIPS, render_clip, render_demo_dataset
 from data.prepare import prepare
 from data.typed_config import ConfigError
 from wan_model.config import PRESETS
 from wan_model.media import write_mp4
 
-# Demo clips here are 17 frames of 64 x 96 at 16 fps; one bucket size (aspect 1.5 -> 96 x 64), 17 frames.
-BUCKETS = BucketSettings(base_area=64 * 96, aspects=(1.5, 1.0), frame_counts=(17,))
+# Demo clips here are 9 frames of 64 x 96 at 16 fps; one bucket size (aspect 1.5 -> 96 x 64), 9 frames.
+BUCKETS = BucketSettings(base_area=64 * 96, aspects=(1.5, 1.0), frame_counts=(9,))
 FILTERS = FilterSettings(min_width=32, min_height=32)
 
 
@@ -83,8 +84,8 @@ def make_config(root, cache, preset="tiny-t2v", **dataset) -> PrepareConfig:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """4 demo clips of 17 frames (2 captioned by sidecars, 2 by metadata.jsonl with user labels)."""
-    return render_demo_dataset(tmp_path_factory.mktemp("demo") / "clips", num_clips=4, frames=17)
+    """4 demo clips of 9 frames (2 captioned by sidecars, 2 by metadata.jsonl with user labels)."""
+    return render_demo_dataset(tmp_path_factory.mktemp("demo") / "clips", num_clips=4, frames=9)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +120,9 @@ def test_demo_end_to_end_then_everything_reused(prepared, dataset, tmp_path):
     assert len(report.used) == 4 and not report.skipped
     assert vae.calls == 4 and text.calls == 4 and report.encoded == 4
     entries = LatentCache(cache).entries
-    assert {e["bucket"] for e in entries.values()} == {"96x64x17"}  # 96 x 64 is aspect 1.5
+    assert {e["bucket"] for e in entries.values()} == {"96x64x9"}  # 96 x 64 is aspect 1.5
     tensors, meta = LatentCache(cache).read(next(iter(entries)))
-    assert tensors["latent_mean"].shape == (16, 5, 8, 12)  # 17 frames -> 1 + 16/4 latent frames, 64/8 x 96/8
+    assert tensors["latent_mean"].shape == (16, 3, 8, 12)  # 9 frames -> 1 + 8/4 latent frames, 64/8 x 96/8
     assert tensors["context"].shape[0] == 3 and tensors["context_lens"].shape == (3,)
     assert tensors["context"].shape[1] == int(tensors["context_lens"].max())  # stored trimmed
     assert all(p == "" or p.startswith("demo, ") for p in meta["prompts"])
@@ -129,7 +130,7 @@ def test_demo_end_to_end_then_everything_reused(prepared, dataset, tmp_path):
     saved = json.loads((cache / "report.json").read_text())
     assert saved["used"] == 4 and {c["status"] for c in saved["clips"]} == {"used"}
     card = (cache / "dataset_card.md").read_text()
-    assert "| 96x64x17 | 4 |" in card and "camera motion" in card
+    assert "| 96x64x9 | 4 |" in card and "camera motion" in card
     assert (cache / "contact_sheet.png").stat().st_size > 0
 
     cache = copy_cache(prepared, tmp_path)  # the dataset moved to another folder: same bytes, same keys
@@ -141,7 +142,7 @@ def test_demo_end_to_end_then_everything_reused(prepared, dataset, tmp_path):
 def test_changed_clip_or_setting_reencodes(prepared, dataset, tmp_path):
     cache = copy_cache(prepared, tmp_path)
     target = sorted(dataset.glob("*.mp4"))[0]
-    frames = render_clip(DEMO_CLIPS[2], (64, 96), 17, seed=99)
+    frames = render_clip(DEMO_CLIPS[2], (64, 96), 9, seed=99)
     write_mp4(frames.permute(0, 2, 3, 1).numpy(), target, fps=16, crf=23)
     vae = StandInVAE()
     report = prepare(make_config(dataset, cache), vae, StandInText(), progress=False)
@@ -180,20 +181,20 @@ def test_bad_inputs_are_skipped_with_reasons(prepared, dataset, tmp_path):
     cache = copy_cache(prepared, tmp_path, labels_only=True)
     (dataset / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     (dataset / "broken.txt").write_text("a broken clip")
-    short = render_clip(DEMO_CLIPS[0], (64, 96), 9, seed=5)  # 9 frames < the 17-frame bucket
+    short = render_clip(DEMO_CLIPS[0], (64, 96), 5, seed=5)  # 5 frames < the 9-frame bucket
     write_mp4(short.permute(0, 2, 3, 1).numpy(), dataset / "short.mp4", fps=16)
     (dataset / "short.txt").write_text("too short")
     (dataset / "empty.mp4").write_bytes((dataset / "short.mp4").read_bytes() + b"x")
     (dataset / "empty.txt").write_text("\n")
     (dataset / "latin.mp4").write_bytes((dataset / "short.mp4").read_bytes() + b"y")
     (dataset / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
-    tiny = render_clip(DEMO_CLIPS[1], (16, 16), 17, seed=6)
+    tiny = render_clip(DEMO_CLIPS[1], (16, 16), 9, seed=6)
     write_mp4(tiny.permute(0, 2, 3, 1).numpy(), dataset / "tiny.mp4", fps=16)
     (dataset / "tiny.txt").write_text("too small")
     report = prepare(make_config(dataset, cache), StandInVAE(), StandInText(), progress=False)
     reasons = {c.clip_id: c.reason for c in report.skipped}
     assert "cannot decode" in reasons["broken.mp4"]
-    assert "shorter than the shortest bucket (17 frames)" in reasons["short.mp4"]
+    assert "shorter than the shortest bucket (9 frames)" in reasons["short.mp4"]
     assert "empty" in reasons["empty.mp4"] and "not UTF-8" in reasons["latin.mp4"]
     assert "below the minimum 32x32" in reasons["tiny.mp4"]
     assert len(report.used) == 4
@@ -220,10 +221,10 @@ def test_i2v_image_condition_is_first_frame_then_black(prepared, dataset, tmp_pa
     prepare(make_config(dataset, cache, preset="tiny-i2v"), vae, StandInText(), progress=False)
     store = LatentCache(cache)
     tensors, meta = store.read(sorted(store.entries)[0])
-    assert tensors["image_cond"].shape == tensors["latent_mean"].shape == (16, 5, 8, 12)
+    assert tensors["image_cond"].shape == tensors["latent_mean"].shape == (16, 3, 8, 12)
     from data.video import probe, read_frames, to_model_range
     info = probe(meta["path"])
-    frames = read_frames(meta["path"], info.indices_at(16)[:17], (64, 96))
+    frames = read_frames(meta["path"], info.indices_at(16)[:9], (64, 96))
     video = to_model_range(frames)[None]
     cond = torch.zeros_like(video)
     cond[:, :, 0] = video[:, :, 0]
@@ -270,3 +271,28 @@ def test_cli_with_real_tiny_vae_and_text_encoder(demo, tmp_path):
     tensors, _ = store.read(key)
     assert tensors["latent_mean"].shape == (16, 2, 8, 12)  # tiny 2.1 VAE: stride (4, 8, 8); 5 frames -> 2
     assert tensors["context"].shape[-1] == 32 and torch.isfinite(tensors["latent_mean"]).all()
+
+
+def test_windows_and_images(demo, tmp_path):
+    """Two windows of one clip: two entries, prompts encoded once; an image goes to a 1-frame bucket."""
+    from PIL import Image
+
+    root = tmp_path / "clips"
+    root.mkdir()
+    first = sorted(demo.glob("*.mp4"))[0]
+    shutil.copy(first, root / "clip.mp4")
+    (root / "clip.txt").write_text("a clip\n")
+    Image.fromarray(render_clip(DEMO_CLIPS[4], (64, 96), 1, seed=1)[0].permute(1, 2, 0).numpy()).save(root / "still.png")
+    (root / "still.txt").write_text("a still\n")
+    config = make_config(root, tmp_path / "cache", buckets=BucketSettings(base_area=64 * 96, aspects=(1.5,),
+                                                                           frame_counts=(5, 1)),
+                         windows=WindowSettings(mode="uniform", max_windows=2))
+    vae, text = StandInVAE(), StandInText()
+    report = prepare(config, vae, text, progress=False)
+    by_id = {c.clip_id: c for c in report.used}
+    assert by_id["clip.mp4"].bucket == "96x64x5" and len(by_id["clip.mp4"].entries) == 2
+    assert by_id["still.png"].bucket == "96x64x1" and "camera_motion" not in by_id["still.png"].labels["source"]
+    assert vae.calls == 3 and text.calls == 2  # 2 windows + 1 image; one text encoding per clip
+    store = LatentCache(tmp_path / "cache")
+    windows = sorted(store.read(k)[1]["frames"][0] for k in by_id["clip.mp4"].entries)
+    assert windows == [0, 4]  # 9 frames, windows of 5 spread evenly: starts 0 and 4
