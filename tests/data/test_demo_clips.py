@@ -10,15 +10,7 @@ import torch
 from data.demo_clips import DEMO_CLIPS, render_clip, render_demo_dataset
 from data.labels import resolve_labels
 from data.video import probe, read_frames
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and on a shared CPU two threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.data.test_labels import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

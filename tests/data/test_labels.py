@@ -14,8 +14,9 @@ SIZE, FRAMES = (64, 96), 17
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny FFTs: one thread is fastest, and on a shared CPU two threads spin against each other (20x)."""
+def one_thread():
+    """Tiny FFTs: one thread is fastest, and on a shared CPU two threads spin against each other (20x).
+    Also imported by the other media test modules."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

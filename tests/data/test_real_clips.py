@@ -12,20 +12,13 @@ import torch
 from data.buckets import assign_bucket, make_buckets
 from data.labels import resolve_labels
 from data.video import clip_windows, fix_frame_count, probe, read_frames, to_model_range
+from tests.data.test_labels import one_thread  # noqa: F401  (autouse fixture)
 
 REAL = Path("/work/shared/data/real_clips")
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present")
 
 # A small bucket set (area 256 x 448 = 114,688 px, stride 16) keeps decoding + resizing cheap on CPU.
 BUCKETS = make_buckets(256 * 448, [448 / 256, 1.0, 256 / 448, 3 / 4], [33, 1], multiple=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load(name: str, fps: float = 16.0):
