@@ -186,7 +186,8 @@ def make_accelerator(settings: TrainingSettings):
         os.environ.setdefault(key, value)  # `python train_lora.py` without a launcher: one process
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(settings))
-    return Accelerator(deepspeed_plugin=plugin, cpu=not torch.cuda.is_available())
+    # No cpu=True here even without CUDA: accelerate then ignores the plugin; DS_ACCELERATOR=cpu runs it on CPU.
+    return Accelerator(deepspeed_plugin=plugin)
 
 
 # ------------------------------------------------------------------------------------------------ placement
