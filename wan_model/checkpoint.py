@@ -12,6 +12,11 @@ Accepted inputs of `load_transformer`:
 The model is built on the meta device and its parameters are the tensors read from the files (cast
 to the asked dtype one by one, `load_state_dict(assign=True)`), so a 14B expert in bf16 (28 GB) loads
 with peak host memory near 28 GB instead of the 56 GB fp32 model plus a state-dict copy.
+
+Measured on an H100 machine (random bf16 T2V-A14B expert, 14.29 B params in 6 shards, files in the page
+cache): to CPU in bf16 6.5 s with peak RSS 0.7 GB (safetensors hands out memory-mapped tensors when no
+cast is needed: pages come in on first use, copy-on-write, the files stay untouched); to CUDA in bf16
+13.3 s, 28.7 GB on the GPU, peak host RSS 6.5 GB (about one open shard).
 """
 
 from __future__ import annotations
