@@ -41,11 +41,6 @@ class Release:
     tokenizer_path: Path
 
 
-def expert_names(preset: ModelPreset) -> dict[str, str]:
-    """Expert name -> release sub-folder, highest noise first: {'high_noise': 'high_noise_model', ...}."""
-    return {EXPERT_NAMES[folder]: folder for folder in preset.expert_folders}
-
-
 def detect_preset(config: TransformerConfig) -> str | None:
     """Preset name for a transformer config: an exact match first (tiny presets), else model_type + dim
     among the released presets (config.json files may omit fields that keep their defaults)."""
@@ -114,7 +109,7 @@ def load_release(root: str | os.PathLike, preset: str | None = None) -> Release:
         return path
 
     return Release(root=root, preset=chosen,
-                   expert_paths={EXPERT_NAMES[f]: root / f if f else root for f in folders},
+                   expert_paths={EXPERT_NAMES[f]: root / f for f in folders},
                    vae_path=need(chosen.vae.checkpoint), t5_path=need(chosen.text_encoder.checkpoint),
                    tokenizer_path=need(chosen.text_encoder.tokenizer, is_dir=True))
 
