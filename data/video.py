@@ -26,8 +26,11 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 # Frames decoded and resized together: bounds memory at 1080p (16 x 6 MB uint8) while keeping batches.
 _DECODE_CHUNK = 16
-# Relative spread of frame durations above which a file counts as variable-frame-rate.
+# Relative spread of frame steps above which a file counts as variable-frame-rate.
 _VFR_TOLERANCE = 0.01
+# Fractions of a frame ignored when counting steps: float32 timestamps (decord) and float fps must not add
+# a step exactly at the end (1.45 s + 0.05 s = 1.5000000477 s at 10 fps is 15 steps, not 16).
+_STEP_SLACK = 1e-4
 
 
 class VideoError(Exception):
@@ -94,12 +97,15 @@ def _open_video(path: Path):
 
 
 def _frame_times(reader) -> tuple[tuple[float, ...] | None, float]:
-    """(start times if the frame rate varies else None, duration in seconds) from decord's timestamps."""
+    """(start times if the frame rate varies else None, duration in seconds) from decord's timestamps.
+
+    decord gives each frame [start, end] from the stream's pts, but end = start + a fixed nominal frame
+    duration, so variable rates show only in the steps between starts.
+    """
     stamps = np.asarray(reader.get_frame_timestamp(range(len(reader))), dtype=np.float64)  # [N, 2] start, end
     duration = float(stamps[-1, 1])
-    durations = stamps[:, 1] - stamps[:, 0]
-    mean = float(durations.mean()) if len(durations) else 0.0
-    if mean > 0 and float(np.abs(durations - mean).max()) > _VFR_TOLERANCE * mean:
+    steps = np.diff(stamps[:, 0])
+    if len(steps) and steps.mean() > 0 and float(np.abs(steps - steps.mean()).max()) > _VFR_TOLERANCE * steps.mean():
         return tuple(float(t) for t in stamps[:, 0]), duration
     return None, duration
 
@@ -125,8 +131,10 @@ def probe(path: str | Path) -> MediaInfo:
     if not fps > 0:
         raise VideoError(f"{path}: video reports frame rate {fps}; re-export it with a fixed frame rate")
     frame_times, duration = _frame_times(reader)
-    return MediaInfo(path, "video", int(width), int(height), len(reader), fps, duration or len(reader) / fps,
-                     frame_times)
+    duration = duration or len(reader) / fps
+    if frame_times is not None:
+        fps = len(reader) / duration  # the container's average is not meaningful for a variable rate
+    return MediaInfo(path, "video", int(width), int(height), len(reader), fps, duration, frame_times)
 
 
 def resample_indices(num_src_frames: int, src_fps: float, target_fps: float,
@@ -150,14 +158,13 @@ def resample_indices(num_src_frames: int, src_fps: float, target_fps: float,
         if not src_fps > 0:
             raise ValueError(f"src_fps must be positive, found {src_fps}")
         ratio = src_fps / target_fps
-        # 1e-9 keeps float noise from adding a step exactly at the end (112.0000001 -> 112).
-        count = math.ceil(num_src_frames / ratio - 1e-9)
-        return [min(num_src_frames - 1, math.floor(k * ratio + 0.5 + 1e-9)) for k in range(count)]
+        count = math.ceil(num_src_frames / ratio - _STEP_SLACK)
+        return [min(num_src_frames - 1, math.floor(k * ratio + 0.5 + _STEP_SLACK)) for k in range(count)]
     starts = list(timestamps)
     if len(starts) != num_src_frames:
         raise ValueError(f"{len(starts)} timestamps for {num_src_frames} frames; pass one start time per frame")
     duration = starts[-1] + (starts[-1] - starts[-2])  # the last frame lasts as long as the one before
-    count = math.ceil((duration - starts[0]) * target_fps - 1e-9)
+    count = math.ceil((duration - starts[0]) * target_fps - _STEP_SLACK)
     indices = []
     for k in range(count):
         t = starts[0] + k / target_fps

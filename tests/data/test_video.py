@@ -87,6 +87,34 @@ def test_probe_and_frame_accurate_read(counter_clip):
         read_frames(counter_clip, [20])
 
 
+def test_variable_frame_rate_file_uses_decord_timestamps(tmp_path):
+    """10 frames 0.1 s apart then 10 frames 0.05 s apart (pts set by hand through PyAV); grey level i * 12."""
+    import av
+    from fractions import Fraction
+
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=20)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 64, 3), i * 12, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += 100 if i < 10 else 50
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    info = probe(path)
+    assert info.frame_times is not None and info.frame_times[10] == pytest.approx(1.0, abs=1e-3)
+    assert info.duration_s == pytest.approx(1.5, abs=0.01)
+    indices = info.indices_at(10.0)
+    assert indices == list(range(10)) + [10, 12, 14, 16, 18]
+    levels = read_frames(path, indices).float().mean((1, 2, 3))
+    assert torch.allclose(levels, torch.tensor(indices, dtype=torch.float32) * 12, atol=3)
+
+
 def test_image_is_one_frame_clip(tmp_path):
     path = tmp_path / "still.png"
     Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(path)
