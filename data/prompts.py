@@ -29,7 +29,9 @@ import hashlib
 import string
 from collections.abc import Mapping
 
-LABEL_ORDER = ("lighting", "colour_tone", "contrast", "composition", "shot_size", "camera_motion")
+from .labels import LABEL_VALUES
+
+LABEL_ORDER = tuple(LABEL_VALUES)  # lighting, colour_tone, contrast, composition, shot_size, camera_motion
 TEMPLATE_FIELDS = ("trigger", "caption", "labels")
 
 

@@ -23,9 +23,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .labels import FIELD_ALIASES, LABEL_VALUES
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
-LABEL_COLUMNS = ("lighting", "colour_tone", "contrast", "composition", "shot_size", "camera_motion")
+# Label columns are the label vocabulary's names (data/labels.py), 'color_tone' accepted for 'colour_tone'.
+LABEL_COLUMNS = (*LABEL_VALUES, *FIELD_ALIASES)
 METADATA_COLUMNS = ("file_name", "caption", "captions", *LABEL_COLUMNS, "score", "labels")
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 
@@ -194,8 +196,8 @@ def _scan_metadata(root: Path, meta_path: Path) -> ScanResult:
                 if entry["score"] is None and isinstance(value, (int, float)) and not math.isnan(value):
                     entry["score"] = float(value)
             elif isinstance(value, str) and value.strip() and column not in entry["labels"]:
-                # Names are checked against the vocabulary by data.labels (a bad one skips the clip).
-                entry["labels"][column] = value.strip()
+                # Names and values are checked against the vocabulary by data.labels (a bad one skips the clip).
+                entry["labels"][FIELD_ALIASES.get(column, column)] = value.strip()
     items = []
     for clip_id, entry in merged.items():
         if not entry["captions"]:
