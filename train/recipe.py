@@ -25,7 +25,7 @@ from typing import Literal
 from data.config import DatasetConfig, ModelSource
 from data.typed_config import ConfigError, from_dict, load_yaml
 from wan_model.config import ModelPreset, get_preset
-from wan_model.release import expert_names, load_release
+from wan_model.release import EXPERT_NAMES, load_release
 
 # Self- and cross-attention q, k, v, o and both FFN linears of every block (official module names;
 # PEFT matches them as name suffixes, so 'self_attn.q' hits 'blocks.<i>.self_attn.q').
@@ -153,6 +153,11 @@ class Recipe:
     @property
     def preset(self) -> ModelPreset:
         return get_preset(self.model.preset)
+
+
+def expert_names(preset: ModelPreset) -> list[str]:
+    """The preset's experts, highest noise first: ['high_noise', 'low_noise'] (A14B) or ['dense'] (5B)."""
+    return [EXPERT_NAMES[folder] for folder in preset.expert_folders]
 
 
 def default_range(preset: ModelPreset, expert: str) -> tuple[int, int]:
