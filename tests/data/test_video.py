@@ -1,8 +1,12 @@
 """Video decoding: resampling counts, windows, 1+4k rounding, resize/crop, decord round trip, decode errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from data.video import (VideoError, clip_windows, fix_frame_count, probe, read_frames, resample_indices,
@@ -30,6 +34,31 @@ def test_resample_variable_frame_rate_uses_timestamps():
     assert idx[10:] == [10, 12, 14, 16, 18]  # every other frame in the fast part
     with pytest.raises(ValueError, match="timestamps"):
         resample_indices(20, 10.0, 10.0, starts[:5])
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 2000), src=st.sampled_from([23.976, 24.0, 25.0, 29.97, 30.0, 50.0, 59.94, 60.0, 120.0]),
+       target=st.sampled_from([16.0, 24.0]))
+def test_resample_properties(n, src, target):
+    """Count = ceil(n * target / src); indices non-decreasing, in range, each within half a source frame
+    of its target time (nearest frame)."""
+    idx = resample_indices(n, src, target)
+    assert len(idx) == math.ceil(n * target / src - 1e-4) or n == 1
+    assert idx == sorted(idx) and 0 <= idx[0] and idx[-1] < n
+    for k, i in enumerate(idx):
+        assert abs(i / src - k / target) <= 0.5 / src + 1e-9 or i == n - 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 300), k=st.integers(0, 30), mode=st.sampled_from(["head", "center", "uniform", "sliding"]),
+       max_windows=st.integers(1, 6), stride=st.none() | st.integers(1, 50))
+def test_clip_windows_properties(n, k, mode, max_windows, stride):
+    clip_frames = 1 + 4 * k
+    windows = clip_windows(n, clip_frames, mode, max_windows, stride)
+    assert len(windows) <= max_windows and (windows == []) == (n < clip_frames)
+    for w in windows:
+        assert len(w) == clip_frames and w.start >= 0 and w.stop <= n
+    assert [w.start for w in windows] == sorted({w.start for w in windows})  # distinct, in order
 
 
 def test_fix_frame_count():
