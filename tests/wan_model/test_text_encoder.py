@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
+from wan_model.tiny_release import make_tiny_tokenizer
 from wan_model.config import TINY_UMT5, TextEncoderConfig
 from wan_model.text_encoder import TextEncoder, clean_prompt, load_official_state_dict, official_shapes
 

@@ -1,0 +1,115 @@
+"""Render videos with a Wan 2.2 model, with or without LoRA adapters.
+
+Generate one video (T2V-A14B, I2V-A14B or TI2V-5B, from an official release folder):
+
+    python sample.py --release /models/Wan2.2-T2V-A14B --prompt "a red fox running through snow" \\
+        --size 480x832 --frames 81 --seed 42 --lora outputs/run/adapters/step-00002000:1.0 --out outputs/fox
+
+  --lora PATH[:STRENGTH][@EXPERT]  a LoRA file, or a folder of per-expert files (our export:
+                                   high_noise.safetensors / low_noise.safetensors / dense.safetensors).
+                                   A file that names its expert in its metadata (ours do) applies to
+                                   that expert only; @high_noise / @low_noise forces it. Repeatable.
+  --image IMG                      the first frame (I2V-A14B needs it; TI2V-5B uses it when given).
+
+Compare adapters on a prompt suite (same seeds, base model first), writing a contact sheet PNG per
+prompt and report.html:
+
+    python sample.py evaluate --release DIR --suite recipes/eval_suite.yaml \\
+        --adapters outputs/run/adapters/step-00001000 outputs/run/adapters/step-00002000 --run outputs/run
+
+Memory options: --offload-experts (one expert on the GPU at a time), --vae-tiling,
+--text-encoder-device cpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH in pixels, e.g. 480x832; got {text!r}")
+    return h, w
+
+
+def parse_guide(text: str) -> tuple[float, float]:
+    """'3.5' -> (3.5, 3.5); '3.0,4.0' -> (low-noise 3.0, high-noise 4.0)."""
+    parts = [float(v) for v in text.split(",")]
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise argparse.ArgumentTypeError(f"--guide takes one value or LOW,HIGH; got {text!r}")
+
+
+def common_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--release", required=True, type=Path, help="official release folder (Wan2.2-T2V-A14B, ...)")
+    ap.add_argument("--preset", default=None, help="model preset; default: detected from the release")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--offload-experts", action="store_true", help="keep the idle expert in host memory")
+    ap.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
+    ap.add_argument("--text-encoder-device", default=None, help="e.g. cpu, to keep UMT5 off the GPU")
+    ap.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
+    ap.add_argument("--steps", type=int, default=None, help="default: the preset's (40 A14B, 50 5B)")
+    ap.add_argument("--shift", type=float, default=None, help="default: the preset's sample shift")
+    ap.add_argument("--guide", type=parse_guide, default=None, help="guidance: G or LOW,HIGH")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(ap)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
+    ap.add_argument("--image", type=Path, default=None, help="first frame for I2V / TI2V")
+    ap.add_argument("--size", type=parse_size, default=(480, 832), help="HEIGHTxWIDTH, e.g. 480x832")
+    ap.add_argument("--frames", type=int, default=None, help="1+4k; default: the preset's (81 / 121)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora", action="append", default=[], help="PATH[:STRENGTH][@EXPERT]; repeatable")
+    ap.add_argument("--merge", action="store_true", help="merge LoRAs into the weights (faster, no switching)")
+    ap.add_argument("--out", type=Path, default=Path("outputs/samples/sample"),
+                    help="output path without extension: writes .mp4 and .png")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "evaluate":
+        from train.evaluate import main as evaluate_main
+        return evaluate_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from wan_model.lora_apply import parse_lora_spec
+    from wan_model.media import save_video
+    from wan_model.pipeline import GenerationRequest, load_pipeline
+
+    dtype = getattr(torch, args.dtype)
+    pipe = load_pipeline(args.release, args.preset, device=args.device, dtype=dtype,
+                         offload_experts=args.offload_experts, text_encoder_device=args.text_encoder_device,
+                         vae_tiling=args.vae_tiling)
+    for spec in args.lora:
+        report = pipe.add_lora(*parse_lora_spec(spec), merge=args.merge)
+        print(report)
+    image = None
+    if args.image is not None:
+        from wan_model.media import read_image
+        image = read_image(args.image)
+    height, width = args.size
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                height=height, width=width, frames=args.frames, steps=args.steps,
+                                shift=args.shift, guide_scale=args.guide, solver=args.solver, image=image)
+    result = pipe.generate(request, progress=True)
+    mp4, png = save_video(result.video, args.out, fps=pipe.preset.sample_fps)
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    print(f"wrote {mp4} and {png} ({timing})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

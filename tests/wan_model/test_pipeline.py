@@ -1,0 +1,115 @@
+"""The sampler on tiny random releases written in the official layout (wan_model.tiny_release)."""
+
+import pytest
+import torch
+
+from wan_model.pipeline import GenerationRequest, i2v_mask, load_pipeline, snap_size
+from wan_model.config import PRESETS
+from wan_model.solvers import make_solver
+from wan_model.tiny_release import write_tiny_release
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("releases")
+    return {name: load_pipeline(write_tiny_release(root / name, name), device="cpu", dtype=torch.float32)
+            for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")}
+
+
+def request(**kw):
+    return GenerationRequest(**{"prompt": "a red fox in the snow", "seed": 3, "height": 32, "width": 32,
+                                "frames": 5, "steps": 3, **kw})
+
+
+def test_same_seed_same_video_other_seed_other_video(pipes):
+    pipe = pipes["tiny-t2v"]
+    a, b, c = (pipe.generate(request(seed=s)).video for s in (3, 3, 4))
+    assert a.shape == (3, 5, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.abs().max() <= 1
+
+
+def test_expert_switch_follows_the_boundary(pipes):
+    pipe = pipes["tiny-t2v"]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.append((name, float(args[1][0]))))
+             for n, m in pipe.experts.items()]
+    try:
+        pipe.generate(request(steps=6))
+    finally:
+        for h in hooks:
+            h.remove()
+    timesteps = make_solver("unipc", steps=6, shift=PRESETS["tiny-t2v"].sample_shift).timesteps.tolist()
+    assert [t for _, t in seen] == timesteps
+    assert [n for n, _ in seen] == ["high_noise" if t >= 875 else "low_noise" for t in timesteps]
+    assert {n for n, _ in seen} == {"high_noise", "low_noise"}
+
+
+def test_guidance_scale_changes_output_and_negative_prompt_matters(pipes):
+    pipe = pipes["tiny-t2v"]
+    base = pipe.generate(request()).latents
+    assert not torch.equal(base, pipe.generate(request(guide_scale=(1.0, 1.0))).latents)
+    assert not torch.equal(base, pipe.generate(request(negative_prompt="blurry")).latents)
+
+
+def test_i2v_needs_an_image_and_conditions_on_it(pipes):
+    pipe = pipes["tiny-i2v"]
+    with pytest.raises(ValueError, match="pass an image"):
+        pipe.generate(request())
+    img = torch.rand(3, 40, 48) * 2 - 1
+    a = pipe.generate(request(image=img)).latents
+    b = pipe.generate(request(image=-img)).latents
+    assert not torch.equal(a, b)
+    mask = i2v_mask(3, 2, 2)
+    assert mask.shape == (4, 3, 2, 2) and mask[:, 0].eq(1).all() and mask[:, 1:].eq(0).all()
+
+
+def test_ti2v_keeps_the_image_latent_as_first_frame(pipes):
+    pipe = pipes["tiny-ti2v"]
+    img = torch.rand(3, 32, 32) * 2 - 1
+    result = pipe.generate(request(image=img))
+    image_latent = pipe.vae.encode(img[None, :, None])[0]
+    assert torch.allclose(result.latents[:, :1], image_latent, atol=1e-6)
+    plain = pipe.generate(request())
+    assert not torch.allclose(plain.latents[:, :1], image_latent, atol=1e-2)
+
+
+def test_size_not_divisible_by_stride_is_rounded_with_warning():
+    with pytest.warns(UserWarning, match="using 480x832x81"):
+        assert snap_size(478, 840, 83, PRESETS["t2v-A14B"]) == (480, 832, 81)
+    assert snap_size(704, 1280, 121, PRESETS["ti2v-5B"]) == (704, 1280, 121)
+
+
+def random_lora(config, scale=0.5, seed=0):
+    from wan_model.lora_formats import LoraModule, lora_targets
+
+    g = torch.Generator().manual_seed(seed)
+    return {name: LoraModule(down=torch.randn(4, i, generator=g) * scale, up=torch.randn(o, 4, generator=g) * scale,
+                             alpha=4.0)
+            for name, (i, o) in lora_targets(config).items() if name.startswith("blocks.")}
+
+
+def test_lora_strength_zero_is_base_and_expert_metadata_routes(pipes, tmp_path):
+    from wan_model.lora_formats import META_EXPERT, save_lora
+
+    pipe = pipes["tiny-t2v"]
+    cfg = PRESETS["tiny-t2v"].transformer
+    path = save_lora(random_lora(cfg), tmp_path / "low_noise.safetensors", {META_EXPERT: "low_noise"})
+    base = pipe.generate(request()).latents
+    report = pipe.add_lora(path, strength=0.0)
+    assert "-> low_noise" in report
+    assert torch.equal(pipe.generate(request()).latents, base)
+    pipe.set_adapters([path], strength=1.0)
+    assert set(pipe._lora_sets) == {"low_noise"}  # the high-noise expert is untouched
+    styled = pipe.generate(request()).latents
+    assert not torch.allclose(styled, base, atol=1e-4)
+    pipe.set_adapters([])
+    assert torch.equal(pipe.generate(request()).latents, base)
+
+
+def test_lora_for_another_expert_name_is_refused(pipes, tmp_path):
+    from wan_model.lora_formats import META_EXPERT, save_lora
+
+    path = save_lora(random_lora(PRESETS["tiny-ti2v"].transformer), tmp_path / "x.safetensors",
+                     {META_EXPERT: "low_noise"})
+    with pytest.raises(ValueError, match="has experts \\['dense'\\]"):
+        pipes["tiny-ti2v"].add_lora(path)

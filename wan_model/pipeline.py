@@ -1,0 +1,301 @@
+"""Text/image-to-video sampling for the three Wan 2.2 models, as the official pipelines do it.
+
+The official generators (`wan/text2video.py`, `wan/image2video.py`, `wan/textimage2video.py`) share one
+loop; this module keeps that loop once and takes the model-specific parts as data:
+
+  * T2V-A14B / I2V-A14B: two experts; timesteps t >= boundary * 1000 run the high-noise expert with
+    guide_scale[1], the rest the low-noise expert with guide_scale[0].
+  * I2V-A14B: the DiT input is cat([x_t (16), mask (4), image latents (16)]) on channels, where the image
+    latents encode the first frame followed by black frames and the mask is 1 on the first latent frame.
+  * TI2V-5B: one expert; with an image, the first latent frame is the clean image latent, re-imposed after
+    every solver step, and its tokens get timestep 0 (a per-token timestep).
+
+Classifier-free guidance runs the conditional and unconditional branch in one batch of two.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelPreset
+from .lora_apply import LoraSet, merge_loras
+from .solvers import make_solver
+
+
+@dataclass
+class GenerationRequest:
+    """One video to render. Sizes in pixels; `image` (I2V, TI2V) is [3, H, W] in [-1, 1]."""
+
+    prompt: str
+    seed: int = 0
+    height: int = 480
+    width: int = 832
+    frames: int | None = None  # default: the preset's frame_num (81 or 121)
+    negative_prompt: str | None = None  # default: the official negative prompt
+    steps: int | None = None  # default: the preset's (40 / 50)
+    shift: float | None = None  # default: the preset's sample_shift
+    guide_scale: tuple[float, float] | None = None  # (low-noise, high-noise); default: the preset's
+    solver: str = "unipc"  # 'unipc' (official default) | 'euler'
+    image: torch.Tensor | None = None
+
+
+@dataclass
+class GenerationResult:
+    video: torch.Tensor  # [3, F, H, W] in [-1, 1], float32 on the CPU
+    latents: torch.Tensor  # [C, F', H', W'] final latents
+    seconds: dict[str, float] = field(default_factory=dict)  # time per stage
+
+
+def snap_size(height: int, width: int, frames: int, preset: ModelPreset) -> tuple[int, int, int]:
+    """Round a request to what the VAE and patch size allow, warning when anything changes.
+
+    Height and width must be multiples of VAE stride x patch size (16 for A14B, 32 for 5B); frames must
+    be 1 + 4k (the VAE's temporal stride).
+    """
+    t_stride, h_mult, w_mult = preset.latent_stride
+    new_h = max(h_mult, round(height / h_mult) * h_mult)
+    new_w = max(w_mult, round(width / w_mult) * w_mult)
+    new_f = max(1, (frames - 1) // t_stride * t_stride + 1)
+    if (new_h, new_w, new_f) != (height, width, frames):
+        warnings.warn(f"size {height}x{width}x{frames} is not a multiple of the {preset.name} strides "
+                      f"({h_mult}x{w_mult}, frames 1+{t_stride}k); using {new_h}x{new_w}x{new_f}", stacklevel=2)
+    return new_h, new_w, new_f
+
+
+def i2v_mask(latent_frames: int, height: int, width: int, device=None) -> torch.Tensor:
+    """The I2V-A14B conditioning mask [4, F', H', W']: 1 on the first latent frame, 0 elsewhere.
+
+    The official code builds a per-pixel-frame mask (first frame 1), repeats the first frame 4 times so the
+    count is divisible by the VAE's temporal stride 4, and folds each group of 4 frames into 4 channels;
+    the result is 1 in all 4 channels of latent frame 0 and 0 after it.
+    """
+    mask = torch.zeros(4, latent_frames, height, width, device=device)
+    mask[:, 0] = 1.0
+    return mask
+
+
+def token_timesteps(t: torch.Tensor, first_frame_clean: bool, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per-token timesteps [B, L] for TI2V: `t` everywhere, 0 on the first latent frame's tokens when it is clean."""
+    f, h, w = grid
+    ts = t.view(-1, 1, 1).expand(t.shape[0], f, h * w).clone()
+    if first_frame_clean:
+        ts[:, 0] = 0.0
+    return ts.flatten(1)
+
+
+class WanPipeline:
+    """Sampling with one or two experts, a VAE and a text encoder.
+
+    experts: {'high_noise': model, 'low_noise': model} for A14B presets, {'dense': model} for TI2V-5B.
+    offload_experts: keep only the running expert on `device`, the other in host memory (swapped at the
+    boundary, once per video). text_encoder_device: where prompts are encoded ('cpu' saves ~11 GB).
+    """
+
+    def __init__(self, preset: ModelPreset, experts: dict[str, nn.Module], vae: nn.Module, text_encoder,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 offload_experts: bool = False):
+        expected = {"high_noise", "low_noise"} if preset.is_moe else {"dense"}
+        if set(experts) != expected:
+            raise ValueError(f"{preset.name} needs experts {sorted(expected)}, got {sorted(experts)}")
+        self.preset, self.experts, self.vae, self.text_encoder = preset, experts, vae, text_encoder
+        self.device, self.dtype, self.offload_experts = torch.device(device), dtype, offload_experts
+        for model in experts.values():
+            model.eval().requires_grad_(False)
+            if not offload_experts:
+                model.to(self.device)
+        self.vae.eval().requires_grad_(False)
+        self._attached: dict[str, dict[str, tuple]] = {}  # expert -> {lora path: (weights, strength)}
+        self._lora_sets: dict[str, LoraSet] = {}
+
+    # -- routing -------------------------------------------------------------------------------------
+    def expert_for(self, t: float) -> str:
+        """Official rule: t >= boundary * num_train_timesteps runs the high-noise expert."""
+        if not self.preset.is_moe:
+            return "dense"
+        return "high_noise" if t >= self.preset.boundary_timestep else "low_noise"
+
+    def _activate(self, name: str) -> nn.Module:
+        if self.offload_experts:
+            for other, model in self.experts.items():
+                if other != name and next(model.parameters()).device != torch.device("cpu"):
+                    model.to("cpu")
+            self.experts[name].to(self.device)
+        return self.experts[name]
+
+    # -- adapters ------------------------------------------------------------------------------------
+    def add_lora(self, path: str | Path, strength: float = 1.0, expert: str | None = None,
+                 merge: bool = False) -> str:
+        """Apply a LoRA file (any of the four formats) or a folder of per-expert files; returns a report.
+
+        A file whose metadata names its expert (our exports do) applies to that expert only; `expert`
+        overrides; otherwise it applies to every expert. merge=True folds it into the weights (fastest,
+        permanent); else it is attached and can be switched off with `set_adapters([])`.
+        """
+        from .lora_formats import META_EXPERT, load_lora
+
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))  # top level only: diffusers/ holds the same adapters
+            if not files:
+                raise FileNotFoundError(f"{path}: no .safetensors LoRA files in this folder")
+            return "\n".join(self.add_lora(f, strength, expert, merge) for f in files)
+        weights, report = load_lora(path, config=self.preset.transformer)
+        target = expert or report.metadata.get(META_EXPERT)
+        targets = [target] if target else list(self.experts)
+        unknown = [t for t in targets if t not in self.experts]
+        if unknown:
+            raise ValueError(f"{path}: LoRA is for expert {unknown[0]!r}, but {self.preset.name} has experts "
+                             f"{sorted(self.experts)}; pass @EXPERT to choose one")
+        for name in targets:
+            if merge:
+                merge_loras(self.experts[name], [(weights, strength)], backup_device=None)
+            else:
+                self._attached.setdefault(name, {})[str(path)] = (weights, strength)
+                self._reattach(name)
+        lines = [f"LoRA {path} ({report.format}, {len(weights)} modules, strength {strength}) -> "
+                 f"{', '.join(targets)}{' (merged)' if merge else ''}"]
+        lines += [f"  not used: {key}: {why}" for key, why in report.unmatched.items()]
+        return "\n".join(lines)
+
+    def _reattach(self, name: str) -> None:
+        if name in self._lora_sets:
+            self._lora_sets.pop(name).detach()
+        if self._attached.get(name):
+            lora_set = LoraSet(self._attached[name])
+            missing = lora_set.attach(self.experts[name])
+            if missing:
+                raise ValueError(f"LoRA targets missing in the {name} expert: {missing[:5]}")
+            self._lora_sets[name] = lora_set
+
+    def set_adapters(self, paths: list[str | Path], strength: float = 1.0) -> None:
+        """Replace every attached LoRA by `paths` (files or per-expert folders); [] gives the base model."""
+        self._attached = {}
+        for name in list(self._lora_sets):
+            self._lora_sets.pop(name).detach()
+        for path in paths:
+            self.add_lora(path, strength)
+
+    # -- conditioning --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        context, lengths = self.text_encoder.encode(prompts)
+        return context.to(self.device, self.dtype), lengths.to(self.device)
+
+    @torch.no_grad()
+    def _image_condition(self, image: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        """Image latents for I2V-A14B (first frame + black frames) or TI2V (the first frame alone)."""
+        img = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)
+        img = img.clamp(-1, 1).to(self.device)  # [1, 3, H, W]
+        if self.preset.task == "i2v":
+            video = torch.zeros(1, 3, frames, height, width, device=self.device)
+            video[:, :, 0] = img
+        else:
+            video = img[:, :, None]
+        return self.vae.encode(video.to(self._vae_dtype()))[0].float()
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    # -- the loop ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, progress: bool = False) -> GenerationResult:
+        preset, clock = self.preset, {}
+        frames = request.frames or preset.frame_num
+        height, width, frames = snap_size(request.height, request.width, frames, preset)
+        steps = request.steps or preset.sample_steps
+        shift = preset.sample_shift if request.shift is None else request.shift
+        guide_low, guide_high = request.guide_scale or preset.guide_scale
+        negative = preset.negative_prompt if request.negative_prompt is None else request.negative_prompt
+        if preset.task == "i2v" and request.image is None:
+            raise ValueError(f"{preset.name} is image-to-video: pass an image (GenerationRequest.image)")
+
+        start = time.perf_counter()
+        context, _ = self.encode_prompts([request.prompt, negative])  # [2, 512, D]: cond, uncond
+        clock["text"] = time.perf_counter() - start
+
+        vt, vh, vw = preset.vae.stride
+        pt, ph, pw = preset.transformer.patch_size
+        shape = (preset.vae.z_dim, (frames - 1) // vt + 1, height // vh, width // vw)
+        grid = (shape[1] // pt, shape[2] // ph, shape[3] // pw)
+        generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+        start = time.perf_counter()
+        cond_channels = clean_first = None
+        if request.image is not None:
+            image_latents = self._image_condition(request.image, frames, height, width)
+            if preset.task == "i2v":
+                mask = i2v_mask(shape[1], shape[2], shape[3], self.device)
+                cond_channels = torch.cat([mask, image_latents], dim=0)  # [20, F', H', W']
+            else:
+                clean_first = image_latents[:, :1]  # [48, 1, H', W']
+                latents[:, :1] = clean_first
+        clock["image"] = time.perf_counter() - start
+
+        solver = make_solver(request.solver, steps=steps, shift=shift,
+                             num_train_timesteps=preset.num_train_timesteps)
+        start = time.perf_counter()
+        timesteps = solver.timesteps.tolist()
+        iterator = enumerate(timesteps)
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(iterator, total=len(timesteps), desc="sampling", unit="step")
+        for index, t in iterator:
+            name = self.expert_for(t)
+            model = self._activate(name)
+            guide = guide_high if name == "high_noise" else guide_low
+            x = latents
+            if cond_channels is not None:
+                x = torch.cat([latents, cond_channels], dim=0)
+            x = x[None].expand(2, *x.shape).to(self.dtype)
+            t_batch = torch.full((2,), float(t), device=self.device)
+            if preset.task == "ti2v":
+                t_batch = token_timesteps(t_batch, clean_first is not None, grid)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                pred = model(x, t_batch, context).float()
+            velocity = pred[1] + guide * (pred[0] - pred[1])
+            latents = solver.step(velocity, index, latents)
+            if clean_first is not None:
+                latents[:, :1] = clean_first
+        clock["denoise"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        video = self.vae.decode(latents[None].to(self._vae_dtype()))[0].float().clamp(-1, 1).cpu()
+        clock["decode"] = time.perf_counter() - start
+        return GenerationResult(video=video, latents=latents.cpu(), seconds=clock)
+
+
+def expected_tokens(preset: ModelPreset, height: int, width: int, frames: int) -> int:
+    """Video tokens the DiT sees: 480x832x81 on A14B -> 21 * 30 * 52 = 32,760."""
+    t, h, w = preset.latent_stride
+    return ((frames - 1) // t + 1) * math.ceil(height / h) * math.ceil(width / w)
+
+
+def load_pipeline(root: str | Path, preset: str | None = None, device: str = "cuda", dtype=torch.bfloat16,
+                  offload_experts: bool = False, text_encoder_device: str | None = None,
+                  vae_tiling: bool = False) -> WanPipeline:
+    """Build a pipeline from an official release folder (see `wan_model.release.load_release`)."""
+    from .checkpoint import load_transformer
+    from .release import load_release
+    from .text_encoder import TextEncoder
+    from .vae_io import load_vae
+
+    release = load_release(root, preset)
+    expert_device = "cpu" if offload_experts else device
+    experts = {name: load_transformer(path, dtype=dtype, device=expert_device)
+               for name, path in release.expert_paths.items()}
+    vae = load_vae(release.vae_path, release.preset.vae, dtype=torch.float32, device=device)
+    if vae_tiling:
+        vae.enable_tiling()
+    text_encoder = TextEncoder.from_release(release.t5_path, release.tokenizer_path, release.preset.text_encoder,
+                                            dtype=dtype, device=text_encoder_device or device)
+    return WanPipeline(release.preset, experts, vae, text_encoder, device=device, dtype=dtype,
+                       offload_experts=offload_experts)
