@@ -20,9 +20,12 @@ Tensors of an entry:
   image_cond: [C, F, H, W] (I2V only) VAE mean of the first frame followed by black frames
 Metadata (JSON in the safetensors header, key "wanlora"): clip path, bucket, window, prompts, labels.
 
-Every file is written atomically (temp name + os.replace), the shard before the index, and the index
-after every entry, so an interrupted prepare loses at most the entry in flight. Each shard's sha256 is
-in the index; `verify` finds truncated or altered shards and `read` refuses them.
+Every file is written atomically (temp name + os.replace), the shard before its index record. The index
+is rewritten at most every INDEX_FLUSH_S seconds (rewriting it after each of 10,000 entries would write
+gigabytes); a shard on disk that the index does not list yet is adopted when the cache is opened (its
+name is its key, its header holds its record), so an interrupted prepare loses at most the entry in
+flight. Each shard's sha256 is in the index; `verify` finds truncated or altered shards and `read`
+refuses them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +46,7 @@ CACHE_FORMAT = 1
 INDEX_NAME = "index.json"
 META_KEY = "wanlora"
 REQUIRED_TENSORS = ("latent_mean", "latent_logvar", "context", "context_lens")
+INDEX_FLUSH_S = 10.0
 
 
 class CacheError(RuntimeError):
@@ -102,6 +107,8 @@ class LatentCache:
         self.root = Path(root)
         self.index_path = self.root / INDEX_NAME
         self.entries: dict[str, dict] = self._load_index()
+        self._last_save = time.monotonic()
+        self.adopted = self._adopt_unlisted()  # keys of shards found on disk but missing from the index
 
     def _load_index(self) -> dict[str, dict]:
         if not self.index_path.is_file():
@@ -116,9 +123,39 @@ class LatentCache:
                              f"{CACHE_FORMAT}; re-run python -m data.prepare into a new cache_dir")
         return dict(raw["entries"])
 
+    def _adopt_unlisted(self) -> list[str]:
+        """Add shards written after the last index save (an interrupted run) back into the index."""
+        listed = {record["file"] for record in self.entries.values()}
+        adopted = []
+        for path in sorted((self.root / "shards").glob("*/*.safetensors")):
+            relative = path.relative_to(self.root).as_posix()
+            if relative in listed:
+                continue
+            data = path.read_bytes()
+            try:
+                meta = _header_metadata(data, path)
+                count = int(meta["variants"])
+            except (ValueError, KeyError, struct.error):
+                continue  # not one of ours; shards are renamed into place whole, so never a partial write
+            self.entries[path.stem] = self._record(relative, data, meta, count)
+            adopted.append(path.stem)
+        return adopted
+
+    @staticmethod
+    def _record(relative: str, data: bytes, meta: dict, variants: int) -> dict:
+        return {"file": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                "clip_id": meta.get("clip_id"), "bucket": meta.get("bucket"), "window": meta.get("window"),
+                "variants": variants}
+
     def save_index(self) -> None:
         data = json.dumps({"format": CACHE_FORMAT, "entries": self.entries}, indent=1, sort_keys=True)
         atomic_write_bytes(self.index_path, data.encode("utf-8"))
+        self._last_save = time.monotonic()
+
+    def flush(self, force: bool = False) -> None:
+        """Save the index if `force` or INDEX_FLUSH_S seconds have passed since the last save."""
+        if force or time.monotonic() - self._last_save >= INDEX_FLUSH_S:
+            self.save_index()
 
     def shard_path(self, key: str) -> Path:
         return self.root / self.entries[key]["file"]
@@ -137,20 +174,19 @@ class LatentCache:
             return f"shard {path} does not match its sha256 in {self.index_path} (corrupted)"
         return None
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict, save_index: bool = True) -> None:
-        """Write one entry's shard atomically, then record it (file, sha256, size, bucket...) in the index."""
+    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Write one entry's shard atomically and record it (file, sha256, size, bucket...) in the index,
+        which is saved by `flush` (now if INDEX_FLUSH_S have passed)."""
         missing = [name for name in REQUIRED_TENSORS if name not in tensors]
         if missing:
             raise ValueError(f"cache entry {key} lacks tensors {missing}")
+        variants = int(tensors["context"].shape[0])
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                                metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+                                metadata={META_KEY: json.dumps({**meta, "variants": variants}, sort_keys=True)})
         relative = f"shards/{key[:2]}/{key}.safetensors"
         atomic_write_bytes(self.root / relative, data)
-        self.entries[key] = {"file": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                             "clip_id": meta.get("clip_id"), "bucket": meta.get("bucket"),
-                             "window": meta.get("window"), "variants": int(tensors["context"].shape[0])}
-        if save_index:
-            self.save_index()
+        self.entries[key] = self._record(relative, data, meta, variants)
+        self.flush()
 
     def remove(self, key: str) -> None:
         """Forget an entry (its shard file is deleted if present)."""
@@ -171,16 +207,17 @@ class LatentCache:
 
 
 class JsonTable:
-    """A JSON mapping kept in one file, rewritten atomically by `save` (prepare's measured labels)."""
+    """A JSON mapping kept in one file, rewritten atomically by `flush` (prepare's measured labels)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.data: dict = {}
+        self._last_save = time.monotonic()
         if self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                self.data = {}  # a damaged table only costs re-measuring: start empty, rewrite on save
+                self.data = {}  # a damaged table only costs re-measuring: start empty, rewrite on flush
 
     def get(self, key: str):
         return self.data.get(key)
@@ -188,5 +225,8 @@ class JsonTable:
     def put(self, key: str, value) -> None:
         self.data[key] = value
 
-    def save(self) -> None:
-        atomic_write_bytes(self.path, json.dumps(self.data, sort_keys=True).encode("utf-8"))
+    def flush(self, force: bool = False) -> None:
+        """Save if `force` or INDEX_FLUSH_S seconds have passed since the last save."""
+        if force or time.monotonic() - self._last_save >= INDEX_FLUSH_S:
+            atomic_write_bytes(self.path, json.dumps(self.data, sort_keys=True).encode("utf-8"))
+            self._last_save = time.monotonic()

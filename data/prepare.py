@@ -176,7 +176,7 @@ class _Preparer:
                 problems.append(problem)
                 self.cache.remove(key)
         if problems:
-            self.cache.save_index()
+            self.cache.flush(force=True)
         return problems
 
     def prune(self) -> int:
@@ -185,7 +185,7 @@ class _Preparer:
         stale = [key for key in self.cache.entries if key not in self.used_keys]
         for key in stale:
             self.cache.remove(key)
-        self.cache.save_index()
+        self.cache.flush(force=True)
         return len(stale)
 
     def _labels(self, user: dict, frames: torch.Tensor, key: str) -> AestheticLabels:
@@ -195,7 +195,7 @@ class _Preparer:
         if computed is None:
             computed = resolve_labels({}, frames).as_dict()
             self.measured.put(key, computed)
-            self.measured.save()
+            self.measured.flush()
         labels = resolve_labels(user, None)
         labels.measurements = dict(computed["measurements"])
         for name in LABEL_VALUES:
@@ -281,8 +281,12 @@ def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, 
     root = Path(config.dataset.root)
     clips = [ClipReport(s.path.relative_to(root).as_posix() if s.path.is_relative_to(root) else str(s.path),
                         str(s.path), "skipped", s.reason) for s in scan.skipped]
-    for item in tqdm(scan.items, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True):
-        clips.append(runner.run(item))
+    try:
+        for item in tqdm(scan.items, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True):
+            clips.append(runner.run(item))
+    finally:  # Ctrl-C or an error: keep what was done (a hard kill is covered by LatentCache's adoption)
+        runner.cache.flush(force=True)
+        runner.measured.flush(force=True)
     pruned = runner.prune()
     report = PrepareReport(clips, runner.encoded, runner.reused, repaired, pruned, time.perf_counter() - start,
                            Path(config.dataset.cache_dir))

@@ -34,7 +34,9 @@ def test_put_read_and_reopen(tmp_path):
     tensors, _ = _tensors()
     cache = LatentCache(tmp_path)
     cache.put("k1", tensors, {"clip_id": "a.mp4", "bucket": "96x64x9", "window": 0, "prompts": ["x"]})
+    cache.flush(force=True)
     reopened = LatentCache(tmp_path)
+    assert reopened.adopted == []
     assert reopened.has("k1") and reopened.entries["k1"]["bucket"] == "96x64x9"
     assert reopened.verify("k1") is None
     out, meta = reopened.read("k1")
@@ -69,3 +71,15 @@ def test_bad_index_names_the_fix(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"format": 99, "entries": {}}))
     with pytest.raises(CacheError, match="cache format 99"):
         LatentCache(tmp_path)
+
+
+def test_shards_missing_from_an_unsaved_index_are_adopted(tmp_path):
+    """A hard kill between index saves: shards on disk come back with their records on the next open."""
+    cache = LatentCache(tmp_path)
+    cache.put("k1", _tensors()[0], {"clip_id": "a.mp4", "bucket": "b", "window": 0})
+    cache.flush(force=True)
+    cache.put("k2", _tensors()[0], {"clip_id": "b.mp4", "bucket": "b", "window": 1})  # not flushed (10 s rule)
+    assert set(json.loads((tmp_path / "index.json").read_text())["entries"]) == {"k1"}
+    reopened = LatentCache(tmp_path)
+    assert reopened.adopted == ["k2"] and reopened.entries["k2"] == cache.entries["k2"]
+    assert reopened.verify("k2") is None

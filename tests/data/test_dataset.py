@@ -29,7 +29,7 @@ def cache_dir(tmp_path):
     for bucket, (count, shape) in BUCKETS.items():
         for _ in range(count):
             cache.put(f"key{n:02d}", _entry(shape, 3, n, image_cond=True),
-                      {"clip_id": f"clip{n:02d}.mp4", "bucket": bucket, "window": 0}, save_index=False)
+                      {"clip_id": f"clip{n:02d}.mp4", "bucket": bucket, "window": 0})
             n += 1
     cache.save_index()
     return tmp_path
