@@ -31,6 +31,8 @@ _VFR_TOLERANCE = 0.01
 # Fractions of a frame ignored when counting steps: float32 timestamps (decord) and float fps must not add
 # a step exactly at the end (1.45 s + 0.05 s = 1.5000000477 s at 10 fps is 15 steps, not 16).
 _STEP_SLACK = 1e-4
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that rotate by 90 degrees: width and height swap
 
 
 class VideoError(Exception):
@@ -122,6 +124,8 @@ def probe(path: str | Path) -> MediaInfo:
                 img.verify()  # catches truncated / corrupt data that open() alone accepts
             with Image.open(path) as img:
                 width, height = img.size
+                if img.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:  # phone photo stored sideways
+                    width, height = height, width
         except (OSError, ValueError, SyntaxError) as err:
             raise VideoError(f"{path}: cannot read as an image ({err}); is the file complete?") from None
         return MediaInfo(path, "image", width, height, 1, 0.0, 0.0)
@@ -268,13 +272,13 @@ def read_frames(path: str | Path, indices: list[int], size: tuple[int, int] | No
 
 
 def _read_image(path: Path, indices: list[int], size: tuple[int, int] | None) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if any(i != 0 for i in indices):
         raise VideoError(f"{path}: an image has only frame 0, asked for {sorted(set(indices))}")
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+            array = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))  # upright, as viewers show it
     except (OSError, ValueError) as err:
         raise VideoError(f"{path}: cannot read as an image ({err}); is the file complete?") from None
     frame = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]

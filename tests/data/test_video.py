@@ -156,6 +156,21 @@ def test_image_is_one_frame_clip(tmp_path):
         read_frames(path, [1])
 
 
+def test_exif_rotated_photo_is_upright(tmp_path):
+    """A 40 x 30 JPEG with EXIF orientation 6 (rotate 90 degrees clockwise) is a 30 x 40 portrait."""
+    path = tmp_path / "phone.jpg"
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white: after the rotation the top half is white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    info = probe(path)
+    assert (info.width, info.height) == (30, 40)
+    frame = read_frames(path, [0])[0]
+    assert frame.shape == (3, 40, 30)
+    assert frame[:, :15].float().mean() > 200 and frame[:, 25:].float().mean() < 50
+
+
 def _bad_files(tmp_path, counter_clip):
     zero = tmp_path / "zero.mp4"
     zero.write_bytes(b"")
