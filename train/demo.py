@@ -1,0 +1,106 @@
+"""The embedded default, end to end: `./launch.sh demo` (or `python -m train.demo`).
+
+  1. writes a tiny random Wan model (tiny-t2v: both experts, VAE, UMT5, tokenizer) in the official
+     release layout under outputs/demo/release (nothing is downloaded);
+  2. renders the bundled procedural demo clips with captions and labels (outputs/demo/clips);
+  3. prepares them: labels, prompts, buckets, VAE latents and text embeddings (outputs/demo/cache);
+  4. trains a LoRA for each expert from recipes/quickstart.yaml (outputs/quickstart);
+  5. renders a prompt suite with and without the adapters, writes contact sheets and report.html.
+
+Every step reuses what an earlier run left (the release, the cache); training starts fresh unless
+--resume is given. The same steps by hand are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+RECIPE = Path("recipes/quickstart.yaml")
+SUITE = Path("recipes/demo_suite.yaml")
+
+
+def say(message: str) -> None:
+    print(f"[wanlora demo] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="launch.sh demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", type=Path, default=RECIPE)
+    ap.add_argument("--suite", type=Path, default=SUITE)
+    ap.add_argument("--resume", action="store_true", help="continue the last training run instead of a fresh one")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from data.demo_clips import render_demo_dataset
+    from train.evaluate import Variant, evaluate, load_suite
+    from train.recipe import load_recipe
+    from wan_model.pipeline import load_pipeline
+    from wan_model.release import load_release
+    from wan_model.tiny_release import write_tiny_release
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    started = time.perf_counter()
+    recipe = load_recipe(args.recipe, check_release=False)
+    release_dir, clips_dir = Path(recipe.model.release), Path(recipe.dataset.root)
+
+    try:
+        load_release(release_dir, recipe.preset.name)
+        say(f"1/5 tiny {recipe.preset.name} release already at {release_dir}")
+    except (FileNotFoundError, ValueError):
+        say(f"1/5 writing a tiny random {recipe.preset.name} release (official layout) to {release_dir}")
+        write_tiny_release(release_dir, recipe.preset.name, seed=recipe.training.seed)
+
+    say(f"2/5 rendering the demo clips into {clips_dir}")
+    render_demo_dataset(clips_dir)
+
+    say(f"3/5 preparing: labels, prompts, buckets, latents and text embeddings -> {recipe.dataset.cache_dir}")
+    from train.prepare import main as prepare_main
+    if prepare_main([str(args.recipe)]) != 0:
+        return 1
+
+    output_dir = Path(recipe.training.output_dir)
+    if not args.resume and output_dir.exists():
+        shutil.rmtree(output_dir)
+    say(f"4/5 training both experts' LoRAs ({recipe.training.steps} steps) -> {output_dir}")
+    import train_lora
+    if train_lora.main([str(args.recipe)] + (["--resume"] if args.resume else [])) != 0:
+        return 1
+
+    steps = sorted((output_dir / "adapters").glob("step-*"))
+    if not steps:
+        say(f"no adapters were exported under {output_dir / 'adapters'}")
+        return 1
+    say(f"5/5 sampling the suite {args.suite} with and without the adapters of {steps[-1].name}")
+    pipe = load_pipeline(release_dir, recipe.preset.name, device="cpu", dtype=torch.float32)
+    variants = [Variant("base"), Variant(steps[-1].name, [steps[-1]], 1.0)]
+    report = evaluate(pipe, load_suite(args.suite), variants, output_dir / "eval", run=output_dir,
+                      clips_dir=clips_dir)
+
+    minutes = (time.perf_counter() - started) / 60
+    say(f"done in {minutes:.1f} min. Outputs:")
+    rows = [("tiny release (official layout)", release_dir), ("demo clips + captions", clips_dir),
+            ("latent / text cache", Path(recipe.dataset.cache_dir)),
+            ("dataset card", Path(recipe.dataset.cache_dir) / "dataset_card.md"),
+            ("adapters, one file per expert", steps[-1]), ("checkpoints", output_dir / "checkpoints"),
+            ("TensorBoard logs", output_dir / "logs"), ("loss curve", output_dir / "metrics.jsonl"),
+            ("samples and contact sheets", output_dir / "eval"), ("report", report)]
+    for what, path in rows:
+        print(f"  {what:32s} {path}")
+    print("\nThe same by hand:\n"
+          f"  python -m train.prepare {args.recipe}\n"
+          f"  accelerate launch train_lora.py {args.recipe}\n"
+          f"  python sample.py --release {release_dir} --prompt 'mystyle, a ball' --size 64x64 --frames 9 "
+          f"--steps 8 --lora {steps[-1]}\n"
+          f"  python sample.py evaluate --release {release_dir} --suite {args.suite} --adapters {steps[-1]} "
+          f"--run {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
