@@ -183,3 +183,25 @@ def test_routing_plan_matches_records(tmp_path):
     trainer = make_trainer(recipe)
     for step in range(5):
         assert trainer.train_step()["expert"] == expert_for_step(step, trainer.experts, recipe.training).name
+
+
+def test_bf16_base_is_frozen_and_lora_and_adam_stay_fp32(tmp_path):
+    trainer = make_trainer(tiny_recipe(tmp_path, steps=2, precision="bf16", routing="phased", phase_steps=1))
+    model = trainer.states["high_noise"].model
+    frozen = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in trainer.states["high_noise"].params)
+    record = trainer.train_step()
+    assert math.isfinite(record["loss"]) and not record["skipped"]
+    moments = trainer.states["high_noise"].optimizer.state.values()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in moments)
+
+
+def test_offload_decision():
+    from train.loop import should_offload
+
+    gb = 2**30
+    assert not should_offload("auto", [28 * gb, 28 * gb], 78 * gb)  # 56 GB * 1.2 = 67 GB fits an H100
+    assert should_offload("auto", [28 * gb, 28 * gb], 60 * gb)
+    assert should_offload("always", [1, 1], 78 * gb) and not should_offload("never", [99 * gb] * 2, gb)
+    assert not should_offload("always", [1, 1], None)  # CPU run: nowhere to offload to
