@@ -6,9 +6,12 @@ Backends, chosen once per process with `set_attention_backend`:
   * "flash": flash-attention's `flash_attn_func` (v3 `flash_attn_interface` preferred over v2
     `flash_attn`); an error when neither is installed;
   * "auto" (default): flash-attention 3 when importable and the inputs are fp16/bf16 CUDA tensors, else
-    sdpa. Not flash-attention 2: on an H100 at the A14B shape (32,760 tokens, 40 heads of 128, bf16)
+    sdpa, except at lengths where sdpa's cuDNN kernel fails: there PyTorch's own FlashAttention-2 kernel.
+    Not flash-attention 2 by default: on an H100 at the A14B shape (32,760 tokens, 40 heads of 128, bf16)
     sdpa's cuDNN kernel ran the forward in 38 ms against 60 ms for its FlashAttention-2 kernel
-    (forward+backward 133 ms against 233 ms), so FA2 is used only when asked for by name.
+    (forward+backward 133 ms against 233 ms), so FA2 is used only when asked for by name or as fallback.
+`prepare_attention` tries cuDNN forward+backward once per (batch, lengths, heads) and caches the answer;
+the DiT calls it before its blocks, so compiled blocks only read the cache.
 No mask: Wan attends over every video token and over all text_len text tokens (padded rows included).
 """
 
@@ -51,6 +54,36 @@ def get_attention_backend() -> str:
     return _backend
 
 
+# (batch, q_len, kv_len, heads, head_dim) -> whether the cuDNN kernel ran forward and backward there.
+_cudnn_works: dict[tuple[int, int, int, int, int], bool] = {}
+
+
+def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, device: torch.device) -> bool:
+    """Run cuDNN attention forward+backward once on random bf16 tensors laid out as `attention` passes them."""
+    try:
+        q = torch.randn(batch, q_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(batch, kv_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        qt, kt = q.transpose(1, 2), kv.transpose(1, 2)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, kt, None, True)[0]
+        out.sum().backward()
+        torch.cuda.synchronize(device)
+        return bool(torch.isfinite(q.grad).all())
+    except RuntimeError:
+        return False
+
+
+def prepare_attention(batch: int, q_len: int, kv_lens: tuple[int, ...], heads: int, head_dim: int,
+                      device: torch.device) -> None:
+    """Decide, once per shape, whether `attention` may use the cuDNN kernel for these lengths (CUDA, "auto")."""
+    if _backend != "auto" or device.type != "cuda" or _flash3_func is not None:
+        return
+    for kv_len in kv_lens:
+        key = (batch, q_len, kv_len, heads, head_dim)
+        if key not in _cudnn_works:
+            with torch.enable_grad():
+                _cudnn_works[key] = _try_cudnn(*key, device)
+
+
 def _use_flash(q: Tensor) -> bool:
     if _backend == "flash":
         return True
@@ -68,5 +101,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = _flash_attn_func(q, k, v)
         # flash-attention 3 returns (out, softmax_lse) in some releases.
         return out[0] if isinstance(out, tuple) else out
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if _backend == "auto" and not _cudnn_works.get((q.shape[0], q.shape[2], k.shape[2], q.shape[1], q.shape[3]),
+                                                   True):
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2)

@@ -23,15 +23,17 @@ stay in the model dtype (bf16 in training), as diffusers' `WanTransformer3DModel
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from .attention import attention
+from .attention import attention, prepare_attention
 from .config import TransformerConfig
 from .rope import apply_rope, rope_tables
 
@@ -179,6 +181,9 @@ class WanTransformer(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self._checkpoint_every = 0  # 0: off; n: recompute every n-th block in backward
+        # Selective checkpointing: block index -> checkpoint's (forward, recompute) context managers, e.g.
+        # `torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)` (see `speed.py`); None: plain.
+        self.checkpoint_context_fn: Callable[[int], tuple[ContextManager, ContextManager]] | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -215,9 +220,10 @@ class WanTransformer(nn.Module):
 
         The blocks share one compiled graph, which fuses the float32 norm, modulation, residual and RoPE
         element-wise work into few kernels. Call it after attaching LoRA layers; the first step pays the
-        compilation (about a minute) and each new token-grid shape a recompilation."""
+        compilation (about a minute) and each new token-grid shape a recompilation. Only `forward` is
+        compiled: module hooks (`offload.py`'s weight streaming) stay eager, around the compiled code."""
         for block in self.blocks:
-            block.compile(**compile_kwargs)
+            block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def forward(self, latents: Tensor, timestep: Tensor, context: Tensor,
                 context_lens: Tensor | None = None) -> Tensor:
@@ -236,10 +242,15 @@ class WanTransformer(nn.Module):
         e, e0 = self._embed_time(timestep, latents.shape[0], x.shape[1])
         context = self._embed_text(context, context_lens)
         rope = rope_tables(grid, cfg.head_dim, x.device)
+        # Picks each attention kernel for these lengths once, outside any compiled block.
+        prepare_attention(x.shape[0], x.shape[1], (x.shape[1], cfg.text_len), cfg.num_heads, cfg.head_dim,
+                          x.device)
         recompute = self._checkpoint_every and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and i % self._checkpoint_every == 0:
-                x = checkpoint(block, x, e0, context, rope, use_reentrant=False)
+                context_fn = (noop_context_fn if self.checkpoint_context_fn is None
+                              else functools.partial(self.checkpoint_context_fn, i))
+                x = checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
             else:
                 x = block(x, e0, context, rope)
         out = self.head(x, e)

@@ -1,0 +1,111 @@
+"""fp8 (e4m3) base linears: quantisation error bound, outputs and LoRA gradients close to the bf16 layer
+(reference: the same layer in float32/bf16 torch), official state-dict keys, PEFT attaching; FP8 matmul on GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, inject_adapter_in_model
+
+from wan_model.fp8 import FP8Linear, dequantize_rows, quantize_linears_, quantize_rows
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_quantisation_error_bound():
+    # Rows of very different magnitudes, and a zero row: the per-row scale must follow each.
+    w = torch.randn(64, 256) * torch.logspace(-4, 2, 64)[:, None]
+    w[3] = 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    back = dequantize_rows(q, scale, torch.float32)
+    # e4m3: half an ulp is 2^-4 relative for normal values, 2^-10 * scale in the subnormal range.
+    bound = 2.0**-4 * w.abs() + 2.0**-10 * scale[:, None]
+    assert bool(((back - w).abs() <= bound * (1 + 1e-6)).all())
+    assert bool((back[3] == 0).all())
+    # Each row's largest element maps to 448 exactly.
+    assert torch.allclose(back.abs().amax(1)[scale != 1], w.abs().amax(1)[scale != 1], rtol=1e-6)
+
+
+def test_fp8_storage_output_close_to_bf16():
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 128).to(torch.bfloat16).requires_grad_(False)
+    fp8 = FP8Linear.from_linear(lin)
+    x = torch.randn(4, 37, 256, dtype=torch.bfloat16)
+    err = rel(fp8(x), lin(x))
+    # Random weights: about 2.5% relative error from 3 mantissa bits; bound 4e-2, and it is not exact.
+    assert 5e-3 < err < 4e-2, err
+    assert fp8.weight.dtype == torch.bfloat16 and fp8.weight_fp8.dtype == torch.float8_e4m3fn
+
+
+def test_state_dict_keys_official_and_dtype_kept():
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 8)).requires_grad_(False)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    assert quantize_linears_(model, ["0", "1"]) == 2
+    model.to(torch.bfloat16)
+    assert model[0].weight_fp8.dtype == torch.float8_e4m3fn and model[0].weight_scale.dtype == torch.float32
+    sd = model.state_dict()
+    assert sorted(sd) == sorted(ref)
+    assert rel(sd["0.weight"], ref["0.weight"]) < 4e-2
+    # Loading the official (unquantised) weights again: strict, and quantised on the way in.
+    result = model.load_state_dict(ref, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    with pytest.raises(RuntimeError, match="size mismatch for 1.weight"):
+        model.load_state_dict({**ref, "1.weight": torch.zeros(3, 3)})
+
+
+def test_requires_frozen_weights():
+    with pytest.raises(ValueError, match="requires grad"):
+        FP8Linear.from_linear(nn.Linear(16, 16))
+
+
+def lora_model(quantize: bool, base: nn.Module) -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    model.load_state_dict(base.state_dict())
+    model.requires_grad_(False)
+    if quantize:
+        quantize_linears_(model, ["0", "2"])
+    torch.manual_seed(3)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["0", "2"]), model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+            if "lora_B" in name:  # nonzero B so every LoRA gradient depends on the base weights
+                nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_peft_lora_on_fp8_gradients_close():
+    torch.manual_seed(2)
+    base = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    x, target = torch.randn(8, 64), torch.randn(8, 64)
+    grads = {}
+    for quantize in (False, True):
+        model = lora_model(quantize, base)
+        assert isinstance(model[0].base_layer, FP8Linear) == quantize
+        nn.functional.mse_loss(model(x), target).backward()
+        grads[quantize] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(grads[True]) == sorted(grads[False])
+    for name in grads[False]:
+        # fp8 base weights shift the LoRA gradients by the weights' few-percent error: bound 6e-2.
+        assert rel(grads[True][name], grads[False][name]) < 6e-2, name
+
+
+@pytest.mark.gpu
+def test_fp8_matmul_close_to_storage_on_gpu():
+    torch.manual_seed(4)
+    lin = nn.Linear(1024, 512, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    storage, matmul = FP8Linear.from_linear(lin, "storage"), FP8Linear.from_linear(lin, "matmul")
+    x = torch.randn(3, 200, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y_ref = lin(x)
+    g = torch.randn_like(y_ref)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, g)
+    y = matmul(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    # Activations quantised per row as well: about 3.5% relative error forward; dx uses the dequantised weight.
+    assert rel(y, y_ref) < 6e-2 and rel(storage(x), y_ref) < 4e-2
+    assert rel(dx, dx_ref) < 4e-2
+    assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())

@@ -1,0 +1,170 @@
+"""Speed options: the fast paths compute the plain path's loss and LoRA gradients (reference: the same
+WanTransformer with plain checkpointing, bf16/float32 torch), selective checkpointing really skips the
+self-attention recomputation, option validation; GPU: compile + fp8 + saved attention, block offload,
+the cuDNN -> FlashAttention-2 fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from wan_model import attention as attn_mod
+from wan_model.config import PRESETS
+from wan_model.fp8 import FP8Linear
+from wan_model.speed import _ATTENTION_OPS, BLOCK_LINEARS, SpeedOptions, apply_speed_options
+from wan_model.transformer import WanTransformer
+
+PLAIN = SpeedOptions(compile=False, save_attention="none", fp8_base="none")
+
+
+def lora_model(device: str, dtype: torch.dtype, dim: int = 32) -> WanTransformer:
+    """tiny-t2v (2 blocks) with random weights and rank-4 LoRA on every block linear (B nonzero)."""
+    cfg = dataclasses.replace(PRESETS["tiny-t2v"].transformer, dim=dim, ffn_dim=2 * dim, text_len=16)
+    torch.manual_seed(0)
+    model = WanTransformer(cfg)
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    model.to(device=device, dtype=dtype).requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=list(BLOCK_LINEARS)), model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    model.enable_gradient_checkpointing(True)
+    return model
+
+
+def batch(model: WanTransformer, device: str, frames: int = 3):
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, cfg.in_dim, frames, 8, 8, generator=g).to(device)
+    context = torch.randn(1, 7, cfg.text_dim, generator=g).to(device)
+    target = torch.randn(1, cfg.out_dim, frames, 8, 8, generator=g).to(device)
+    return latents, torch.tensor([400.0], device=device), context, target
+
+
+def loss_and_grads(model, data, autocast: bool = False):
+    latents, t, context, target = data
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = torch.nn.functional.mse_loss(model(latents, t, context).float(), target.float())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss), grads
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+class AttentionCounter(TorchDispatchMode):
+    """Counts attention kernel calls (q length == k length: self-attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attention = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:
+            self.self_attention += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_options_validated():
+    with pytest.raises(ValueError, match="speed.fp8_base"):
+        SpeedOptions(fp8_base="int8")
+    with pytest.raises(ValueError, match="save_attention_every"):
+        SpeedOptions(save_attention="every_k", save_attention_every=0)
+
+
+@pytest.mark.parametrize("mode,saved_blocks", [("all", 2), ("every_k", 1)])
+def test_saved_attention_same_grads_and_skips_recompute(mode, saved_blocks):
+    data = None
+    results = {}
+    for options in (PLAIN, dataclasses.replace(PLAIN, save_attention=mode, save_attention_every=2)):
+        model = lora_model("cpu", torch.float32)
+        apply_speed_options(model, options)
+        data = data or batch(model, "cpu")
+        latents, t, context, target = data
+        loss = torch.nn.functional.mse_loss(model(latents, t, context), target)
+        counter = AttentionCounter()
+        with counter:
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[options.save_attention] = (float(loss.detach()), grads, counter.self_attention)
+    (loss0, grads0, recomputed0), (loss1, grads1, recomputed1) = results["none"], results[mode]
+    assert recomputed0 == 2  # plain checkpointing recomputes both blocks' self-attention
+    assert recomputed1 == 2 - saved_blocks
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name in grads0:
+        assert rel(grads1[name], grads0[name]) < 1e-5, name
+
+
+def test_fp8_storage_option_keeps_keys_and_loss():
+    ref = lora_model("cpu", torch.bfloat16)
+    data = batch(ref, "cpu")
+    keys = sorted(ref.state_dict())
+    loss0, grads0 = loss_and_grads(ref, data)
+    model = lora_model("cpu", torch.bfloat16)
+    apply_speed_options(model, dataclasses.replace(PLAIN, fp8_base="storage"))
+    assert isinstance(model.blocks[1].ffn[2].base_layer, FP8Linear)
+    assert sorted(model.state_dict()) == keys
+    loss1, grads1 = loss_and_grads(model, data)
+    assert loss1 == pytest.approx(loss0, rel=2e-2)
+    for name in grads0:
+        # fp8 weights (3 mantissa bits) on every base linear of both blocks: bound 0.1.
+        assert rel(grads1[name], grads0[name]) < 0.1, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", ["none", "storage", "matmul"])
+def test_fast_path_matches_plain_on_gpu(fp8):
+    """compile + saved self-attention (+ fp8) against plain checkpointing, bf16 under autocast."""
+    ref = lora_model("cuda", torch.bfloat16, dim=256)
+    data = batch(ref, "cuda", frames=5)
+    loss0, grads0 = loss_and_grads(ref, data, autocast=True)
+    model = lora_model("cuda", torch.bfloat16, dim=256)
+    apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8))
+    for _ in range(2):  # the second step runs the compiled code warm
+        model.zero_grad(set_to_none=True)
+        loss1, grads1 = loss_and_grads(model, data, autocast=True)
+    tol = 2e-2 if fp8 == "none" else 0.1
+    assert loss1 == pytest.approx(loss0, rel=tol / 2)
+    for name in grads0:
+        assert rel(grads1[name], grads0[name]) < tol, name
+
+
+@pytest.mark.gpu
+def test_block_offload_same_grads_and_weights_on_host():
+    ref = lora_model("cuda", torch.bfloat16, dim=256)
+    data = batch(ref, "cuda")
+    loss0, grads0 = loss_and_grads(ref, data, autocast=True)
+    model = lora_model("cuda", torch.bfloat16, dim=256)
+    apply_speed_options(model, SpeedOptions(compile=False, save_attention="all", fp8_base="storage",
+                                            offload="blocks"))
+    assert model.blocks[0].ffn[0].base_layer.weight_fp8.device.type == "cpu"
+    loss1, grads1 = loss_and_grads(model, data, autocast=True)
+    assert model.blocks[1].self_attn.q.base_layer.weight_fp8.device.type == "cpu"
+    assert model.blocks[1].self_attn.q.lora_A["default"].weight.device.type == "cuda"
+    assert loss1 == pytest.approx(loss0, rel=5e-2)
+    for name in grads0:
+        assert rel(grads1[name], grads0[name]) < 0.1, name
+
+
+@pytest.mark.gpu
+def test_flash_fallback_where_cudnn_fails():
+    attn_mod.set_attention_backend("auto")
+    q, k, v = (torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = attn_mod.attention(q.float(), k.float(), v.float())
+    attn_mod.prepare_attention(1, 300, (300,), 4, 64, q.device)
+    assert attn_mod._cudnn_works[(1, 300, 300, 4, 64)]  # cuDNN runs at this small shape
+    attn_mod._cudnn_works[(1, 300, 300, 4, 64)] = False  # as if it had failed: FA2 must take over
+    try:
+        out = attn_mod.attention(q, k, v)
+    finally:
+        del attn_mod._cudnn_works[(1, 300, 300, 4, 64)]
+    assert rel(out, ref) < 1e-2

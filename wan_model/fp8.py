@@ -1,0 +1,178 @@
+"""Frozen base linears stored in float8 (e4m3) with one scale per output channel.
+
+LoRA training never updates the DiT's base weights, so they need not sit in bf16: e4m3 storage halves
+them (A14B expert: 14.0e9 block-linear weights, 28.1 GB -> 14.0 GB) and pays for keeping more
+activations. Quantisation, per output row o of W: [out, in],
+
+    s_o   = max_i |W_oi| / 448                       (448 = largest finite e4m3 value)
+    Q_oi  = e4m3(W_oi / s_o)                          round to nearest
+    W'_oi = Q_oi * s_o                                dequantised, in the compute dtype
+
+e4m3 keeps 3 mantissa bits, so |W - W'| <= 2^-4 |W| for normal values and <= 2^-10 s_o in the
+subnormal range (|W / s_o| < 2^-6): a relative error of a few percent per weight, about 2-3% on
+the outputs of random layers (`tests/wan_model/test_fp8.py` asserts the bound and the output error).
+
+`FP8Linear` is an `nn.Linear` subclass, so PEFT wraps it like any Linear; `weight` is a property that
+returns the dequantised weight, and `state_dict` / `load_state_dict` keep the official `weight` / `bias`
+keys (saved dequantised, loaded quantised). Two compute modes:
+  * "storage": y = x W'^T + b with W' dequantised on the fly (bf16 matmuls forward and backward);
+  * "matmul":  forward through `torch._scaled_mm` on e4m3 operands (x quantised per row, W per output
+    channel; Hopper's FP8 tensor cores, about 2x bf16's rate), backward dx = dy W' in bf16. CUDA only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+FP8Mode = Literal["storage", "matmul"]
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w: [rows, cols] -> (q: [rows, cols] float8_e4m3fn, scale: [rows] float32), w ~= q * scale[:, None].
+
+    Rows of zeros get scale 1 (q = 0) rather than a division by zero."""
+    w32 = w.float()
+    amax = w32.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """q: [rows, cols] e4m3, scale: [rows] float32 -> [rows, cols] `dtype` = q * scale[:, None]."""
+    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+class _FP8MatmulLinear(torch.autograd.Function):
+    """y = e4m3(x / sx) e4m3(W / sw)^T * sx sw^T + b forward on FP8 tensor cores; dx = dy W' in bf16.
+
+    Nothing activation-sized is saved for backward (the weight is frozen, so x is not needed)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs = quantize_rows(x2)
+        # _scaled_mm wants the second operand column-major: q.t() of a row-major [out, in] q is exactly that.
+        y = torch._scaled_mm(xq, q.t(), scale_a=xs[:, None], scale_b=scale[None, :], out_dtype=out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        ctx.save_for_backward(q, scale)
+        ctx.x_dtype = x.dtype
+        return y.view(*lead, q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        q, scale = ctx.saved_tensors
+        dx = dy @ dequantize_rows(q, scale, dy.dtype)
+        return dx.to(ctx.x_dtype), None, None, None, None
+
+
+class FP8Linear(nn.Linear):
+    """A frozen `nn.Linear` whose weight lives in e4m3 with per-output-channel scales (module docstring).
+
+    Buffers `weight_fp8: [out, in]` float8_e4m3fn and `weight_scale: [out]` float32 (not in the state
+    dict); `bias: [out]` stays a (frozen) parameter in the compute dtype. `.to(dtype)` casts only the
+    bias: the quantised weight keeps its dtype, and moves with the module between devices."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, mode: FP8Mode = "storage",
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: `weight` is a property here, not a parameter
+        if mode not in ("storage", "matmul"):
+            raise ValueError(f"FP8Linear: mode must be 'storage' or 'matmul', got {mode!r}")
+        self.out_features, self.in_features = weight.shape
+        self.mode = mode
+        self.compute_dtype = compute_dtype
+        q, scale = quantize_rows(weight.detach())
+        self.register_buffer("weight_fp8", q, persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: FP8Mode = "storage") -> "FP8Linear":
+        """Quantise a frozen Linear; the compute dtype is its weight's dtype (bf16 in training)."""
+        if linear.weight.requires_grad:
+            raise ValueError(f"FP8Linear: the base weight {tuple(linear.weight.shape)} requires grad; fp8 storage "
+                             "is for frozen base weights: call model.requires_grad_(False) (or attach LoRA) first")
+        return cls(linear.weight, linear.bias, mode, compute_dtype=linear.weight.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """[out, in] dequantised weight in the compute dtype (a new tensor each call)."""
+        return dequantize_rows(self.weight_fp8, self.weight_scale, self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in] -> [..., out] in the compute dtype (autocast's bf16 included)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+            else self.compute_dtype
+        if self.mode == "matmul" and x.is_cuda:
+            return _FP8MatmulLinear.apply(x.to(dtype), self.weight_fp8, self.weight_scale, self.bias, dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), dequantize_rows(self.weight_fp8, self.weight_scale, dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would turn the e4m3 buffer (a floating dtype) into bf16: move it, keep its dtype.
+        q, scale = self.weight_fp8, self.weight_scale
+        device = fn(torch.empty(0, device=q.device)).device
+        super()._apply(fn, recurse)
+        self._buffers["weight_fp8"] = q.to(device)
+        self._buffers["weight_scale"] = scale.to(device)
+        if self.bias is not None:
+            self.compute_dtype = self.bias.dtype
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(w.shape)}, the model "
+                                  f"[{self.out_features}, {self.in_features}]")
+            else:
+                q, scale = quantize_rows(w.to(self.weight_fp8.device))
+                self.weight_fp8.copy_(q)
+                self.weight_scale.copy_(scale)
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fp8 e4m3 {self.mode}")
+
+
+def quantize_linears_(model: nn.Module, names: list[str], mode: FP8Mode = "storage") -> int:
+    """Replace the frozen `nn.Linear` modules at the given dotted `names` by `FP8Linear`; returns the count.
+
+    A name may point at a PEFT LoRA layer: its `base_layer` is quantised, the LoRA A/B stay as they are."""
+    count = 0
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, attr)
+        if hasattr(module, "base_layer"):  # PEFT LoRA layer
+            parent, attr, module = module, "base_layer", module.base_layer
+        if isinstance(module, FP8Linear):
+            continue
+        if type(module) is not nn.Linear:
+            raise TypeError(f"quantize_linears_: {name} is {type(module).__name__}, expected nn.Linear "
+                            "(or a PEFT LoRA layer around one)")
+        setattr(parent, attr, FP8Linear.from_linear(module, mode))
+        count += 1
+    return count

@@ -1,0 +1,108 @@
+"""Speed and memory options of LoRA training on the Wan DiT, as one typed record applied in one call.
+
+    options = SpeedOptions(compile=True, save_attention="all", fp8_base="storage")
+    attach LoRA (PEFT) ... then: apply_speed_options(model, options)
+
+Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; docs/benchmarks.md):
+  * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE element-wise work).
+  * save_attention: selective activation checkpointing. Blocks are still recomputed in backward, but
+    the self-attention kernel's outputs (out [B, heads, L, head_dim] bf16 and its log-sum-exp) are kept
+    from the first forward, so the recomputation skips the most expensive op. Costs L * dim * 2 bytes
+    per saved block (335 MB at the A14B 480p shape: 13.1 GiB for 40 blocks); "every_k" saves every k-th.
+  * fp8_base: e4m3 storage of the frozen block linears (`fp8.py`): 28.1 -> 14.0 GB on A14B, which pays
+    for saving attention; "matmul" also runs their forward on FP8 tensor cores.
+  * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
+    at lengths where cuDNN fails).
+  * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
+Order inside `apply_speed_options`: fp8 (needs frozen weights; works on PEFT-wrapped linears), attention
+backend, checkpoint policy, offload (moves weights to the host), compile last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+
+from .attention import set_attention_backend
+from .fp8 import quantize_linears_
+from .offload import BlockOffloader
+
+BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+# The kernels `torch.nn.functional.scaled_dot_product_attention` dispatches to, plus the FA2 fallback.
+_ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+@dataclass
+class SpeedOptions:
+    """The `speed:` section of a training recipe; defaults are the fastest setting that fits 80 GB at
+    the A14B 480p shape and measured with no more memory than diffusers + PEFT."""
+
+    compile: bool = True                                   # torch.compile each block (first step +~1 min)
+    save_attention: Literal["none", "all", "every_k"] = "all"  # keep self-attention outputs in checkpoints
+    save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
+    fp8_base: Literal["none", "storage", "matmul"] = "storage"  # frozen block linears in e4m3
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
+    offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
+
+    def __post_init__(self):
+        choices = {"save_attention": ("none", "all", "every_k"), "fp8_base": ("none", "storage", "matmul"),
+                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.save_attention_every < 1:
+            raise ValueError(f"speed.save_attention_every: expected an integer >= 1, got {self.save_attention_every}")
+
+
+def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of self-attention kernels (q and k of equal length); recompute everything else.
+
+    Cross-attention (k over the 512 text rows) is cheap to recompute and not kept."""
+    if op in _ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def self_attention_saver(every: int = 1) -> Callable[[int], tuple[ContextManager, ContextManager]]:
+    """A `WanTransformer.checkpoint_context_fn`: blocks i with i % every == 0 keep their self-attention
+    outputs through checkpointing, the others recompute everything."""
+    def context_fn(block_index: int) -> tuple[ContextManager, ContextManager]:
+        if block_index % every:
+            return noop_context_fn()
+        return create_selective_checkpoint_contexts(_save_self_attention)
+    return context_fn
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Dotted names of the frozen linears of every block ('blocks.0.self_attn.q', ...)."""
+    return [f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in BLOCK_LINEARS]
+
+
+def apply_speed_options(model: nn.Module, options: SpeedOptions) -> BlockOffloader | None:
+    """Apply `options` to a WanTransformer in place, after LoRA is attached and the model is on its device.
+
+    Returns the `BlockOffloader` when offload == "blocks" (it owns the host copies), else None."""
+    if options.fp8_base != "none":
+        quantize_linears_(model, block_linear_names(model), options.fp8_base)
+    set_attention_backend(options.attention_backend)
+    if options.save_attention == "none":
+        model.checkpoint_context_fn = None
+    else:
+        model.checkpoint_context_fn = self_attention_saver(
+            1 if options.save_attention == "all" else options.save_attention_every)
+    offloader = None
+    if options.offload == "blocks":
+        offloader = BlockOffloader(model.blocks, next(model.parameters()).device)
+    if options.compile:
+        model.compile_blocks()
+    return offloader
