@@ -205,3 +205,19 @@ def test_offload_decision():
     assert should_offload("auto", [28 * gb, 28 * gb], 60 * gb)
     assert should_offload("always", [1, 1], 78 * gb) and not should_offload("never", [99 * gb] * 2, gb)
     assert not should_offload("always", [1, 1], None)  # CPU run: nowhere to offload to
+
+
+@pytest.mark.gpu
+def test_offloaded_idle_expert_waits_on_the_host_and_swaps_in(tmp_path):
+    recipe = tiny_recipe(tmp_path, steps=4, routing="phased", phase_steps=2, offload_inactive_expert="always",
+                         precision="bf16")
+    trainer = make_trainer(recipe)
+    assert trainer.offload
+    records = [trainer.train_step() for _ in range(4)]
+    assert [r["expert"] for r in records] == ["high_noise"] * 2 + ["low_noise"] * 2
+    assert records[0]["swap_s"] > 0 and records[2]["swap_s"] > 0 and records[1]["swap_s"] == 0
+    idle = trainer.states["high_noise"]
+    assert all(p.device.type == "cpu" for p in idle.model.parameters())
+    assert all(v.device.type == "cpu" for s in idle.optimizer.state.values() for v in s.values() if v.ndim)
+    assert all(p.device.type == "cuda" for p in trainer.states["low_noise"].model.parameters())
+    assert all(math.isfinite(r["loss"]) for r in records)

@@ -97,8 +97,8 @@ def test_default_ranges_follow_the_boundary():
 
 
 def test_shipped_recipes_load_and_hash_ignores_step_count(tmp_path):
-    for path in sorted(RECIPES.glob("*.yaml")):
-        recipe = load_recipe(path, check_release=False)
+    for name in ("quickstart", "t2v_a14b_style", "i2v_a14b_style", "ti2v_5b_style"):
+        recipe = load_recipe(RECIPES / f"{name}.yaml", check_release=False)
         assert expert_ranges(recipe)
     a = load_recipe(RECIPES / "quickstart.yaml", check_release=False)
     raw = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
