@@ -95,14 +95,23 @@ def bench_one(kind: str, spec, device, dtype, tiling, with_diffusers: bool) -> d
     assert decoded.shape == video.shape and torch.isfinite(decoded).all()
     if with_diffusers:
         ref = diffusers_twin(vae, device, dtype)
+        mean, std = vae.latent_stats(latents)
+        raw = latents * std + mean  # diffusers decodes un-normalised latents
         del vae
         with torch.no_grad():
             ref.encode(video[:, :, :5])
             dist, r_enc_s, r_enc_peak = timed(lambda: ref.encode(video).latent_dist, device)
-            _, r_dec_s, r_dec_peak = timed(lambda: ref.decode(dist.mean).sample, device)
+            ref_video, r_dec_s, r_dec_peak = timed(lambda: ref.decode(raw.to(dtype)).sample, device)
+
+        def rel(a, b):
+            return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)
+
         row.update(diffusers_encode_s=round(r_enc_s, 3), diffusers_decode_s=round(r_dec_s, 3),
                    diffusers_encode_peak_gib=round(r_enc_peak / gib, 2),
-                   diffusers_decode_peak_gib=round(r_dec_peak / gib, 2))
+                   diffusers_decode_peak_gib=round(r_dec_peak / gib, 2),
+                   # bf16 agreement with diffusers at the real shape (same weights, same inputs)
+                   latents_rel_err_vs_diffusers=rel(latents, (dist.mean.float() - mean) / std),
+                   video_rel_err_vs_diffusers=rel(decoded, ref_video))
     return row
 
 

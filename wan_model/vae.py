@@ -438,7 +438,7 @@ class WanVAEBase(nn.Module):
     def disable_tiling(self) -> None:
         self.tiling = None
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+    def latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """Latent mean and std as [1, z, 1, 1, 1] fp32 on like's device."""
         shape = (1, self.z_dim, 1, 1, 1)
         mean = torch.tensor(self.latents_mean, device=like.device).view(shape)
@@ -485,7 +485,7 @@ class WanVAEBase(nn.Module):
         """
         moments = self._moments(self._check_video(video, frame_fix)).float()
         mu, logvar = moments.chunk(2, dim=1)
-        mean, std = self._stats(mu)
+        mean, std = self.latent_stats(mu)
         return (mu - mean) / std, logvar.clamp(*LOGVAR_RANGE) - 2 * torch.log(std)
 
     def encode(self, video: Tensor, frame_fix: str = "pad") -> Tensor:
@@ -515,7 +515,7 @@ class WanVAEBase(nn.Module):
         if latents.dim() != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"{self.kind} VAE decode: latents must be [B, {self.z_dim}, T, h, w], "
                              f"got {tuple(latents.shape)}")
-        mean, std = self._stats(latents)
+        mean, std = self.latent_stats(latents)
         z = (latents.float() * std + mean).to(self._param_dtype())
         if self.tiling is None:
             video = self._decode_untiled(z)
