@@ -45,7 +45,7 @@ THUMB_WIDTH = 160  # contact-sheet thumbnail width in pixels
 class VAELike(Protocol):
     """What prepare needs of a VAE (wan_model.vae.WanVAEBase satisfies it)."""
 
-    config: object  # a wan_model.config.VAEConfig: .kind names it in the cache key
+    config: object  # a wan_model.config.VAEConfig; its .kind must be the preset's
 
     @property
     def stride(self) -> tuple[int, int, int]: ...
@@ -156,6 +156,10 @@ class _Preparer:
         self.fps = self.ds.fps or self.preset.sample_fps
         self.identity = model_identity(config.model, self.preset)
         self.image_cond = self.ds.i2v_condition or self.preset.task == "i2v"
+        kind = getattr(getattr(vae, "config", None), "kind", None)
+        if kind != self.preset.vae.kind:
+            raise ValueError(f"model.preset {self.preset.name!r} trains on {self.preset.vae.kind} VAE latents, but the "
+                             f"VAE given is {kind!r}; build it from the same preset (build_encoders)")
         self.vae, self.text_encoder = vae, text_encoder
         self.cache = LatentCache(self.ds.cache_dir)
         self.measured = JsonTable(Path(self.ds.cache_dir) / LABELS_NAME)

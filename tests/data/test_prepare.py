@@ -233,6 +233,12 @@ def test_i2v_image_condition_is_first_frame_then_black(prepared, dataset, tmp_pa
     assert tensors["image_cond"][:, 1:].abs().max() < 1e-6  # later latent frames encode black (stand-in: 0)
 
 
+def test_vae_of_another_kind_is_refused(dataset, tmp_path):
+    with pytest.raises(ValueError, match="tiny-ti2v.*wan2.2 VAE latents, but the VAE given is 'wan2.1'"):
+        prepare(make_config(dataset, tmp_path / "cache", preset="tiny-ti2v"), StandInVAE(), StandInText(),
+                progress=False)
+
+
 def test_yaml_recipe_reads_model_and_dataset_only(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model: {preset: tiny-t2v, dtype: float32}\n"
