@@ -115,6 +115,8 @@ def test_train_lora_cli_stop_and_resume_reads_the_same_batches(tmp_path):
     split = _tiny_run(tmp_path, steps=8, out="b")
     assert train_lora.main([str(split), "--max-steps", "4"]) == 0
     assert train_lora.main([str(split), "--resume"]) == 0
-    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # 6 clips / batch 2: crosses 2 epochs
+    # 6 clips / batch 2: the run crosses 2 epochs. Exact on CPU; CUDA kernels may differ in the last bit.
+    expected = _losses(tmp_path / "a")
+    assert _losses(tmp_path / "b") == (pytest.approx(expected, rel=1e-5) if torch.cuda.is_available() else expected)
     for expert in ("high_noise", "low_noise"):
         assert (tmp_path / "b" / "adapters" / "step-00000008" / f"{expert}.safetensors").is_file()

@@ -131,8 +131,7 @@ def test_i2v_input_is_noisy_mask_image_and_mask_marks_frame_zero(tmp_path):
     x = seen[0]
     assert x.shape[1] == 36 and math.isfinite(record["loss"])
     assert torch.equal(x[:, 16:20], i2v_mask(x[:, :16]))
-    source = trainer.source
-    assert torch.equal(x[:, 20:], source.batch(0).image_cond)
+    assert torch.equal(x[:, 20:].cpu(), trainer.source.batch(0).image_cond)
 
 
 def test_ti2v_clean_first_frame_gets_timestep_zero_and_no_loss(tmp_path):
