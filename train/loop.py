@@ -254,7 +254,10 @@ class Trainer:
         sizes = [sum(p.numel() * self.base_dtype.itemsize for p in models[e.name].parameters()) for e in active]
         self.offload = not self.deepspeed and len(active) > 1 and should_offload(
             self.settings.offload_inactive_expert, sizes, free)
-        self.swap_seconds: list[float] = []
+        if self.offload and self.accelerator.num_processes > 1:
+            raise ValueError(f"the experts ({sum(sizes) / 2**30:.0f} GiB) would be offloaded, which a multi-process "
+                             f"run cannot do (DDP keeps each model on its GPU); set training.deepspeed: zero3 to "
+                             f"partition them, or training.offload_inactive_expert: never")
         for i, expert in enumerate(active):
             self.states[expert.name] = self._build(expert, models[expert.name], i, updates[expert.name])
         self.active_name: str | None = None
@@ -289,7 +292,6 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         self.active_name = name
         seconds = time.perf_counter() - start
-        self.swap_seconds.append(seconds)
         return seconds
 
     # -- one step
