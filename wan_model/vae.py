@@ -215,9 +215,14 @@ class AttentionBlock(nn.Module):
         return x + images_to_frames(self.proj(y), b)
 
 
-def middle_block(dim: int, dropout: float = 0.0) -> nn.Sequential:
+def residual_blocks(in_dim: int, out_dim: int, count: int) -> list[ResidualBlock]:
+    """`count` ResidualBlocks, the first changing the width in_dim -> out_dim."""
+    return [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(count)]
+
+
+def middle_block(dim: int) -> nn.Sequential:
     """`middle`: residual, attention, residual (official indices 0, 1, 2)."""
-    return nn.Sequential(ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout))
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
 def head_block(dim: int, out_dim: int) -> nn.Sequential:
@@ -264,9 +269,7 @@ def encoder21(config: VAEConfig) -> CausalStack:
     dims = [config.base_dim * m for m in (1, *config.dim_mult)]
     layers: list[nn.Module] = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-        for _ in range(config.num_res_blocks):
-            layers.append(ResidualBlock(in_dim, out_dim))
-            in_dim = out_dim
+        layers += residual_blocks(in_dim, out_dim, config.num_res_blocks)
         if i != len(config.dim_mult) - 1:
             layers.append(Resample(out_dim, "downsample3d" if config.temporal_downsample[i] else "downsample2d"))
     return CausalStack(3, dims[0], nn.Sequential(*layers), dims[-1], dims[-1], 2 * config.z_dim,
@@ -284,11 +287,7 @@ def decoder21(config: VAEConfig) -> CausalStack:
     t_up = config.temporal_downsample[::-1]
     layers: list[nn.Module] = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-        if i > 0:
-            in_dim //= 2
-        for _ in range(config.num_res_blocks + 1):
-            layers.append(ResidualBlock(in_dim, out_dim))
-            in_dim = out_dim
+        layers += residual_blocks(in_dim // 2 if i > 0 else in_dim, out_dim, config.num_res_blocks + 1)
         if i != len(mult) - 1:
             layers.append(Resample(out_dim, "upsample3d" if t_up[i] else "upsample2d"))
     return CausalStack(config.z_dim, dims[0], nn.Sequential(*layers), dims[-1], dims[0], 3,

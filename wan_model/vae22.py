@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VAEConfig
-from .vae import CausalCache, CausalStack, Resample, ResidualBlock, WanVAEBase
+from .vae import CausalCache, CausalStack, Resample, WanVAEBase, residual_blocks
 
 # Per-channel statistics of Wan 2.2 latents (`Wan2_2_VAE.__init__` in vae2_2.py): z = (mu - mean) / std.
 WAN22_LATENTS_MEAN = (
@@ -90,10 +90,7 @@ class DownResidualBlock(nn.Module):
         if (in_dim * self.ft * self.fs**2) % out_dim:
             raise ValueError(f"Wan 2.2 VAE: in_dim {in_dim} x factor {self.ft * self.fs**2} must be divisible by "
                              f"out_dim {out_dim}")
-        layers: list[nn.Module] = []
-        for _ in range(num_res_blocks):
-            layers.append(ResidualBlock(in_dim, out_dim))
-            in_dim = out_dim
+        layers: list[nn.Module] = residual_blocks(in_dim, out_dim, num_res_blocks)
         if down:
             layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
@@ -115,10 +112,7 @@ class UpResidualBlock(nn.Module):
         if up and (out_dim * self.ft * 4) % in_dim:
             raise ValueError(f"Wan 2.2 VAE: out_dim {out_dim} x factor {self.ft * 4} must be divisible by "
                              f"in_dim {in_dim}")
-        layers: list[nn.Module] = []
-        for _ in range(num_res_blocks):
-            layers.append(ResidualBlock(in_dim, out_dim))
-            in_dim = out_dim
+        layers: list[nn.Module] = residual_blocks(in_dim, out_dim, num_res_blocks)
         if up:
             layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", out_dim=out_dim))
         self.upsamples = nn.Sequential(*layers)

@@ -121,9 +121,13 @@ def diffusers_to_official(state_dict: Mapping[str, Tensor], config: VAEConfig, w
 def _read_pth(path: Path) -> dict[str, Tensor]:
     """An official .pth state dict (tensors only; memory-mapped where the file is a zip archive)."""
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise ValueError(f"{path}: cannot be read as a PyTorch state dict ({type(err).__name__}: {err}); "
+                         f"re-download the file") from err
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):

@@ -328,3 +328,16 @@ def test_decode_frame_count_and_input_check():
     assert out.shape == (1, 3, 9, 32, 32)
     with pytest.raises(ValueError, match=re.escape("latents must be [B, 48, T, h, w], got (1, 16, 3, 2, 2)")):
         vae.decode(torch.randn(1, 16, 3, 2, 2))
+
+
+def test_unreadable_or_foreign_files_fail_clearly(tmp_path):
+    junk = tmp_path / "Wan2.1_VAE.pth"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot be read as a PyTorch state dict"):
+        load_vae(junk)
+    other = tmp_path / "other.pth"
+    torch.save({"blocks.0.weight": torch.zeros(1)}, other)
+    with pytest.raises(ValueError, match=r"not a Wan VAE: encoder\.conv1\.weight is missing"):
+        load_vae(other)
+    with pytest.raises(FileNotFoundError, match="no such VAE file or folder"):
+        load_vae(tmp_path / "missing.pth")
