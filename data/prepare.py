@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -306,34 +306,34 @@ def _write_report(report: PrepareReport) -> None:
     atomic_write_bytes(report.cache_dir / REPORT_NAME, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
-def build_encoders(source: ModelSource, release: str | None = None, tokenizer: str | None = None,
-                   seed: int = 0, device: str | None = None) -> tuple[VAELike, TextEncoderLike]:
-    """The VAE and text encoder of `source`: from the release folder when there is one, else random weights
-    (tiny presets only, seeded; `tokenizer` names a tokenizer folder)."""
+def build_encoders(source: ModelSource, seed: int = 0, device: str | None = None) -> tuple[VAELike, TextEncoderLike]:
+    """The VAE and text encoder of `source`: from source.release when set, else random weights seeded by
+    `seed` with a tiny trained tokenizer (tiny presets only)."""
     from wan_model.text_encoder import TextEncoder
     from wan_model.vae_io import build_vae, load_vae
 
     preset = get_preset(source.preset)
     dtype = getattr(torch, source.dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    release = release or source.release
+    release = source.release
     if release:
         from wan_model.release import load_release
 
         parts = load_release(release, preset.name)
-        vae = load_vae(parts.vae_path, preset.vae, dtype=torch.float32 if dtype == torch.float32 else dtype,
-                       device=device)
+        vae = load_vae(parts.vae_path, preset.vae, dtype=dtype, device=device)
         text = TextEncoder.from_release(parts.t5_path, parts.tokenizer_path, preset.text_encoder, dtype, device)
         return vae, text
     if not preset.name.startswith("tiny-"):
         raise ValueError(f"model.preset {preset.name!r} needs its weights: set model.release (or --release) to "
                          f"the downloaded release folder; random weights are only for tiny-* presets")
-    if tokenizer is None:
-        raise ValueError(f"random {preset.name} encoders need a tokenizer folder: pass --tokenizer DIR "
-                         f"(or set model.release)")
+    import tempfile
+
+    from wan_model.tiny_release import make_tiny_tokenizer
+
     torch.manual_seed(seed)
-    vae = build_vae(preset.vae).to(device).eval().requires_grad_(False)
-    text = TextEncoder.from_config(preset.text_encoder, tokenizer, dtype=dtype, device=device)
+    vae = build_vae(preset.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory(prefix="wanlora-tokenizer-") as folder:
+        text = TextEncoder.from_config(preset.text_encoder, make_tiny_tokenizer(folder), dtype=dtype, device=device)
     return vae, text
 
 
@@ -342,11 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Encode a dataset folder into the latent cache (data/prepare.py).")
     parser.add_argument("config", help="prepare config or training recipe YAML (its model and dataset sections)")
     parser.add_argument("--release", help="official release folder (overrides model.release)")
-    parser.add_argument("--tokenizer", help="tokenizer folder for random tiny encoders (no release)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     args = parser.parse_args(argv)
     config = load_prepare_config(args.config)
-    vae, text_encoder = build_encoders(config.model, args.release, args.tokenizer, config.dataset.seed)
+    if args.release:  # into the config, so the cache key names the weights actually used
+        config = replace(config, model=replace(config.model, release=args.release))
+    vae, text_encoder = build_encoders(config.model, seed=config.dataset.seed)
     report = prepare(config, vae, text_encoder, progress=not args.no_progress)
     print(f"{len(report.used)} clips used, {len(report.skipped)} skipped; {report.encoded} entries encoded, "
           f"{report.reused} reused, {len(report.repaired)} repaired, {report.pruned} pruned in {report.seconds:.1f} s; "

@@ -255,28 +255,38 @@ def test_yaml_recipe_reads_model_and_dataset_only(tmp_path):
         load_prepare_config(recipe)
 
 
-def test_cli_with_real_tiny_vae_and_text_encoder(demo, tmp_path):
-    """The real tiny models: wan_model.vae_io.build_vae + wan_model.text_encoder.TextEncoder (random weights)."""
+def test_cli_with_a_tiny_release(demo, tmp_path):
+    """The real loaders and models: wan_model.tiny_release writes a random-weight release in the official
+    layout; `python -m data.prepare --release` loads its VAE (.pth) and UMT5 (+ tokenizer) and encodes."""
     from data.prepare import main
-    from tests.helpers.tiny_tokenizer import make_tiny_tokenizer
+    from wan_model.tiny_release import write_tiny_release
 
-    tokenizer = make_tiny_tokenizer(tmp_path / "tok")
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
     root = tmp_path / "clips"
-    shutil.copytree(demo, root)
-    for extra in sorted(root.glob("clip_0[1-9]*")):  # one clip keeps the real VAE cheap on 2 CPU cores
-        extra.unlink()
-    (root / "metadata.jsonl").unlink(missing_ok=True)
+    root.mkdir()
+    shutil.copy(sorted(demo.glob("*.mp4"))[0], root / "clip.mp4")  # one clip keeps the real VAE cheap on CPU
+    (root / "clip.txt").write_text("a slow pan across a stone wall\n")
     config = tmp_path / "prepare.yaml"
     config.write_text(f"model: {{preset: tiny-t2v, dtype: float32}}\n"
                       f"dataset: {{root: {root}, cache_dir: {tmp_path / 'cache'}, prompt_variants: 2, "
                       f"buckets: {{base_area: 6144, aspects: [1.5], frame_counts: [5]}}, "
                       f"filters: {{min_width: 32, min_height: 32}}}}\n")
-    assert main([str(config), "--tokenizer", str(tokenizer), "--no-progress"]) == 0
+    assert main([str(config), "--release", str(release), "--no-progress"]) == 0
     store = LatentCache(tmp_path / "cache")
     (key,) = store.entries
-    tensors, _ = store.read(key)
+    tensors, meta = store.read(key)
     assert tensors["latent_mean"].shape == (16, 2, 8, 12)  # tiny 2.1 VAE: stride (4, 8, 8); 5 frames -> 2
     assert tensors["context"].shape[-1] == 32 and torch.isfinite(tensors["latent_mean"]).all()
+    assert meta["settings"]["release"] == str(release.resolve())  # the weights are part of the cache key
+
+
+def test_random_tiny_encoders_only_for_tiny_presets():
+    from data.prepare import build_encoders
+
+    vae, text = build_encoders(ModelSource(preset="tiny-ti2v", dtype="float32"), device="cpu")
+    assert vae.config.kind == "wan2.2" and text.encode(["a fox"])[0].shape == (1, 512, 32)
+    with pytest.raises(ValueError, match="needs its weights: set model.release"):
+        build_encoders(ModelSource(preset="t2v-A14B"), device="cpu")
 
 
 def test_windows_and_images(demo, tmp_path):
