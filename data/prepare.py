@@ -2,14 +2,16 @@
 
 For each clip (in scan order): probe -> size/duration filter -> byte-duplicate check -> resample to the
 model fps -> bucket (nearest aspect, longest frame count that fits) -> windows -> decode the first window
--> labels (user labels win; the rest measured from those pixels) -> score filter -> perceptual-duplicate
+-> labels (user labels win; the rest measured from those pixels, once: labels.json keeps the measured
+labels by file hash, bucket, fps and window) -> score filter -> perceptual-duplicate
 check -> K prompt variants -> for each window, look up its content key in the cache; encode (VAE
 posterior, text embeddings, I2V image condition) and store only what is missing or changed.
 
 CONFIG.yaml is a prepare config or a whole training recipe; only its `model` and `dataset` sections are
 read (data/config.py). Writes into dataset.cache_dir: the shards and index.json (data/cache.py),
 report.json (every clip used or skipped and why), dataset_card.md and contact_sheet.png (data/card.py).
-Re-running is cheap: entries already cached are verified (sha256) and reused; corrupt ones re-encoded.
+Re-running is cheap: entries already cached are verified (sha256) and reused; corrupt ones re-encoded;
+after a complete run, entries no clip uses any more (changed clips or settings) are deleted.
 """
 
 from __future__ import annotations
