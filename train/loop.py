@@ -244,14 +244,19 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.nonfinite_in_a_row = 0
-        updates = planned_updates(self.experts, self.settings, self.settings.steps)  # --max-steps stops early, same schedule
+        # LR schedules span training.steps even when --max-steps stops earlier, so a resume continues them.
+        updates = planned_updates(self.experts, self.settings, self.settings.steps)
         self.states: dict[str, ExpertState] = {}
-        free = torch.cuda.mem_get_info()[0] if self.device.type == "cuda" else None
         active = [e for e in self.experts if e.trains]
         missing = [e.name for e in active if e.name not in models]
         if missing:
             raise ValueError(f"no base model given for training expert(s) {missing}")
         sizes = [sum(p.numel() * self.base_dtype.itemsize for p in models[e.name].parameters()) for e in active]
+        free = None
+        if self.device.type == "cuda":  # what is free once the experts' own weights are counted out
+            on_device = sum(p.numel() * p.element_size() for e in active for p in models[e.name].parameters()
+                            if p.device.type == "cuda")
+            free = torch.cuda.mem_get_info(self.device)[0] + on_device
         self.offload = not self.deepspeed and len(active) > 1 and should_offload(
             self.settings.offload_inactive_expert, sizes, free)
         if self.offload and self.accelerator.num_processes > 1:
