@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 on CPU (DS_ACCELERATOR=cpu): the per-expert engines train, match the plain loop's first
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DS_ACCELERATOR=cpu): the per-expert engines train, match the plain loop's first
 loss, and leave the idle expert untouched. Runs in a subprocess: accelerate's state is process-global, so a
 DeepSpeed Accelerator must not share a process with the plain tests."""
 
@@ -51,8 +51,9 @@ def run_deepspeed(tmp_path, stage: str, launcher: list[str] | None = None) -> di
 
 
 @pytest.mark.slow
-def test_zero2_on_cpu_matches_the_plain_first_loss_and_keeps_the_idle_expert(tmp_path):
-    result = run_deepspeed(tmp_path, "zero2")
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_on_cpu_matches_the_plain_first_loss_and_keeps_the_idle_expert(tmp_path, stage):
+    result = run_deepspeed(tmp_path, stage)
     plain = run(make_trainer(tiny_recipe(tmp_path / "plain", steps=3, routing="phased", phase_steps=2)), log=False)
     assert result["engine"] == "DeepSpeedEngine"
     assert result["untouched"]
