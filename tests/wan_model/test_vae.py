@@ -341,3 +341,19 @@ def test_unreadable_or_foreign_files_fail_clearly(tmp_path):
         load_vae(other)
     with pytest.raises(FileNotFoundError, match="no such VAE file or folder"):
         load_vae(tmp_path / "missing.pth")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["wan2.1", "wan2.2"])
+def test_bf16_on_gpu_close_to_fp32(kind):
+    """The bf16 path (fp32-reduced RMS norms, fp32 latent normalisation) against the fp32 model on CUDA."""
+    vae = random_vae(kind).cuda()
+    x = small_video(kind, b=2, f=5).cuda()
+    with torch.no_grad():
+        ref = vae.encode(x)
+        ref_video = vae.decode(ref)
+        vae.to(torch.bfloat16)
+        latents, out = vae.encode(x), vae.decode(ref)
+    assert latents.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert rel_err(latents, ref) < 0.05
+    assert rel_err(out.float(), ref_video) < 0.05
