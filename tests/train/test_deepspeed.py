@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DS_ACCELERATOR=cpu): the per-expert engines train, match the plain loop's first
-loss, and leave the idle expert untouched. Runs in a subprocess: accelerate's state is process-global, so a
+loss, leave the idle expert untouched and resume exactly. Runs in a subprocess: accelerate's state is process-global, so a
 DeepSpeed Accelerator must not share a process with the plain tests."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from tests.train.test_loop import MemorySource, tiny_models, tiny_recipe
+from train.checkpoints import resolve_resume
 from train.loop import Trainer, make_accelerator, run
 recipe = tiny_recipe(Path(sys.argv[1]), steps=3, routing="phased", phase_steps=2, deepspeed=sys.argv[2])
 acc = make_accelerator(recipe.training)
@@ -31,10 +32,19 @@ records = [trainer.train_step() for _ in range(2)]  # both on high_noise
 low_after = trainer.lora_weights("low_noise")
 untouched = all(torch.equal(low_before[k], low_after[k]) for k in low_before)
 history = run(trainer, log=False)  # step 3 on low_noise, then checkpoint + export
+# Stop after 2 steps, then resume in fresh engines: the same 3 losses (DeepSpeed's own checkpoint + ours).
+split = tiny_recipe(Path(sys.argv[1]) / "split", steps=3, routing="phased", phase_steps=2, deepspeed=sys.argv[2])
+run(Trainer(split, tiny_models(split), MemorySource("tiny-t2v", batch_size=2), acc, total_steps=2), log=False)
+resumed = Trainer(split, tiny_models(split), MemorySource("tiny-t2v", batch_size=2), acc)
+torch.manual_seed(99)
+resumed_history = run(resumed, resume=resolve_resume(split.training.output_dir, "latest"), log=False)
+same_adapters = all(torch.equal(trainer.lora_weights(n)[k], v) for n in trainer.states
+                    for k, v in resumed.lora_weights(n).items())
 if acc.is_main_process:
     print("RESULT " + json.dumps({"losses": [h["loss"] for h in history], "untouched": untouched,
                                    "engine": type(trainer.states["high_noise"].model).__name__,
-                                   "norms": [r["grad_norm"] for r in records]}))
+                                   "norms": [r["grad_norm"] for r in records], "same_adapters": same_adapters,
+                                   "resumed": [h["loss"] for h in resumed_history]}))
 """
 
 
@@ -61,6 +71,7 @@ def test_zero_on_cpu_matches_the_plain_first_loss_and_keeps_the_idle_expert(tmp_
     assert abs(result["losses"][0] - plain[0]["loss"]) < 1e-5 * abs(plain[0]["loss"])
     assert (tmp_path / "ds" / "run" / "adapters" / "step-00000003" / "high_noise.safetensors").is_file()
     assert (tmp_path / "ds" / "run" / "checkpoints" / "step-00000003" / "low_noise" / "deepspeed").is_dir()
+    assert result["resumed"] == result["losses"] and result["same_adapters"]  # stop at 2 + resume == straight
 
 
 DDP_SCRIPT = """
