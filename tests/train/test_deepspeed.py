@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DS_ACCELERATOR=cpu): the per-expert engines train, match the plain loop's first
-loss, leave the idle expert untouched and resume exactly. Runs in a subprocess: accelerate's state is process-global, so a
-DeepSpeed Accelerator must not share a process with the plain tests."""
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DS_ACCELERATOR=cpu): the per-expert engines train, match the plain
+loop's first loss, leave the idle expert untouched and resume exactly. They run in a subprocess: accelerate's
+state is process-global, so a DeepSpeed Accelerator must not share a process with the plain tests."""
 
 from __future__ import annotations
 
