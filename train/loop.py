@@ -419,6 +419,9 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
     s = trainer.settings
     if resume is not None:
         load_checkpoint(trainer, resume)
+    elif list_checkpoints(checkpoint_root(s.output_dir)):
+        raise FileExistsError(f"{checkpoint_root(s.output_dir)} holds checkpoints of an earlier run; continue it with "
+                              f"--resume latest, or set another training.output_dir (or delete that folder)")
     logger = MetricsLogger(s.output_dir, trainer.total_steps, trainer.step, s.log_every,
                            enabled=log and trainer.accelerator.is_main_process)
     if trainer.offload:

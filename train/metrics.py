@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +28,18 @@ def timestep_buckets(timesteps: list[float], losses: list[float]) -> dict[str, l
         lo = min(int(t) // BUCKET, 9) * BUCKET
         out[f"{lo:03d}-{lo + BUCKET:03d}"].append(loss)
     return dict(out)
+
+
+def _open_jsonl(path: Path, start_step: int):
+    """Open the step log for appending from `start_step`: lines of later steps (logged after the checkpoint a
+    run resumes from) are dropped first, atomically, so every step appears once."""
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] < start_step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
 
 
 class MetricsLogger:
@@ -47,7 +60,7 @@ class MetricsLogger:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(out / "logs"))
-        self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        self.jsonl = _open_jsonl(out / "metrics.jsonl", start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:

@@ -126,7 +126,9 @@ class TrainingSettings:
     save_every: int = 250  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept on disk
     log_every: int = 10
-    sample_every: int = 0  # steps between preview samples (0: none)
+    # Preview samples during training are not built yet: must stay 0 / empty (sample.py evaluate renders
+    # the exported adapters after the run).
+    sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
     deepspeed: Literal["zero2", "zero3"] | None = None  # None: plain DDP / single device
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses or gradients in a row
@@ -139,6 +141,9 @@ class TrainingSettings:
         for name in ("save_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        if self.sample_every or self.sample_prompts:
+            raise ValueError("sample_every / sample_prompts: previews during training are not supported yet; "
+                             "leave them out and run `python sample.py evaluate --adapters <run>/adapters/step-N`")
         if not 0.0 <= self.ti2v_image_prob <= 1.0:
             raise ValueError(f"ti2v_image_prob must be in [0, 1], found {self.ti2v_image_prob}")
 

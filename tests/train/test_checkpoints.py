@@ -120,3 +120,14 @@ def test_train_lora_cli_stop_and_resume_reads_the_same_batches(tmp_path):
     assert _losses(tmp_path / "b") == (pytest.approx(expected, rel=1e-5) if torch.cuda.is_available() else expected)
     for expert in ("high_noise", "low_noise"):
         assert (tmp_path / "b" / "adapters" / "step-00000008" / f"{expert}.safetensors").is_file()
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints_and_resume_trims_the_step_log(tmp_path):
+    recipe = tiny_recipe(tmp_path, steps=4, save_every=2)
+    run(make_trainer(recipe, total_steps=3))  # checkpoints at 2 and 3; metrics.jsonl has steps 0..2
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        run(make_trainer(recipe), log=False)
+    run(make_trainer(recipe), resume=resolve_resume(recipe.training.output_dir, list_checkpoints(
+        tmp_path / "run" / "checkpoints")[0]), log=True)  # resume from step 2: steps 2, 3 logged again
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]

@@ -106,3 +106,9 @@ def test_shipped_recipes_load_and_hash_ignores_step_count(tmp_path):
     assert recipe_hash(load_recipe(write(tmp_path, raw), check_release=False)) == recipe_hash(a)
     raw["training"]["seed"] = 5
     assert recipe_hash(load_recipe(write(tmp_path, raw), check_release=False)) != recipe_hash(a)
+
+
+def test_training_previews_are_refused_until_built(tmp_path):
+    body = base()
+    body["training"]["sample_every"] = 100
+    fails(tmp_path, body, "recipe.yaml: training", "sample.py evaluate")
