@@ -467,8 +467,9 @@ class WanVAEBase(nn.Module):
         x = self.to_encoder_input(video.to(self._param_dtype()))
         cache = CausalCache()
         outs = []
-        for start in range(0, x.shape[2], 4):
-            chunk = x[:, :, :1] if start == 0 else x[:, :, start - 3:start + 1]
+        step = self.stride[0]  # one chunk of frames per latent frame after the first
+        for start in range(0, x.shape[2], step):
+            chunk = x[:, :, :1] if start == 0 else x[:, :, start - step + 1:start + 1]
             cache.first_chunk = start == 0
             outs.append(self.encoder(chunk, cache))
         return self.conv1(torch.cat(outs, dim=2))
