@@ -33,7 +33,7 @@ case "$verb" in
     exec "$VENV/bin/python" -m train.demo "$@" ;;
   prepare)
     setup
-    exec "$VENV/bin/python" -m data.prepare "$@" ;;
+    exec "$VENV/bin/python" -m train.prepare "$@" ;;
   train)
     setup
     exec "$VENV/bin/accelerate" launch train_lora.py "$@" ;;
