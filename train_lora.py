@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoints import resolve_resume
     from train.loop import LoaderSource, Trainer, make_accelerator, run
     from train.recipe import load_recipe, trains
-    from train.run_guard import GracefulStop, RunLock
+    from train.run_guard import GracefulStop, RunLock, check_output_writable
     from wan_model.checkpoint import load_transformer
     from wan_model.release import load_release
 
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
     lock = RunLock(s.output_dir) if accelerator.is_main_process else None
     if lock:
+        # fp32 LoRA weights + two AdamW moments per checkpoint, kept twice while the next one is written.
+        lora_bytes = sum(p.numel() * 4 for state in trainer.states.values() for p in state.params)
+        check_output_writable(s.output_dir, need_bytes=6 * lora_bytes)
         lock.acquire()
     try:
         with GracefulStop() as stop:

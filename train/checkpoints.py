@@ -8,13 +8,16 @@
       <expert>/deepspeed/          (DeepSpeed runs) the engine's checkpoint, frozen base weights excluded
 
 Written to `step-N.tmp/`, every file fsynced, then renamed to `step-N/` (a rename is atomic), so a
-crash leaves either a whole checkpoint or a `.tmp` folder that is ignored and cleared. The data position
+crash leaves either a whole checkpoint or a `.tmp` folder that is ignored and cleared. state.json, written
+last, holds every other file's sha256: a checkpoint truncated or altered later is refused on resume
+(CheckpointError naming the file), never loaded. A failed write (disk full) leaves the earlier checkpoints. The data position
 is the step itself: micro-batch i of a run is `source.batch(i)` and every random draw is seeded by the
 step (train/experts.py), so nothing else about the data needs storing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,6 +32,10 @@ from safetensors.torch import load_file, save_file
 from .recipe import recipe_hash
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or is damaged; the message names the file and the way out."""
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -70,6 +77,28 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but state.json, by path relative to `folder`."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "state.json"}
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """state.json of checkpoint `path` after checking every file against its recorded sha256."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable ({err}); resume from an earlier checkpoint "
+                              f"folder in {path.parent}") from None
+    for relative, digest in meta.get("sha256", {}).items():
+        file = path / relative
+        if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+            raise CheckpointError(f"{file}: {'missing' if not file.is_file() else 'does not match its sha256'} in "
+                                  f"{path / 'state.json'} (truncated or corrupted); resume from an earlier "
+                                  f"checkpoint folder in {path.parent}")
+    return meta
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -98,6 +127,17 @@ def save_checkpoint(trainer, keep_last: int) -> Path:
         if bad:
             raise RuntimeError(f"refusing to checkpoint step {trainer.step}: expert {name} LoRA weights {bad[:3]} "
                                f"are not finite; resume from {list_checkpoints(root)[-1:] or 'the start'}")
+    try:
+        return _write_checkpoint(trainer, weights, root, tmp, final, keep_last)
+    except OSError as err:  # disk full, quota, folder gone: the earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{tmp}: cannot write the step {trainer.step} checkpoint ({err.strerror or err}); the "
+                              f"last good one is {(list_checkpoints(root)[-1:] or ['none'])[0]}; free space in "
+                              f"{root} and continue with --resume latest") from err
+
+
+def _write_checkpoint(trainer, weights: dict, root: Path, tmp: Path, final: Path, keep_last: int) -> Path:
+    acc = trainer.accelerator
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -119,7 +159,7 @@ def save_checkpoint(trainer, keep_last: int) -> Path:
                 "updates": {n: s.updates for n, s in trainer.states.items()},
                 "nonfinite_in_a_row": trainer.nonfinite_in_a_row, "processes": acc.num_processes,
                 "data_position": {"micro_batches": trainer.step * trainer.settings.grad_accum},
-                "history": trainer.history}
+                "history": trainer.history, "sha256": _file_hashes(tmp)}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -132,7 +172,7 @@ def save_checkpoint(trainer, keep_last: int) -> Path:
 
 def load_checkpoint(trainer, path: Path) -> None:
     """Restore the trainer from a checkpoint folder written by `save_checkpoint` for the same recipe."""
-    meta = json.loads((path / "state.json").read_text())
+    meta = verify_checkpoint(Path(path))
     expected = recipe_hash(trainer.recipe)
     if meta["recipe_hash"] != expected:
         raise ValueError(f"{path}: written by a different recipe (hash {meta['recipe_hash']}, this one {expected}); "
