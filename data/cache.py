@@ -34,13 +34,14 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from wan_model.files import atomic_write_bytes
 
 CACHE_FORMAT = 1
 INDEX_NAME = "index.json"
@@ -75,22 +76,6 @@ def pad_context(context: torch.Tensor, text_len: int) -> torch.Tensor:
         return context
     pad = context.new_zeros(*context.shape[:-2], text_len - length, context.shape[-1])
     return torch.cat([context, pad], dim=-2)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _header_metadata(data: bytes, where: Path) -> dict:

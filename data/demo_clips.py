@@ -17,13 +17,13 @@ shapes and a colour grade (warm, cool, dark, bright, saturated), H.264 yuv420p a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from wan_model.files import atomic_write_text
 from wan_model.media import write_mp4
 
 
@@ -126,12 +126,6 @@ def render_clip(spec: ClipSpec, size: tuple[int, int] = (64, 96), frames: int = 
     return (video.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def render_demo_dataset(folder: str | Path, num_clips: int = 6, size: tuple[int, int] = (64, 96),
                         frames: int = 33, fps: int = 16, seed: int = 0) -> Path:
     """Write `num_clips` procedural mp4 clips with captions into `folder` (created); returns the folder.
@@ -150,9 +144,9 @@ def render_demo_dataset(folder: str | Path, num_clips: int = 6, size: tuple[int,
         video = render_clip(spec, size, frames, seed + i)
         write_mp4(video.permute(0, 2, 3, 1).numpy(), folder / f"{name}.mp4", fps, crf=23)
         if i < sidecars:
-            _write_text(folder / f"{name}.txt", spec.caption + "\n")
+            atomic_write_text(folder / f"{name}.txt", spec.caption + "\n")
         else:
             rows.append({"file_name": f"{name}.mp4", "caption": spec.caption, "labels": dict(spec.labels)})
     if rows:
-        _write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return folder

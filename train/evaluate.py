@@ -35,6 +35,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from data.typed_config import ConfigError
+from wan_model.files import atomic_write_text
 
 SUITE_KEYS = {"prompt", "seeds", "seed", "size", "frames", "steps", "image", "negative_prompt", "guide", "shift"}
 
@@ -220,11 +221,7 @@ def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], m
         body.append(f"<h3>{html.escape(key)}</h3>")
         body += [f"<video src='{p.relative_to(out)}' controls loop muted width='320'></video>" for p in paths]
     body.append(recipe)
-    report = out / "report.html"
-    tmp = report.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(body), encoding="utf-8")
-    tmp.replace(report)
-    return report
+    return atomic_write_text(out / "report.html", "\n".join(body))
 
 
 def training_palette(clips_dir: Path, max_clips: int = 16) -> dict[str, float] | None:
@@ -277,9 +274,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                 metrics["renders"][f"{key}-{variant.name}"] = m
             sheets.append(save_png(contact_sheet(rows), out / f"sheet-{key}.png"))
     pipe.set_adapters([], 1.0)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return write_report(out, sheets, videos, metrics, run)
 
 

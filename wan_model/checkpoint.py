@@ -25,8 +25,7 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import PRESETS, TransformerConfig
+from .files import atomic_write
 from .keymaps import COMFY_PREFIXES, detect_transformer_format, diffusers_key_to_official
 from .transformer import WanTransformer
 
@@ -375,23 +375,13 @@ def save_transformer(model_or_state_dict: torch.nn.Module | Mapping[str, Tensor]
     index = {"metadata": {"total_size": sum(sizes.values())},
              "weight_map": {k: name for name, group in zip(names, groups) for k in group}}
     for name, group in zip(names, groups):
-        _atomic_write(folder / name, lambda tmp, g=group: save_file(
+        atomic_write(folder / name, lambda tmp, g=group: save_file(
             {k: sd[k].detach().to("cpu").contiguous() for k in g}, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config.to_json_dict(), indent=2)))
-    _atomic_write(folder / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2, sort_keys=True)))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config.to_json_dict(), indent=2)))
+    atomic_write(folder / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2, sort_keys=True)))
     for stale in folder.iterdir():
         if SHARD_PATTERN.match(stale.name) and stale.name not in names:
             stale.unlink()
     return folder
 
 
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Call write(temp path) in target's folder, then rename over target; the temp file is removed on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

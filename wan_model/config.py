@@ -11,7 +11,7 @@ at a size that runs on a CPU in milliseconds; tests and the embedded demo use th
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # wan/configs/shared_config.py: the default negative prompt of every official pipeline.
 DEFAULT_NEGATIVE_PROMPT = (

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import _atomic_write
+from .files import atomic_write
 from .config import PRESETS, TransformerConfig
 from .keymaps import COMFY_PREFIXES, diffusers_key_to_official, official_key_to_diffusers
 from .transformer import WanTransformer
@@ -155,7 +155,7 @@ def save_lora(weights: Mapping[str, LoraModule], path: str | os.PathLike, metada
     path.parent.mkdir(parents=True, exist_ok=True)
     # Copies: safetensors refuses tensors sharing memory (one LoraModule reused for two names).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **header}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **header}))
     return path
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import atomic_write
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -21,18 +22,22 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
 
     yuv420p needs even sizes; odd sizes are padded by one pixel on the right/bottom edge.
     """
-    import av
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     f, h, w, _ = frames.shape
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    atomic_write(path, lambda tmp: _encode_mp4(frames, tmp, fps, crf))
+    return path
+
+
+def _encode_mp4(frames: np.ndarray, path: str, fps: int, crf: int) -> None:
+    import av
+
+    _, h, w, _ = frames.shape
+    with av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = w + pad_w, h + pad_h
+        stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf)}
         for frame in frames:
@@ -40,8 +45,6 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
-    return path
 
 
 def frame_strip(frames: np.ndarray, count: int = 5) -> Image.Image:
@@ -52,12 +55,7 @@ def frame_strip(frames: np.ndarray, count: int = 5) -> Image.Image:
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Save a PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_video(video: torch.Tensor, path: str | Path, fps: int) -> tuple[Path, Path]:

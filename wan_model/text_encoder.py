@@ -24,9 +24,7 @@ trimming 512 -> the real length gives the same numbers several times faster.
 from __future__ import annotations
 
 import html
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .config import TEXT_LEN, TextEncoderConfig
+from .files import atomic_write
 
 try:  # optional, as in the official code; without it only the html/whitespace cleaning runs
     import ftfy
@@ -214,14 +213,6 @@ class TextEncoder(nn.Module):
         return {k: hf[v].detach().to("cpu").contiguous() for k, v in official_key_map(self.config.num_layers).items()}
 
     def save_official(self, path: str | Path) -> None:
-        """Write the official-format `.pth` atomically (temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.official_state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the official-format `.pth` atomically (wan_model.files.atomic_write)."""
+        state = self.official_state_dict()
+        atomic_write(path, lambda tmp: torch.save(state, tmp))

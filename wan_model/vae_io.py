@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import _atomic_write, read_json
+from .checkpoint import read_json
+from .files import atomic_write
 from .config import WAN21_VAE, WAN22_VAE, VAEConfig
 from .vae import WanVAE21, WanVAEBase
 from .vae22 import WanVAE22
@@ -229,5 +230,5 @@ def save_vae_official(vae: WanVAEBase, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return path
