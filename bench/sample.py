@@ -14,7 +14,6 @@ seconds, peak GPU memory of the whole generation, whether the expert switch happ
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import device_fields, emit  # noqa: E402
 from bench.vae import build_random as build_random_vae  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.pipeline import GenerationRequest, WanPipeline  # noqa: E402
@@ -95,13 +95,8 @@ def main(argv=None) -> None:
                compile=args.compile, s_per_step=round(statistics.median(deltas[1:] or deltas), 3) if deltas else None,
                first_step_s=round(deltas[0], 3) if deltas else None,
                stages_s={k: round(v, 3) for k, v in result.seconds.items()}, total_s=round(total, 2),
-               experts_run=seen, video_shape=list(result.video.shape),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    print(json.dumps(out))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+               experts_run=seen, video_shape=list(result.video.shape), **device_fields())
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

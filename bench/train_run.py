@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import device_fields, emit  # noqa: E402
 from bench.sample import build_expert  # noqa: E402
 from train.loop import Batch, Trainer, run  # noqa: E402
 from train.recipe import load_recipe, trains  # noqa: E402
@@ -101,13 +101,9 @@ def main(argv=None) -> None:
                swap_s=[round(s, 2) for s in trainer.swap_seconds],
                losses=[round(r["loss"], 4) for r, _ in records], experts=[r["expert"] for r, _ in records],
                timesteps=[round(r["timesteps"][0], 1) for r, _ in records],
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                adapters=sorted(str(p.relative_to(args.output)) for p in args.output.rglob("*.safetensors")),
-               device=torch.cuda.get_device_name() if cuda else "cpu")
-    print(json.dumps(out))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+               **device_fields())
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

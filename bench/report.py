@@ -1,0 +1,22 @@
+"""What every benchmark script prints: one JSON line, optionally also saved for docs/bench/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def device_fields() -> dict:
+    """Peak GPU memory since the last reset and the device name (None / 'cpu' on a CPU smoke run)."""
+    if not torch.cuda.is_available():
+        return {"peak_gib": None, "device": "cpu"}
+    return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "device": torch.cuda.get_device_name()}
+
+
+def emit(result: dict, json_path: Path | None) -> None:
+    print(json.dumps(result))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
