@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     out = dict(recipe=str(args.recipe), preset=preset.name, latent_shape=latent_shape, steps=args.steps,
                offload_inactive_expert=trainer.offload,
                s_per_step={k: round(statistics.median(v[1:] or v), 3) for k, v in per_expert.items()},
-               swap_s=[round(s, 2) for s in trainer.swap_seconds],
+               swap_s=[round(r["swap_s"], 2) for r, _ in records if r["swap_s"]],
                losses=[round(r["loss"], 4) for r, _ in records], experts=[r["expert"] for r, _ in records],
                timesteps=[round(r["timesteps"][0], 1) for r, _ in records],
                adapters=sorted(str(p.relative_to(args.output)) for p in args.output.rglob("*.safetensors")),
