@@ -200,8 +200,9 @@ def test_offload_decision():
     from train.loop import should_offload
 
     gb = 2**30
-    assert not should_offload("auto", [28 * gb, 28 * gb], 78 * gb)  # 56 GB * 1.2 = 67 GB fits an H100
-    assert should_offload("auto", [28 * gb, 28 * gb], 60 * gb)
+    assert should_offload("auto", [26 * gb, 26 * gb], 78 * gb)  # two A14B experts + activations: not on an H100
+    assert not should_offload("auto", [26 * gb, 26 * gb], 139 * gb)  # an H200 holds both
+    assert not should_offload("auto", [3 * gb, 3 * gb], 78 * gb)
     assert should_offload("always", [1, 1], 78 * gb) and not should_offload("never", [99 * gb] * 2, gb)
     assert not should_offload("always", [1, 1], None)  # CPU run: nowhere to offload to
 
