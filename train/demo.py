@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             ("latent / text cache", Path(recipe.dataset.cache_dir)),
             ("dataset card", Path(recipe.dataset.cache_dir) / "dataset_card.md"),
             ("adapters, one file per expert", steps[-1]), ("checkpoints", output_dir / "checkpoints"),
+            ("previews during training", output_dir / "samples"),
             ("TensorBoard logs", output_dir / "logs"), ("loss curve", output_dir / "metrics.jsonl"),
             ("samples and contact sheets", output_dir / "eval"), ("report", report)]
     for what, path in rows:

@@ -435,6 +435,10 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
     if trainer.offload:
         logger.message("idle experts wait in host memory (offload_inactive_expert); each expert change swaps "
                        "weights: prefer routing: phased")
+    previews = None
+    if s.sample_every and trainer.accelerator.is_main_process:
+        from .previews import PreviewRenderer
+        previews = PreviewRenderer(trainer, trainer.recipe.model.release)
     try:
         while trainer.step < trainer.total_steps:
             record = trainer.train_step()
@@ -446,6 +450,9 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
                                f"skipped; clips {record['clip_ids']}")
             if s.save_every and trainer.step % s.save_every == 0 and trainer.step < trainer.total_steps:
                 save_checkpoint(trainer, s.keep_last)
+            if previews is not None and trainer.step % s.sample_every == 0:
+                for path in previews.render(trainer.step):
+                    logger.message(f"preview: {path}")
             if stop_requested():
                 logger.message(f"stop requested: checkpoint at step {trainer.step}; continue with --resume latest")
                 break

@@ -126,10 +126,12 @@ class TrainingSettings:
     save_every: int = 250  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept on disk
     log_every: int = 10
-    # Preview samples during training are not built yet: must stay 0 / empty (sample.py evaluate renders
-    # the exported adapters after the run).
+    # Preview videos of sample_prompts with the adapters as they train (train/previews.py), into
+    # <output_dir>/samples/step-N/; 0 or no prompts: none. Same seed every time, so steps compare.
     sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
+    sample_size: tuple[int, int, int] = (480, 832, 81)  # height, width, frames of the previews
+    sample_steps: int = 20  # solver steps per preview (the preset's own count is 40 / 50)
     deepspeed: Literal["zero2", "zero3"] | None = None  # None: plain DDP / single device
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses or gradients in a row
 
@@ -141,9 +143,13 @@ class TrainingSettings:
         for name in ("save_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
-        if self.sample_every or self.sample_prompts:
-            raise ValueError("sample_every / sample_prompts: previews during training are not supported yet; "
-                             "leave them out and run `python sample.py evaluate --adapters <run>/adapters/step-N`")
+        if bool(self.sample_every) != bool(self.sample_prompts):
+            raise ValueError("sample_every and sample_prompts go together: set both for previews, or neither")
+        if self.sample_every and self.deepspeed == "zero3":
+            raise ValueError("previews during training need whole weights, which ZeRO-3 shards; use zero2, or "
+                             "render the exported adapters with `python sample.py evaluate`")
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, found {self.sample_steps}")
         if not 0.0 <= self.ti2v_image_prob <= 1.0:
             raise ValueError(f"ti2v_image_prob must be in [0, 1], found {self.ti2v_image_prob}")
 
@@ -253,7 +259,8 @@ def load_recipe(path: str | Path, check_release: bool = True) -> Recipe:
 
 
 # Keys that may change between a run and its resume without changing what is trained.
-_RESUME_FREE = ("steps", "save_every", "keep_last", "log_every", "sample_every", "sample_prompts", "output_dir")
+_RESUME_FREE = ("steps", "save_every", "keep_last", "log_every", "sample_every", "sample_prompts", "sample_size",
+                "sample_steps", "output_dir")
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -108,7 +108,7 @@ class WanPipeline:
         self.preset, self.experts, self.vae, self.text_encoder = preset, experts, vae, text_encoder
         self.device, self.dtype, self.offload_experts = torch.device(device), dtype, offload_experts
         for model in experts.values():
-            model.eval().requires_grad_(False)
+            model.eval()  # generate() runs under no_grad; trainable flags stay as they are (training previews)
             if not offload_experts:
                 model.to(self.device)
         self.vae.eval().requires_grad_(False)

@@ -108,7 +108,10 @@ def test_shipped_recipes_load_and_hash_ignores_step_count(tmp_path):
     assert recipe_hash(load_recipe(write(tmp_path, raw), check_release=False)) != recipe_hash(a)
 
 
-def test_training_previews_are_refused_until_built(tmp_path):
+def test_preview_settings_go_together_and_not_under_zero3(tmp_path):
     body = base()
     body["training"]["sample_every"] = 100
-    fails(tmp_path, body, "recipe.yaml: training", "sample.py evaluate")
+    fails(tmp_path, body, "recipe.yaml: training", "sample_every and sample_prompts go together")
+    body["training"]["sample_prompts"] = ["mystyle, a ball"]
+    body["training"]["deepspeed"] = "zero3"
+    fails(tmp_path, body, "recipe.yaml: training", "ZeRO-3 shards")
