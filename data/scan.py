@@ -19,6 +19,7 @@ no file_name column) raises, naming the file, the column and the valid ones.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,14 +172,25 @@ def _scan_metadata(root: Path, meta_path: Path) -> ScanResult:
     rows = _read_table(meta_path)
     merged: dict[str, dict] = {}
     skipped: list[Skipped] = []
+    inside = Path(os.path.normpath(root))
     for line, row in enumerate(rows, start=2 if meta_path.suffix.lower() == ".csv" else 1):
         name = row.get("file_name")
         where = f"{meta_path.name} row {line}"
         if not isinstance(name, str) or not name.strip():
             skipped.append(Skipped(meta_path, f"{where}: empty file_name"))
             continue
-        path = root / name
-        if not path.is_file():
+        # Normalised so that 'a/../b.mp4' and 'b.mp4' are one clip, and '../x' or '/x' is caught.
+        path = Path(os.path.normpath(root / name))
+        if inside not in path.parents:
+            skipped.append(Skipped(meta_path, f"{where}: file_name {name!r} points outside {root}; name each clip "
+                                              f"by its path relative to the dataset folder"))
+            continue
+        try:
+            exists = path.is_file()
+        except OSError as err:  # a name too long for the file system, or otherwise unusable
+            skipped.append(Skipped(meta_path, f"{where}: file_name {name[:80]!r} is not usable ({err.strerror})"))
+            continue
+        if not exists:
             skipped.append(Skipped(path, f"{where} names {name}, which does not exist under {root}"))
             continue
         if media_kind(path) is None:
