@@ -38,6 +38,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_model.config import PRESETS, TransformerConfig  # noqa: E402
+from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
 
 OUR_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
@@ -115,27 +116,10 @@ def add_lora(model: nn.Module, targets: list[str], rank: int) -> list[nn.Paramet
     return params
 
 
-def save_self_attention_outputs(text_len: int) -> None:
-    """Selective checkpointing: keep self-attention outputs (not recomputed in backward), recompute the rest.
-
-    Costs L * dim * 2 bytes per block (335 MB at the A14B 480p shape) and saves one attention forward
-    per block per step."""
-    import functools
-
-    import wan_model.transformer as T
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    ops = {torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-           torch.ops.aten._scaled_dot_product_flash_attention.default,
-           torch.ops.aten._scaled_dot_product_efficient_attention.default}
-
-    def policy(ctx, op, *args, **kwargs):
-        if op in ops and args[1].shape[-2] != text_len:  # self-attention only; cross-attention is cheap
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    T.checkpoint = functools.partial(checkpoint, context_fn=functools.partial(create_selective_checkpoint_contexts,
-                                                                              policy))
+def speed_options(args) -> SpeedOptions:
+    return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
+                        save_attention_every=args.save_every, fp8_base=args.fp8, attention_backend=args.attention,
+                        offload=args.offload)
 
 
 def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> dict:
@@ -146,14 +130,18 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
     if impl == "ours":
         model = build_ours(cfg, device, args.checkpointing)
         params = add_lora(model, OUR_TARGETS, args.rank)
-        if args.save_attention:
-            save_self_attention_outputs(cfg.text_len)
-        if args.compile:
-            model.compile_blocks()
+        apply_speed_options(model, speed_options(args))
     else:
         model = build_diffusers(cfg, device)
         params = add_lora(model, DIFFUSERS_TARGETS, args.rank)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    if cuda:
+        # The cap applies to the training step: the model was materialised (and offloaded) before it.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        setup_gib = torch.cuda.memory_allocated() / 2**30
+        if args.memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     gen = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn(latent_shape, generator=gen, device=device, dtype=torch.bfloat16)
     target = torch.randn(latent_shape, generator=gen, device=device, dtype=torch.bfloat16)
@@ -185,7 +173,10 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
     sec = statistics.median(times)
     tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
     flops = step_flops(cfg, tokens, args.rank, args.checkpointing != "none")
-    result = dict(impl=impl, s_per_step=round(sec, 3), step_times=[round(t, 3) for t in times],
+    if cuda and args.memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    result = dict(impl=impl, setup_gib=round(setup_gib, 2) if cuda else None, s_per_step=round(sec, 3),
+                  step_times=[round(t, 3) for t in times],
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                   tokens_per_s=round(tokens / sec), tflops=round(flops / sec / 1e12, 1),
                   loss=float(loss), step_pflop=round(flops / 1e15, 3))
@@ -215,19 +206,26 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--impl", nargs="+", default=["ours", "diffusers"], choices=["ours", "diffusers"])
     ap.add_argument("--checkpointing", default="full", choices=["full", "none"])
+    # Speed options of our model (wan_model/speed.py's SpeedOptions); the defaults here are the plain path.
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (ours)")
-    ap.add_argument("--save-attention", action="store_true", help="keep self-attention outputs (ours)")
+    ap.add_argument("--save-attention", default="none", choices=["none", "all", "every_k"],
+                    help="keep self-attention outputs through checkpointing (ours)")
+    ap.add_argument("--save-every", type=int, default=2, help="k of --save-attention every_k")
+    ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul"],
+                    help="frozen block linears in e4m3 (ours)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"], help="attention backend")
+    ap.add_argument("--offload", default="none", choices=["none", "blocks"],
+                    help="stream base weights from host memory (ours)")
+    ap.add_argument("--label", default="", help="a name for this run in the JSON")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--memory-fraction", type=float, default=None,
-                    help="cap this process's GPU memory (e.g. 24 GiB mode: 24/79.2)")
+                    help="cap this process's GPU memory during the training steps (24 GiB mode: 24/79.1)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
     # CPU runs (with a tiny preset) only check that the script works; their numbers mean nothing.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.memory_fraction:
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     preset = PRESETS[args.preset]
     cfg = preset.transformer
     h, w = (int(v) for v in args.size.split("x"))
@@ -246,7 +244,8 @@ def main(argv=None) -> None:
             r["utilisation"] = round(r["tflops"] / ceiling, 3)
         results.append(r)
         print(json.dumps(r), flush=True)
-    summary = dict(preset=args.preset, compile=args.compile, save_attention=args.save_attention, size=args.size, frames=args.frames, latent_shape=latent_shape,
+    summary = dict(label=args.label, preset=args.preset, speed=vars(speed_options(args)), size=args.size,
+                   frames=args.frames, latent_shape=latent_shape,
                    rank=args.rank, checkpointing=args.checkpointing, memory_fraction=args.memory_fraction,
                    matmul_ceiling_tflops=round(ceiling, 1),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

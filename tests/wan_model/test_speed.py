@@ -54,7 +54,7 @@ def loss_and_grads(model, data, autocast: bool = False):
         loss = torch.nn.functional.mse_loss(model(latents, t, context).float(), target.float())
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def rel(a, b) -> float:
@@ -140,19 +140,21 @@ def test_fast_path_matches_plain_on_gpu(fp8):
 
 @pytest.mark.gpu
 def test_block_offload_same_grads_and_weights_on_host():
+    """Streaming the weights must not change the arithmetic: same options without offload as reference."""
+    options = SpeedOptions(compile=False, save_attention="all", fp8_base="storage")
     ref = lora_model("cuda", torch.bfloat16, dim=256)
+    apply_speed_options(ref, options)
     data = batch(ref, "cuda")
     loss0, grads0 = loss_and_grads(ref, data, autocast=True)
     model = lora_model("cuda", torch.bfloat16, dim=256)
-    apply_speed_options(model, SpeedOptions(compile=False, save_attention="all", fp8_base="storage",
-                                            offload="blocks"))
+    apply_speed_options(model, dataclasses.replace(options, offload="blocks"))
     assert model.blocks[0].ffn[0].base_layer.weight_fp8.device.type == "cpu"
     loss1, grads1 = loss_and_grads(model, data, autocast=True)
     assert model.blocks[1].self_attn.q.base_layer.weight_fp8.device.type == "cpu"
     assert model.blocks[1].self_attn.q.lora_A["default"].weight.device.type == "cuda"
-    assert loss1 == pytest.approx(loss0, rel=5e-2)
+    assert loss1 == pytest.approx(loss0, rel=1e-4)
     for name in grads0:
-        assert rel(grads1[name], grads0[name]) < 0.1, name
+        assert rel(grads1[name], grads0[name]) < 1e-3, name
 
 
 @pytest.mark.gpu
