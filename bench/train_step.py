@@ -3,6 +3,12 @@
     python bench/train_step.py --preset t2v-A14B --size 480x832 --frames 81 --impl ours diffusers
     python bench/train_step.py --preset ti2v-5B --size 704x1280 --frames 121 --impl ours diffusers
 
+Our model's speed options (wan_model/speed.py) are flags: --compile, --save-attention {none,all,every_k},
+--fp8 {none,storage,matmul}, --attention, --offload blocks, and --memory-fraction caps the training steps
+(24 GiB mode: 0.3034 of an H100's 79.1 GiB). The fastest A14B setting measured (docs/benchmarks.md):
+
+    python bench/train_step.py --preset t2v-A14B --size 480x832 --frames 81 --impl ours --compile --save-attention all --fp8 matmul
+
 Both models get random bf16 weights (built on the meta device, materialised on the GPU), LoRA of the
 same rank on the same linears (self- and cross-attention q, k, v, o and both FFN linears; PEFT for
 both), gradient checkpointing on every block, AdamW on the LoRA parameters only, MSE loss against a

@@ -68,6 +68,8 @@ def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, d
         out.sum().backward()
         torch.cuda.synchronize(device)
         return bool(torch.isfinite(q.grad).all())
+    except torch.OutOfMemoryError:
+        raise  # no answer about cuDNN: the step itself would not fit either
     except RuntimeError:
         return False
 
