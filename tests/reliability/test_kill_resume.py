@@ -7,6 +7,7 @@ import json
 import random
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +17,7 @@ from train.checkpoints import list_checkpoints
 from . import STEPS, adapters, losses, recipe, same_adapters, shared_runs, start_training, wait_for_step
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_the_straight_run(tmp_path_factory):
     base = shared_runs(tmp_path_factory)
     killed, out = recipe(base, "killed"), base / "killed"

@@ -17,6 +17,7 @@ from train.run_guard import RunLockedError
 from . import STEPS, adapters, losses, recipe, same_adapters, shared_runs, start_training, wait_for_step
 
 
+@pytest.mark.slow
 def test_first_signal_checkpoints_and_exits_cleanly_then_resume_finishes(tmp_path_factory):
     """SIGINT takes the same handler (tests/train/test_run_guard.py); one subprocess run is enough here."""
     base = shared_runs(tmp_path_factory)
@@ -40,6 +41,7 @@ def test_first_signal_checkpoints_and_exits_cleanly_then_resume_finishes(tmp_pat
     assert same_adapters(adapters(out, STEPS), adapters(base / "straight", STEPS))
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_the_last_checkpoint_still_resumes(tmp_path_factory):
     base = shared_runs(tmp_path_factory)
     path, out = recipe(base, "twice"), base / "twice"
@@ -57,6 +59,7 @@ def test_second_signal_exits_at_once_and_the_last_checkpoint_still_resumes(tmp_p
     assert losses(out) == losses(base / "straight")
 
 
+@pytest.mark.slow
 def test_second_run_into_the_same_output_folder_is_refused_with_owner(tmp_path_factory):
     base = shared_runs(tmp_path_factory)
     path, out = recipe(base, "locked"), base / "locked"
