@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from wan_model.schedule import add_noise, flow_target, loss_weighting, timestep_to_sigma
+from wan_model.speed import apply_speed_options
 
 from .checkpoints import checkpoint_root, list_checkpoints, load_checkpoint, save_checkpoint
 from .experts import (STREAM_NOISE, STREAM_TI2V, Expert, expert_for_step, experts_from_recipe, planned_updates,
@@ -282,11 +283,13 @@ class Trainer:
         model.train()
         optimizer = make_optimizer(params, expert.optimizer)
         scheduler = make_scheduler(optimizer, expert.lr_schedule, total_updates)
-        if self.deepspeed:
+        if self.deepspeed:  # check_recipe allows only speed.save_attention here
+            apply_speed_options(model, self.recipe.speed)
             engine, _ = self.accelerator.prepare(model, optimizer)
             return ExpertState(expert, engine, params, optimizer, scheduler, engine=engine)
         if not self.offload:
             model.to(self.device)
+        apply_speed_options(model, self.recipe.speed)
         wrapped = self.accelerator.prepare_model(model, device_placement=not self.offload)
         return ExpertState(expert, wrapped, params, optimizer, scheduler)
 

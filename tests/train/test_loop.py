@@ -221,3 +221,21 @@ def test_offloaded_idle_expert_waits_on_the_host_and_swaps_in(tmp_path):
     assert all(v.device.type == "cpu" for s in idle.optimizer.state.values() for v in s.values() if v.ndim)
     assert all(p.device.type == "cuda" for p in trainer.states["low_noise"].model.parameters())
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_speed_options_reach_the_model(tmp_path):
+    """speed.save_attention installs the selective checkpoint policy; fp8 storage swaps the block linears."""
+    import dataclasses
+
+    from wan_model.fp8 import FP8Linear
+    from wan_model.speed import SpeedOptions
+
+    recipe = tiny_recipe(tmp_path, steps=2)
+    recipe = dataclasses.replace(recipe, speed=SpeedOptions(compile=False, save_attention="all", fp8_base="storage"),
+                                 training=dataclasses.replace(recipe.training, gradient_checkpointing=True))
+    trainer = make_trainer(recipe)
+    model = trainer.states["high_noise"].model
+    assert model.checkpoint_context_fn is not None
+    assert isinstance(model.blocks[0].self_attn.q.base_layer, FP8Linear)
+    record = trainer.train_step()
+    assert math.isfinite(record["loss"])

@@ -115,3 +115,20 @@ def test_preview_settings_go_together_and_not_under_zero3(tmp_path):
     body["training"]["sample_prompts"] = ["mystyle, a ball"]
     body["training"]["deepspeed"] = "zero3"
     fails(tmp_path, body, "recipe.yaml: training", "ZeRO-3 shards")
+
+
+def test_speed_section_defaults_to_the_plain_path_and_is_typed(tmp_path):
+    from train.recipe import PLAIN_SPEED
+
+    assert load_recipe(write(tmp_path, base()), check_release=False).speed == PLAIN_SPEED
+    body = base()
+    body["speed"] = {"compile": True, "save_attention": "all", "fp8_base": "matmul"}
+    speed = load_recipe(write(tmp_path, body), check_release=False).speed
+    assert (speed.compile, speed.save_attention, speed.fp8_base) == (True, "all", "matmul")
+    body["speed"] = {"fp8": "matmul"}
+    fails(tmp_path, body, "speed.fp8 is not a known key; did you mean 'fp8_base'")
+    body["speed"] = {"fp8_base": "int4"}
+    fails(tmp_path, body, "speed.fp8_base: 'int4' is not allowed")
+    body["speed"] = {"compile": True}
+    body["training"]["deepspeed"] = "zero2"
+    fails(tmp_path, body, "not combined with DeepSpeed")
