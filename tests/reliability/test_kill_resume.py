@@ -27,13 +27,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_the_straight_run(tmp_pa
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
 
-    done = list_checkpoints(out / "checkpoints")
-    assert done and int(done[-1].name.split("-")[1]) <= kill_after < STEPS, (kill_after, done)
+    done, logged = list_checkpoints(out / "checkpoints"), len(losses(out))  # a loaded machine may pass kill_after
+    assert done and int(done[-1].name.split("-")[1]) <= logged < STEPS, (logged, done)
     assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # left behind by the kill
     assert train_lora.main([str(killed), "--resume", "latest"]) == 0
 
     straight = base / "straight"
-    assert losses(out) == losses(straight) and len(losses(out)) == STEPS, f"killed after step {kill_after}"
+    assert losses(out) == losses(straight) and len(losses(out)) == STEPS, f"killed after step {logged}"
     assert adapters(out, STEPS) and same_adapters(adapters(out, STEPS), adapters(straight, STEPS))
     ends = list_checkpoints(out / "checkpoints")[-1], list_checkpoints(straight / "checkpoints")[-1]
     for expert in ("high_noise", "low_noise"):
