@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from data.dataset import CachedDataset, make_dataloader
     from train.checkpoints import resolve_resume
-    from train.loop import LoaderSource, Trainer, make_accelerator, run
+    from train.batches import LoaderSource
+    from train.loop import Trainer, make_accelerator, run
     from train.recipe import load_recipe, trains
     from train.run_guard import GracefulStop, RunLock, check_output_writable
     from wan_model.checkpoint import load_transformer

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import device_fields, emit  # noqa: E402
 from bench.sample import build_expert  # noqa: E402
-from train.loop import Batch, Trainer, run  # noqa: E402
+from train.batches import Batch  # noqa: E402
+from train.loop import Trainer, run  # noqa: E402
 from train.recipe import load_recipe, trains  # noqa: E402
 
 

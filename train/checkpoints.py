@@ -117,7 +117,6 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(trainer, keep_last: int) -> Path:
     """Write the trainer's state at its current step (collective: every process calls it). Refuses to
     write non-finite LoRA weights. Returns the final folder."""
-    acc = trainer.accelerator
     root = checkpoint_root(trainer.settings.output_dir)
     final = root / f"step-{trainer.step:08d}"
     tmp = root / f"step-{trainer.step:08d}.tmp"

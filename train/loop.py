@@ -22,135 +22,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from wan_model.schedule import add_noise, flow_target, loss_weighting, timestep_to_sigma
 from wan_model.speed import apply_speed_options
 
+from .batches import BatchSource
 from .checkpoints import checkpoint_root, list_checkpoints, load_checkpoint, save_checkpoint
 from .experts import (STREAM_NOISE, STREAM_TI2V, Expert, expert_for_step, experts_from_recipe, planned_updates,
                       step_generator, step_timesteps)
 from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
 from .metrics import MetricsLogger
+from .objective import flow_matching_loss
 from .recipe import Recipe, TrainingSettings
-
-
-@dataclass
-class Batch:
-    """One micro-batch of cached training pairs, all from one bucket.
-
-    latents: [B, C, F, H, W] clean VAE latents x0; context: [B, L, D] text embeddings; context_lens: [B];
-    image_cond: [B, 16, F, H, W] (i2v: VAE latents of the first frame then black frames) or None;
-    clip_ids: which clips these are (named when a step goes non-finite)."""
-
-    latents: Tensor
-    context: Tensor
-    context_lens: Tensor | None
-    image_cond: Tensor | None
-    clip_ids: list[str]
-
-    def to(self, device: torch.device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.latents), move(self.context), move(self.context_lens), move(self.image_cond),
-                     self.clip_ids)
-
-
-class BatchSource(Protocol):
-    """Random access to this process's micro-batches: `batch(i)` is the same for the same i, so a resumed
-    run continues from micro-batch `step * grad_accum` with nothing but the step stored."""
-
-    def batch(self, index: int) -> Batch: ...
-
-
-class LoaderSource:
-    """`BatchSource` over a resumable bucket loader (data.dataset.make_dataloader).
-
-    Process k of n takes the loader's global batches k, k + n, k + 2n, ...; batch(i) is global batch
-    i * n + k, found by epoch = g // len(loader) and position = g % len(loader). Consecutive calls read
-    on from the open iterator; any other index (a resume, or n > 1) re-positions the loader first."""
-
-    def __init__(self, loader, process_index: int = 0, num_processes: int = 1):
-        if len(loader) == 0:
-            raise ValueError("the data loader yields no batches; is batch_size larger than every bucket with "
-                             "drop_last, or is the cache empty?")
-        self.loader, self.rank, self.world = loader, process_index, num_processes
-        self.iterator, self.next_global = None, None
-
-    def batch(self, index: int) -> Batch:
-        g = index * self.world + self.rank
-        if g != self.next_global:
-            epoch, position = divmod(g, len(self.loader))
-            self.loader.load_state_dict({**self.loader.state_dict(), "epoch": epoch, "position": position})
-            self.loader.set_epoch(epoch)
-            self.iterator = iter(self.loader)
-        raw = next(self.iterator, None)
-        if raw is None:  # end of an epoch: the next one starts at its batch 0
-            self.loader.set_epoch(g // len(self.loader))
-            self.iterator = iter(self.loader)
-            raw = next(self.iterator)
-        self.next_global = g + 1 if self.world == 1 else None
-        return Batch(raw["latents"], raw["context"], raw["context_len"], raw.get("image_cond"), list(raw["clip_id"]))
-
-
-# ------------------------------------------------------------------------------------------------ the maths
-
-def i2v_mask(latents: Tensor) -> Tensor:
-    """[B, C, F, H, W] -> [B, 4, F, H, W]: 1 on latent frame 0 (the given image), 0 elsewhere."""
-    b, _, f, h, w = latents.shape
-    mask = torch.zeros(b, 4, f, h, w, dtype=latents.dtype, device=latents.device)
-    mask[:, :, 0] = 1
-    return mask
-
-
-def token_timesteps(t: Tensor, clean_first: Tensor, grid: tuple[int, int, int]) -> Tensor:
-    """ti2v per-token timesteps [B, L], L = F*H*W tokens in (F, H, W) order: t everywhere, 0 on the first
-    frame's H*W tokens where `clean_first` [B] is set (textimage2video.py: mask2[:, ::2, ::2] * t)."""
-    f, h, w = grid
-    per_token = t[:, None].expand(-1, f * h * w).clone()
-    first = torch.zeros(f * h * w, dtype=torch.bool, device=t.device)
-    first[: h * w] = True
-    return per_token.masked_fill(clean_first[:, None] & first[None], 0.0)
-
-
-def flow_matching_loss(model: torch.nn.Module, batch: Batch, t: Tensor, noise: Tensor, task: str,
-                       clean_first: Tensor | None, weighting: str) -> tuple[Tensor, Tensor]:
-    """Weighted MSE of the predicted velocity; returns (mean loss, per-sample losses [B] float32).
-
-    t: [B] train timesteps; noise: like batch.latents; clean_first: [B] bool (ti2v) or None."""
-    x0 = batch.latents
-    sigma = timestep_to_sigma(t)
-    x_t = add_noise(x0, noise, sigma)
-    target = flow_target(x0, noise)
-    frame_weight = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1, device=x0.device)
-    timestep = t
-    if task == "i2v":
-        if batch.image_cond is None:
-            raise ValueError("i2v training needs image_cond in every batch; re-run prepare for an i2v preset")
-        x_in = torch.cat([x_t, i2v_mask(x0), batch.image_cond.to(x_t.dtype)], dim=1)
-    elif task == "ti2v" and clean_first is not None and bool(clean_first.any()):
-        keep = clean_first.view(-1, 1, 1, 1, 1)
-        first = torch.zeros_like(frame_weight, dtype=torch.bool)
-        first[:, :, 0] = True
-        x_in = torch.where(keep & first, x0, x_t)
-        frame_weight = frame_weight.masked_fill(keep & first, 0.0)
-        p = model_patch(model)
-        grid = (x0.shape[2] // p[0], x0.shape[3] // p[1], x0.shape[4] // p[2])
-        timestep = token_timesteps(t, clean_first, grid)
-    else:
-        x_in = x_t
-    pred = model(x_in, timestep, batch.context, batch.context_lens)
-    err = (pred.float() - target.float()).pow(2).mean(dim=(1, 3, 4), keepdim=True)  # [B, 1, F, 1, 1]
-    per_sample = (err * frame_weight).sum(dim=(1, 2, 3, 4)) / frame_weight.sum(dim=(1, 2, 3, 4))
-    per_sample = per_sample * loss_weighting(weighting, sigma.float())
-    return per_sample.mean(), per_sample.detach()
-
-
-def model_patch(model: torch.nn.Module) -> tuple[int, int, int]:
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the WanTransformer
-    return inner.config.patch_size
 
 
 # ------------------------------------------------------------------------------------------------ set-up

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conditioning import i2v_mask, token_timesteps
 from .config import ModelPreset
 from .lora_apply import LoraSet, merge_loras
 from .solvers import make_solver
@@ -68,27 +69,6 @@ def snap_size(height: int, width: int, frames: int, preset: ModelPreset) -> tupl
         warnings.warn(f"size {height}x{width}x{frames} is not a multiple of the {preset.name} strides "
                       f"({h_mult}x{w_mult}, frames 1+{t_stride}k); using {new_h}x{new_w}x{new_f}", stacklevel=2)
     return new_h, new_w, new_f
-
-
-def i2v_mask(latent_frames: int, height: int, width: int, device=None) -> torch.Tensor:
-    """The I2V-A14B conditioning mask [4, F', H', W']: 1 on the first latent frame, 0 elsewhere.
-
-    The official code builds a per-pixel-frame mask (first frame 1), repeats the first frame 4 times so the
-    count is divisible by the VAE's temporal stride 4, and folds each group of 4 frames into 4 channels;
-    the result is 1 in all 4 channels of latent frame 0 and 0 after it.
-    """
-    mask = torch.zeros(4, latent_frames, height, width, device=device)
-    mask[:, 0] = 1.0
-    return mask
-
-
-def token_timesteps(t: torch.Tensor, first_frame_clean: bool, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Per-token timesteps [B, L] for TI2V: `t` everywhere, 0 on the first latent frame's tokens when it is clean."""
-    f, h, w = grid
-    ts = t.view(-1, 1, 1).expand(t.shape[0], f, h * w).clone()
-    if first_frame_clean:
-        ts[:, 0] = 0.0
-    return ts.flatten(1)
 
 
 class WanPipeline:
@@ -233,8 +213,7 @@ class WanPipeline:
         if request.image is not None:
             image_latents = self._image_condition(request.image, frames, height, width)
             if preset.task == "i2v":
-                mask = i2v_mask(shape[1], shape[2], shape[3], self.device)
-                cond_channels = torch.cat([mask, image_latents], dim=0)  # [20, F', H', W']
+                cond_channels = torch.cat([i2v_mask(image_latents[None])[0], image_latents], dim=0)  # [20, F', H', W']
             else:
                 clean_first = image_latents[:, :1]  # [48, 1, H', W']
                 latents[:, :1] = clean_first
@@ -258,7 +237,7 @@ class WanPipeline:
             x = x[None].expand(2, *x.shape).to(self.dtype)
             t_batch = torch.full((2,), float(t), device=self.device)
             if preset.task == "ti2v":
-                t_batch = token_timesteps(t_batch, clean_first is not None, grid)
+                t_batch = token_timesteps(t_batch, torch.full((2,), clean_first is not None, device=self.device), grid)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 pred = model(x, t_batch, context).float()
             velocity = pred[1] + guide * (pred[0] - pred[1])

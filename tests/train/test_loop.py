@@ -9,7 +9,10 @@ import torch
 
 from data.config import DatasetConfig, ModelSource
 from train.experts import expert_for_step
-from train.loop import Batch, NonFiniteError, Trainer, flow_matching_loss, i2v_mask, run, token_timesteps
+from train.batches import Batch
+from train.loop import NonFiniteError, Trainer, run
+from train.objective import flow_matching_loss
+from wan_model.conditioning import i2v_mask, token_timesteps
 from train.recipe import ExpertRecipe, LoraSettings, OptimizerSettings, Recipe, TrainingSettings
 from wan_model.config import get_preset
 from wan_model.transformer import WanTransformer

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from train.run_guard import (GracefulStop, OutputNotWritableError, RunLock, RunLockedError,
+from train.run_guard import (OutputNotWritableError, RunLock, RunLockedError,
                              check_output_writable)
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from wan_model.pipeline import GenerationRequest, i2v_mask, load_pipeline, snap_size
+from wan_model.conditioning import i2v_mask
+from wan_model.pipeline import GenerationRequest, load_pipeline, snap_size
 from wan_model.config import PRESETS
 from wan_model.solvers import make_solver
 from wan_model.tiny_release import write_tiny_release
@@ -59,7 +60,7 @@ def test_i2v_needs_an_image_and_conditions_on_it(pipes):
     a = pipe.generate(request(image=img)).latents
     b = pipe.generate(request(image=-img)).latents
     assert not torch.equal(a, b)
-    mask = i2v_mask(3, 2, 2)
+    mask = i2v_mask(torch.zeros(1, 16, 3, 2, 2))[0]
     assert mask.shape == (4, 3, 2, 2) and mask[:, 0].eq(1).all() and mask[:, 1:].eq(0).all()
 
 
