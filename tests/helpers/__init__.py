@@ -1,1 +1,0 @@
-"""Test helpers shared across rooms (tiny tokenizer, ...)."""
