@@ -17,22 +17,41 @@ ROOT = Path(__file__).resolve().parents[2]
 # Each step sleeps first, so a signal or a kill lands between known steps on a loaded 2-core machine;
 # the sleep changes no number. Threads are pinned to the test process's count: same reductions, same bits.
 _SLOW_TRAIN = """
-import sys, time, torch
+import pathlib, sys, time, torch
 torch.set_num_threads({threads})
 import train.loop as loop
 step = loop.Trainer.train_step
-loop.Trainer.train_step = lambda self: (time.sleep({delay}), step(self))[1]
+def held(self):
+    pathlib.Path({marker!r}).touch()  # inside train_step: a signal now is a signal mid-step
+    time.sleep(600)
+loop.Trainer.train_step = lambda self: (time.sleep({delay}) if self.step < {hold_from} else held(self), step(self))[1]
 import train_lora
 sys.exit(train_lora.main(sys.argv[1:]))
 """
 
 
-def start_training(recipe: Path, *args: str, delay: float = 0.3) -> subprocess.Popen:
-    """`python train_lora.py RECIPE ARGS` with each step delayed by `delay` s; stdout+stderr piped."""
-    code = _SLOW_TRAIN.format(threads=torch.get_num_threads(), delay=delay)
+def start_training(recipe: Path, *args: str, delay: float = 0.3, hold_from: int = 10**9) -> subprocess.Popen:
+    """`python train_lora.py RECIPE ARGS` with each step delayed by `delay` s, and held (600 s) from step
+    `hold_from` on: a run caught mid-step whatever the load; stdout+stderr piped."""
+    code = _SLOW_TRAIN.format(threads=torch.get_num_threads(), delay=delay, hold_from=hold_from,
+                              marker=str(held_marker(recipe)))
     return subprocess.Popen([sys.executable, "-c", code, str(recipe), *args], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def held_marker(recipe: Path) -> Path:
+    """The file a run started by `start_training(recipe, hold_from=k)` creates once it is held in step k."""
+    return recipe.with_suffix(".held")
+
+
+def wait_until_held(proc: subprocess.Popen, recipe: Path, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while not held_marker(recipe).exists():
+        if proc.poll() is not None or time.time() > end:
+            proc.kill()
+            raise AssertionError(f"training was never held (exit {proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(0.01)
 
 
 def logged_steps(output_dir: Path) -> list[dict]:

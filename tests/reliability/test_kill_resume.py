@@ -22,7 +22,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_the_straight_run(tmp_pa
     base = shared_runs(tmp_path_factory)
     killed, out = recipe(base, "killed"), base / "killed"
     kill_after = random.Random().randint(3, STEPS - 1)  # steps logged before the kill; first checkpoint at 2
-    proc = start_training(killed)
+    # Held at step kill_after whatever the load; the kill may still land inside the checkpoint write before it.
+    proc = start_training(killed, hold_from=kill_after)
     wait_for_step(proc, out, kill_after)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL

@@ -14,7 +14,8 @@ import train_lora
 from train.checkpoints import list_checkpoints
 from train.run_guard import RunLockedError
 
-from . import STEPS, adapters, losses, recipe, same_adapters, shared_runs, start_training, wait_for_step
+from . import (STEPS, adapters, losses, recipe, same_adapters, shared_runs, start_training, wait_for_step,
+               wait_until_held)
 
 
 @pytest.mark.slow
@@ -45,13 +46,13 @@ def test_first_signal_checkpoints_and_exits_cleanly_then_resume_finishes(tmp_pat
 def test_second_signal_exits_at_once_and_the_last_checkpoint_still_resumes(tmp_path_factory):
     base = shared_runs(tmp_path_factory)
     path, out = recipe(base, "twice"), base / "twice"
-    proc = start_training(path, delay=1.0)  # a long step: both signals land inside it
-    wait_for_step(proc, out, 3)
+    proc = start_training(path, hold_from=3)  # step 3 is held: both signals land inside it
+    wait_until_held(proc, path)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM, proc.stdout.read()
     assert time.time() - sent < 3
     assert "exiting now" in proc.stdout.read()
     assert list_checkpoints(out / "checkpoints"), "the step-2 checkpoint must survive"
@@ -62,10 +63,10 @@ def test_second_signal_exits_at_once_and_the_last_checkpoint_still_resumes(tmp_p
 @pytest.mark.slow
 def test_second_run_into_the_same_output_folder_is_refused_with_owner(tmp_path_factory):
     base = shared_runs(tmp_path_factory)
-    path, out = recipe(base, "locked"), base / "locked"
-    proc = start_training(path, delay=1.0)
+    path = recipe(base, "locked")
+    proc = start_training(path, hold_from=1)  # holds the lock while the second run starts
     try:
-        wait_for_step(proc, out, 1)
+        wait_until_held(proc, path)
         with pytest.raises(RunLockedError, match=rf"pid {proc.pid} on host {socket.gethostname()}"):
             train_lora.main([str(path)])
     finally:
