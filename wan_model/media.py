@@ -70,7 +70,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     """An image file as [3, H, W] float in [-1, 1] (RGB; alpha dropped)."""
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+            array = np.array(img.convert("RGB"))  # a writable copy for torch.from_numpy
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read as an image ({err})") from None
     return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0
