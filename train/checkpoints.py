@@ -10,9 +10,9 @@
 Written to `step-N.tmp/`, every file fsynced, then renamed to `step-N/` (a rename is atomic), so a
 crash leaves either a whole checkpoint or a `.tmp` folder that is ignored and cleared. state.json, written
 last, holds every other file's sha256: a checkpoint truncated or altered later is refused on resume
-(CheckpointError naming the file), never loaded. A failed write (disk full) leaves the earlier checkpoints. The data position
-is the step itself: micro-batch i of a run is `source.batch(i)` and every random draw is seeded by the
-step (train/experts.py), so nothing else about the data needs storing.
+(CheckpointError naming the file), never loaded. A failed write (disk full) leaves the earlier checkpoints.
+The data position is the step itself: micro-batch i of a run is `source.batch(i)` and every random draw is
+seeded by the step (train/experts.py), so nothing else about the data needs storing.
 """
 
 from __future__ import annotations
