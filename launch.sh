@@ -44,7 +44,7 @@ case "$verb" in
     setup
     exec "$VENV/bin/python" sample.py evaluate "$@" ;;
   help|-h|--help)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     echo "unknown verb '$verb'; run ./launch.sh help" >&2; exit 2 ;;
 esac

@@ -14,7 +14,7 @@ Generate one video (T2V-A14B, I2V-A14B or TI2V-5B, from an official release fold
 Compare adapters on a prompt suite (same seeds, base model first), writing a contact sheet PNG per
 prompt and report.html:
 
-    python sample.py evaluate --release DIR --suite recipes/eval_suite.yaml \\
+    python sample.py evaluate --release DIR --suite recipes/demo_suite.yaml \\
         --adapters outputs/run/adapters/step-00001000 outputs/run/adapters/step-00002000 --run outputs/run
 
 Memory options: --offload-experts (one expert on the GPU at a time), --vae-tiling,

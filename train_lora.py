@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.recipe import load_recipe, trains
     from train.run_guard import GracefulStop, RunLock, check_output_writable
     from wan_model.checkpoint import load_transformer
+    from wan_model.files import atomic_write_text
     from wan_model.release import load_release
 
     recipe = load_recipe(args.recipe)
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         lora_bytes = sum(p.numel() * 4 for state in trainer.states.values() for p in state.params)
         check_output_writable(s.output_dir, need_bytes=6 * lora_bytes)
         lock.acquire()
+        # The run folder keeps the recipe it was trained with (the evaluation report shows it).
+        atomic_write_text(Path(s.output_dir) / "recipe.yaml", Path(args.recipe).read_text(encoding="utf-8"))
     try:
         with GracefulStop() as stop:
             history = run(trainer, resume, stop_requested=lambda: stop.stop)

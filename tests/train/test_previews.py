@@ -19,6 +19,7 @@ def test_previews_render_at_the_interval_with_the_live_adapters(tmp_path):
     assert (samples / "step-00000002" / "0.mp4").stat().st_size > 0
     # Both experts trained between the previews: the same seed renders a different video.
     assert first.read_bytes() != last.read_bytes()
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == recipe.read_text()
     # Training went on after each preview: adapters of step 4 exist for both experts.
     for expert in ("high_noise", "low_noise"):
         assert (tmp_path / "run" / "adapters" / "step-00000004" / f"{expert}.safetensors").is_file()
