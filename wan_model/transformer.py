@@ -112,6 +112,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.sequence_parallel = None  # set by WanTransformer.enable_sequence_parallel (self-attention only)
 
     def forward(self, x: Tensor, context: Tensor | None = None,
                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -123,7 +124,11 @@ class Attention(nn.Module):
         v = self.v(source).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q.to(v.dtype), k.to(v.dtype), v)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel.attention(q, k, v, attention)
+        else:
+            out = attention(q, k, v)
         return self.o(out.flatten(2))
 
 
@@ -181,6 +186,7 @@ class WanTransformer(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self._checkpoint_every = 0  # 0: off; n: recompute every n-th block in backward
+        self.sequence_parallel = None  # a wan_model.sequence_parallel.SequenceParallel splits the tokens
         # Selective checkpointing: block index -> checkpoint's (forward, recompute) context managers, e.g.
         # `torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)` (see `speed.py`); None: plain.
         self.checkpoint_context_fn: Callable[[int], tuple[ContextManager, ContextManager]] | None = None
@@ -215,6 +221,13 @@ class WanTransformer(nn.Module):
             raise ValueError(f"gradient checkpointing: every must be >= 1 (1 = every block), got {every}")
         self._checkpoint_every = every if enabled else 0
 
+    def enable_sequence_parallel(self, sp) -> None:
+        """Split each sample's video tokens over the processes of `sp` (a `wan_model.sequence_parallel.
+        SequenceParallel`; Ulysses self-attention); None: off."""
+        self.sequence_parallel = sp
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = sp
+
     def compile_blocks(self, **compile_kwargs) -> None:
         """`torch.compile` every block in place (regional compilation; parameter names unchanged).
 
@@ -245,6 +258,11 @@ class WanTransformer(nn.Module):
         # Picks each attention kernel for these lengths once, outside any compiled block.
         prepare_attention(x.shape[0], x.shape[1], (x.shape[1], cfg.text_len), cfg.num_heads, cfg.head_dim,
                           x.device)
+        sp = self.sequence_parallel
+        if sp is not None:  # this process keeps L/P tokens through the blocks (wan_model/sequence_parallel.py)
+            x, rope = sp.shard(x), tuple(sp.shard(t) for t in rope)
+            e = e if e.shape[1] == 1 else sp.shard(e)
+            e0 = e0 if e0.shape[1] == 1 else sp.shard(e0)
         recompute = self._checkpoint_every and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and i % self._checkpoint_every == 0:
@@ -254,6 +272,8 @@ class WanTransformer(nn.Module):
             else:
                 x = block(x, e0, context, rope)
         out = self.head(x, e)
+        if sp is not None:
+            out = sp.gather(out)
         return unpatchify(out, grid, cfg.patch_size, cfg.out_dim).to(latents.dtype)
 
     def _token_grid(self, latents: Tensor) -> tuple[int, int, int]:
