@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
               for name, path in release.expert_paths.items() if trains(recipe, name)}
     dataset = CachedDataset(recipe.dataset.cache_dir, seed=recipe.dataset.seed, text_len=recipe.preset.text_len)
     loader = make_dataloader(dataset, s.batch_size, seed=s.seed)
-    source = LoaderSource(loader, accelerator.process_index, accelerator.num_processes)
+    # Sequence-parallel processes all read the same batches (each takes a share of its tokens).
+    sp = s.sequence_parallel > 1
+    source = LoaderSource(loader, 0 if sp else accelerator.process_index, 1 if sp else accelerator.num_processes)
     trainer = Trainer(recipe, models, source, accelerator, total_steps=args.max_steps)
     resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
     lock = RunLock(s.output_dir) if accelerator.is_main_process else None

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from wan_model.sequence_parallel import SequenceParallel
 from wan_model.speed import apply_speed_options
 
 from .batches import BatchSource
@@ -133,6 +134,14 @@ class Trainer:
         self.device = self.accelerator.device
         self.total_steps = total_steps or self.settings.steps
         self.deepspeed = self.settings.deepspeed is not None
+        self.sequence_parallel = self.settings.sequence_parallel
+        if self.sequence_parallel > 1 and self.sequence_parallel != self.accelerator.num_processes:
+            raise ValueError(f"training.sequence_parallel = {self.sequence_parallel} must equal the number of "
+                             f"processes ({self.accelerator.num_processes}); launch with --num_processes "
+                             f"{self.sequence_parallel}")
+        # (processes, this rank) as the data sees them: sequence-parallel processes share every sample.
+        self.data_world = ((1, 0) if self.sequence_parallel > 1
+                           else (self.accelerator.num_processes, self.accelerator.process_index))
         self.experts = experts_from_recipe(recipe)
         self.base_dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float32
         self.step = 0
@@ -165,6 +174,8 @@ class Trainer:
         model.to(self.base_dtype)
         params = attach_lora(model, expert.lora, seed=self.settings.seed * 100 + index)
         model.enable_gradient_checkpointing(self.settings.gradient_checkpointing)
+        if self.sequence_parallel > 1:
+            model.enable_sequence_parallel(SequenceParallel())
         model.train()
         optimizer = make_optimizer(params, expert.optimizer)
         scheduler = make_scheduler(optimizer, expert.lr_schedule, total_updates)
@@ -203,7 +214,8 @@ class Trainer:
         expert = expert_for_step(step, self.experts, s)
         swap = self.activate(expert.name)
         state = self.states[expert.name]
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        # Under sequence parallelism every process draws the same batch, timesteps and noise.
+        world, rank = self.data_world
         losses, per_sample, timesteps, clips = [], [], [], []
         poisoned = False
         for micro in range(s.grad_accum):
@@ -235,7 +247,9 @@ class Trainer:
             if self.deepspeed:
                 state.engine.backward(loss)
             else:
-                (loss / s.grad_accum).backward()
+                # Each process's gradients are its token shard's share; DDP averages them over the
+                # processes, so scaling by the shard count turns that average into the needed sum.
+                (loss * self.sequence_parallel / s.grad_accum).backward()
         grad_norm = self._update(state, poisoned)
         skipped = poisoned or not math.isfinite(grad_norm)
         mean_loss = torch.stack(losses).mean()

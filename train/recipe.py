@@ -134,6 +134,9 @@ class TrainingSettings:
     sample_size: tuple[int, int, int] = (480, 832, 81)  # height, width, frames of the previews
     sample_steps: int = 20  # solver steps per preview (the preset's own count is 40 / 50)
     deepspeed: Literal["zero2", "zero3"] | None = None  # None: plain DDP / single device
+    # > 1: every process works on the same sample, each on 1/N of its video tokens (Ulysses, for long
+    # clips: wan_model/sequence_parallel.py); must equal the number of processes. 1: data parallel.
+    sequence_parallel: int = 1
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses or gradients in a row
 
     def __post_init__(self) -> None:
@@ -149,6 +152,11 @@ class TrainingSettings:
         if self.sample_every and self.deepspeed == "zero3":
             raise ValueError("previews during training need whole weights, which ZeRO-3 shards; use zero2, or "
                              "render the exported adapters with `python sample.py evaluate`")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be >= 1, found {self.sequence_parallel}")
+        if self.sequence_parallel > 1 and self.deepspeed is not None:
+            raise ValueError("sequence_parallel > 1 is not combined with DeepSpeed yet; use plain DDP "
+                             "(training.deepspeed: null)")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, found {self.sample_steps}")
         if not 0.0 <= self.ti2v_image_prob <= 1.0:
