@@ -48,8 +48,8 @@ def build_random(preset: ModelPreset, device: torch.device, dtype: torch.dtype =
                  checkpoint_every: int = 1) -> WanTransformer:
     """A frozen WanTransformer of the preset's shape with random weights, built without a CPU copy."""
     with torch.device("meta"):
-        model = WanTransformer(preset.transformer)
-    model = model.to_empty(device=device).to(dtype)
+        model = WanTransformer(preset.transformer).to(dtype)  # cast on meta: no fp32 copy on the device
+    model = model.to_empty(device=device)
     model.init_weights()
     # init_weights zeroes the output projection (the official init); random values keep the output informative.
     torch.nn.init.normal_(model.head.head.weight, std=0.02)

@@ -36,8 +36,8 @@ TINY = {"wan2.1": (TINY_VAE21, 9, 32, 32), "wan2.2": (TINY_VAE22, 9, 32, 32)}
 def build_random(config: VAEConfig, device: torch.device, dtype: torch.dtype):
     """A frozen VAE of `config` with random weights, built without a CPU copy."""
     with torch.device("meta"):
-        vae = build_vae(config)
-    vae = vae.to_empty(device=device).to(dtype)
+        vae = build_vae(config).to(dtype)  # cast on meta: no fp32 copy on the device
+    vae = vae.to_empty(device=device)
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if name.endswith("gamma"):
