@@ -7,8 +7,11 @@ stand-ins for what cannot be had on the GPU machine: random base weights (built 
 materialised on the GPU in bf16; the second expert then moves to host memory, as the trainer offloads
 the idle one) and one synthetic cached sample (random latents of the bucket's shape, random text
 embeddings). Both experts train, `routing: phased` with half the steps each, so the expert swap is
-measured. Reported (JSON): median s/step per expert (first step of each phase excluded), swap seconds,
-peak GPU memory, the loss sequence, the exported adapter files.
+measured. A step is `--grad-accum` micro-batches (default 1, to compare with bench/train_step.py; the
+recipes' 4 make each step four forward+backward passes). `--memory-gib 80` runs a 141 GB card as an 80 GB
+one (the trainer's offload decision reads the cap). Reported (JSON): median s/step per expert (first step
+of each phase excluded), every step's seconds, swap seconds, peak GPU memory, the loss sequence, the
+exported adapter files.
 """
 
 from __future__ import annotations
@@ -53,13 +56,22 @@ def main(argv=None) -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--output", type=Path, default=Path("outputs/bench_train_run"))
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per step (the recipes' 4 make a step four forward+backward passes)")
+    ap.add_argument("--offload", choices=["auto", "always", "never"], default=None,
+                    help="training.offload_inactive_expert (default: the recipe's)")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="cap this process's GPU memory (80: run a 141 GB H200 as an 80 GB H100)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     recipe = load_recipe(args.recipe, check_release=False)
     training = dataclasses.replace(recipe.training, steps=args.steps, routing="phased",
                                    phase_steps=max(1, args.steps // 2), save_every=0, log_every=1,
-                                   output_dir=str(args.output), deepspeed=None, sample_every=0)
+                                   grad_accum=args.grad_accum,
+                                   offload_inactive_expert=args.offload or recipe.training.offload_inactive_expert,
+                                   output_dir=str(args.output), deepspeed=None, sample_every=0,
+                                   sample_prompts=())
     recipe = dataclasses.replace(recipe, training=training)
     preset = recipe.preset
     cuda = torch.cuda.is_available()  # CPU (with the quickstart recipe) only checks the script
@@ -79,6 +91,9 @@ def main(argv=None) -> None:
     source = SyntheticSource(latent_shape, preset.transformer.text_dim, preset.task == "i2v")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        if args.memory_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     trainer = Trainer(recipe, models, source)
     records: list[tuple[dict, float]] = []
     step_fn = trainer.train_step
@@ -97,7 +112,9 @@ def main(argv=None) -> None:
     for record, seconds in records:
         per_expert.setdefault(record["expert"], []).append(seconds - (record["swap_s"] or 0.0))
     out = dict(recipe=str(args.recipe), preset=preset.name, latent_shape=latent_shape, steps=args.steps,
+               grad_accum=args.grad_accum, memory_gib=args.memory_gib, speed=dataclasses.asdict(recipe.speed),
                offload_inactive_expert=trainer.offload,
+               step_s=[round(seconds, 2) for _, seconds in records],
                s_per_step={k: round(statistics.median(v[1:] or v), 3) for k, v in per_expert.items()},
                swap_s=[round(r["swap_s"], 2) for r, _ in records if r["swap_s"]],
                losses=[round(r["loss"], 4) for r, _ in records], experts=[r["expert"] for r, _ in records],

@@ -125,7 +125,7 @@ def add_lora(model: nn.Module, targets: list[str], rank: int) -> list[nn.Paramet
 def speed_options(args) -> SpeedOptions:
     return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
                         save_attention_every=args.save_every, fp8_base=args.fp8, attention_backend=args.attention,
-                        offload=args.offload)
+                        offload=args.offload, host_checkpoints=args.host_checkpoints)
 
 
 def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> dict:
@@ -146,6 +146,8 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         setup_gib = torch.cuda.memory_allocated() / 2**30
+        if args.memory_gib:
+            args.memory_fraction = args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
         if args.memory_fraction:
             torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -227,6 +229,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--memory-fraction", type=float, default=None,
                     help="cap this process's GPU memory during the training steps (24 GiB mode: 24/79.1)")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="cap the training steps at this many GiB (sets --memory-fraction from the card's size)")
+    ap.add_argument("--host-checkpoints", action="store_true",
+                    help="keep checkpointed block inputs in pinned host memory (ours)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -253,6 +259,7 @@ def main(argv=None) -> None:
     summary = dict(label=args.label, preset=args.preset, speed=vars(speed_options(args)), size=args.size,
                    frames=args.frames, latent_shape=latent_shape,
                    rank=args.rank, checkpointing=args.checkpointing, memory_fraction=args.memory_fraction,
+                   memory_gib=args.memory_gib,
                    matmul_ceiling_tflops=round(ceiling, 1),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, results=results)

@@ -97,6 +97,14 @@ def should_offload(mode: str, expert_bytes: list[int], free_bytes: int | None) -
     return sum(expert_bytes) + ACTIVATION_RESERVE_BYTES > free_bytes
 
 
+def cuda_budget_bytes(device: torch.device) -> int:
+    """Bytes this process may still allocate on `device`: the free memory, or less under a
+    `torch.cuda.set_per_process_memory_fraction` cap (a 141 GB card run as an 80 GB one)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    cap = torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
+    return int(min(free, cap - torch.cuda.memory_reserved(device)))
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 
 @dataclass
@@ -159,7 +167,7 @@ class Trainer:
         if self.device.type == "cuda":  # what is free once the experts' own weights are counted out
             on_device = sum(p.numel() * p.element_size() for e in active for p in models[e.name].parameters()
                             if p.device.type == "cuda")
-            free = torch.cuda.mem_get_info(self.device)[0] + on_device
+            free = cuda_budget_bytes(self.device) + on_device
         self.offload = not self.deepspeed and len(active) > 1 and should_offload(
             self.settings.offload_inactive_expert, sizes, free)
         if self.offload and self.accelerator.num_processes > 1:

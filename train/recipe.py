@@ -213,9 +213,10 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
     except KeyError as err:
         raise ConfigError(f"{where}: model.preset: {err.args[0]}") from None
     speed, plain = recipe.speed, PLAIN_SPEED
-    if recipe.training.deepspeed and (speed.compile, speed.fp8_base, speed.offload) != (
-            plain.compile, plain.fp8_base, plain.offload):
-        raise ConfigError(f"{where}: speed: compile, fp8_base and offload are not combined with DeepSpeed yet; "
+    if recipe.training.deepspeed and (speed.compile, speed.fp8_base, speed.offload, speed.host_checkpoints) != (
+            plain.compile, plain.fp8_base, plain.offload, plain.host_checkpoints):
+        raise ConfigError(f"{where}: speed: compile, fp8_base, offload and host_checkpoints are not combined with "
+                          f"DeepSpeed yet; "
                           f"keep only speed.save_attention under training.deepspeed")
     valid = list(expert_names(preset))
     for name in recipe.experts:

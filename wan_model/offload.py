@@ -90,3 +90,42 @@ class BlockOffloader:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class HostCheckpointInputs:
+    """Saved-tensor hooks that keep large tensors autograd saves (with checkpointing: each block's input,
+    the residual stream) in pinned host memory until backward needs them again.
+
+    With checkpointing on every block, a step stores one [B, L, dim] input per block: 40 x 0.31 GiB =
+    12.5 GiB at the A14B 480p shape, half of a 24 GiB card. Non-reentrant `torch.utils.checkpoint` saves
+    its inputs through the saved-tensor hooks active where it is called (its own hooks cover only the
+    block's inside), so using these hooks around the block loop moves exactly those inputs. The copies
+    run on the compute stream without blocking the host: a device tensor freed after the copy is reused
+    only by later work on that stream, and the copy back in backward is ordered after it too.
+
+    Tensors under `min_bytes` (timestep vectors, text rows, RoPE tables) stay where they are. `stashed`
+    counts the large tensors seen; on a CPU run they are already in host memory and are kept as they are."""
+
+    def __init__(self, min_bytes: int = 16 * 2**20):
+        self.min_bytes = min_bytes
+        self.stashed = 0
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor):
+        if isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
+            return t
+        self.stashed += 1
+        if t.device.type == "cpu":
+            return t
+        host = torch.empty_like(t, device="cpu", pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return t.device, host
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, tuple):
+            device, host = packed
+            return host.to(device, non_blocking=True)
+        return packed

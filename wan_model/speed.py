@@ -14,6 +14,8 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
     at lengths where cuDNN fails).
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
+  * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
+    (`offload.HostCheckpointInputs`); with offload: blocks, the 24 GiB mode of an A14B expert.
 Order inside `apply_speed_options`: fp8 (needs frozen weights; works on PEFT-wrapped linears), attention
 backend, checkpoint policy, offload (moves weights to the host), compile last.
 """
@@ -29,7 +31,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from .attention import set_attention_backend
 from .fp8 import quantize_linears_
-from .offload import BlockOffloader
+from .offload import BlockOffloader, HostCheckpointInputs
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -54,6 +56,7 @@ class SpeedOptions:
     fp8_base: Literal["none", "storage", "matmul"] = "storage"  # frozen block linears in e4m3
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
+    host_checkpoints: bool = False                         # checkpointed block inputs in host memory (small GPUs)
 
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k"), "fp8_base": ("none", "storage", "matmul"),
@@ -101,6 +104,7 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions) -> BlockOffload
     else:
         model.checkpoint_context_fn = self_attention_saver(
             1 if options.save_attention == "all" else options.save_attention_every)
+    model.host_checkpoints = HostCheckpointInputs() if options.host_checkpoints else None
     offloader = None
     if options.offload == "blocks":
         offloader = BlockOffloader(model.blocks, next(model.parameters()).device)

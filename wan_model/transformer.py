@@ -23,6 +23,7 @@ stay in the model dtype (bf16 in training), as diffusers' `WanTransformer3DModel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, ContextManager
@@ -35,6 +36,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from .attention import attention, prepare_attention
 from .config import TransformerConfig
+from .offload import HostCheckpointInputs
 from .rope import apply_rope, rope_tables
 
 
@@ -190,6 +192,8 @@ class WanTransformer(nn.Module):
         # Selective checkpointing: block index -> checkpoint's (forward, recompute) context managers, e.g.
         # `torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)` (see `speed.py`); None: plain.
         self.checkpoint_context_fn: Callable[[int], tuple[ContextManager, ContextManager]] | None = None
+        # Checkpointed block inputs kept in pinned host memory (`offload.HostCheckpointInputs`); None: on device.
+        self.host_checkpoints: HostCheckpointInputs | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -264,13 +268,15 @@ class WanTransformer(nn.Module):
             e = e if e.shape[1] == 1 else sp.shard(e)
             e0 = e0 if e0.shape[1] == 1 else sp.shard(e0)
         recompute = self._checkpoint_every and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            if recompute and i % self._checkpoint_every == 0:
-                context_fn = (noop_context_fn if self.checkpoint_context_fn is None
-                              else functools.partial(self.checkpoint_context_fn, i))
-                x = checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
-            else:
-                x = block(x, e0, context, rope)
+        stash = self.host_checkpoints.hooks() if recompute and self.host_checkpoints else contextlib.nullcontext()
+        with stash:
+            for i, block in enumerate(self.blocks):
+                if recompute and i % self._checkpoint_every == 0:
+                    context_fn = (noop_context_fn if self.checkpoint_context_fn is None
+                                  else functools.partial(self.checkpoint_context_fn, i))
+                    x = checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
+                else:
+                    x = block(x, e0, context, rope)
         out = self.head(x, e)
         if sp is not None:
             out = sp.gather(out)
