@@ -100,9 +100,10 @@ def should_offload(mode: str, expert_bytes: list[int], free_bytes: int | None) -
 def cuda_budget_bytes(device: torch.device) -> int:
     """Bytes this process may still allocate on `device`: the free memory, or less under a
     `torch.cuda.set_per_process_memory_fraction` cap (a 141 GB card run as an 80 GB one)."""
-    free = torch.cuda.mem_get_info(device)[0]
-    cap = torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
-    return int(min(free, cap - torch.cuda.memory_reserved(device)))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free = torch.cuda.mem_get_info(index)[0]
+    cap = torch.cuda.get_per_process_memory_fraction(index) * torch.cuda.get_device_properties(index).total_memory
+    return int(min(free, cap - torch.cuda.memory_reserved(index)))
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

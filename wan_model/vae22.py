@@ -1,6 +1,7 @@
 """Wan 2.2 VAE (TI2V-5B): z 48, stride 4x16x16, official `wan/modules/vae2_2.py` parameter names.
 
-Differences from 2.1 (`vae.py`, whose blocks this reuses):
+Differences from 2.1 (`vae.py`; both build from the layers of `vae_blocks.py` and encode/decode
+through `vae.WanVAEBase`):
   * pixels are 2x2-patchified first: [B, 3, F, H, W] -> [B, 12, F, H/2, W/2] (channel = c*4 + dx*2 + dy),
     then three 2x spatial stages, 2 * 8 = 16 pixels per latent; the decoder writes 12 channels back;
   * each encoder stage is a `Down_ResidualBlock`: its residual blocks and resampler plus a parameter-free
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VAEConfig
-from .vae import CausalCache, CausalStack, Resample, WanVAEBase, residual_blocks
+from .vae import WanVAEBase
+from .vae_blocks import CausalCache, CausalStack, Resample, residual_blocks
 
 # Per-channel statistics of Wan 2.2 latents (`Wan2_2_VAE.__init__` in vae2_2.py): z = (mu - mean) / std.
 WAN22_LATENTS_MEAN = (
