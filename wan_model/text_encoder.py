@@ -14,8 +14,8 @@ One difference, bf16 only: the official code rounds q k^T + bias to bf16 before 
 run SDPA (transformers "sdpa"), whose GPU kernels keep the scores in float32. Closer to exact, not
 bit-identical.
 
-Prompts are cleaned as the official `HuggingfaceTokenizer(clean='whitespace')`: ftfy.fix_text (only if
-ftfy is installed; it is not a dependency), html.unescape twice, whitespace collapsed and stripped; then
+Prompts are cleaned as the official `HuggingfaceTokenizer(clean='whitespace')`: ftfy.fix_text (repairs
+mojibake such as 'Ã©' -> 'é'), html.unescape twice, whitespace collapsed and stripped; then
 padded/truncated to text_len (512) with the EOS token. The encoder runs only on the longest real prompt
 of the batch: with relative positions and masked padding, real tokens do not see the padding, so
 trimming 512 -> the real length gives the same numbers several times faster.
@@ -27,6 +27,7 @@ import html
 import re
 from pathlib import Path
 
+import ftfy
 import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
@@ -34,18 +35,12 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from .config import TEXT_LEN, TextEncoderConfig
 from .files import atomic_write
 
-try:  # optional, as in the official code; without it only the html/whitespace cleaning runs
-    import ftfy
-except ImportError:  # pragma: no cover - depends on the environment
-    ftfy = None
-
 _HF_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")  # one tied tensor
 
 
 def clean_prompt(text: str) -> str:
-    """Official 'whitespace' cleaning: ftfy (if installed), double html unescape, collapse whitespace."""
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
+    """Official 'whitespace' cleaning: ftfy.fix_text, double html unescape, collapse whitespace."""
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 

@@ -116,6 +116,13 @@ def test_clean_prompt_matches_official_whitespace_cleaning():
     assert clean_prompt("一只猫\u3000 在花园") == "一只猫 在花园"
 
 
+def test_clean_prompt_fixes_mojibake_with_ftfy():
+    # UTF-8 read as Windows-1252 (once, and twice for the curly quote), repaired as the official
+    # tokenizer's ftfy.fix_text does; ftfy also straightens the quote to an ASCII apostrophe.
+    assert clean_prompt("cafÃ©") == "café"
+    assert clean_prompt("The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows.") == "The Mona Lisa doesn't have eyebrows."
+
+
 def test_parity_with_official_forward(encoder):
     context, lengths = encoder.encode(PROMPTS)
     ids, mask = encoder.tokenize(PROMPTS)
