@@ -35,6 +35,7 @@ from .experts import (STREAM_NOISE, STREAM_TI2V, Expert, expert_for_step, expert
                       step_generator, step_timesteps)
 from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
 from .metrics import MetricsLogger
+from .parking import HostParking
 from .objective import flow_matching_loss
 from .recipe import Recipe, TrainingSettings
 
@@ -119,6 +120,7 @@ class ExpertState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     updates: int = 0
     engine: object | None = None  # the DeepSpeed engine (also `model`) under DeepSpeed
+    parking: HostParking | None = None  # when idle experts wait in host memory
 
 
 class NonFiniteError(RuntimeError):
@@ -196,7 +198,8 @@ class Trainer:
             model.to(self.device)
         apply_speed_options(model, self.recipe.speed)
         wrapped = self.accelerator.prepare_model(model, device_placement=not self.offload)
-        return ExpertState(expert, wrapped, params, optimizer, scheduler)
+        parking = HostParking(model, optimizer, pin=self.device.type == "cuda") if self.offload else None
+        return ExpertState(expert, wrapped, params, optimizer, scheduler, parking=parking)
 
     # -- placement
     def activate(self, name: str) -> float:
@@ -207,8 +210,8 @@ class Trainer:
         start = time.perf_counter()
         for other, state in self.states.items():
             if other != name:
-                _move_expert(state, torch.device("cpu"))
-        _move_expert(self.states[name], self.device)
+                state.parking.park()
+        self.states[name].parking.unpark(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.active_name = name
@@ -319,15 +322,6 @@ class Trainer:
             with deepspeed.zero.GatheredParameters(list(params.values())):
                 return {k: p.detach().float().cpu().clone() for k, p in params.items()}
         return {k: p.detach().float().cpu().clone() for k, p in params.items()}
-
-
-def _move_expert(state: ExpertState, device: torch.device) -> None:
-    """Move one expert's model and its optimizer moments (tensors held by the optimizer) to `device`."""
-    state.model.to(device)
-    for per_param in state.optimizer.state.values():
-        for key, value in per_param.items():
-            if isinstance(value, Tensor) and value.ndim > 0:
-                per_param[key] = value.to(device)
 
 
 def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,

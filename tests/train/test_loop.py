@@ -224,6 +224,15 @@ def test_offloaded_idle_expert_waits_on_the_host_and_swaps_in(tmp_path):
     assert all(v.device.type == "cpu" for s in idle.optimizer.state.values() for v in s.values() if v.ndim)
     assert all(p.device.type == "cuda" for p in trainer.states["low_noise"].model.parameters())
     assert all(math.isfinite(r["loss"]) for r in records)
+    # Parking changes where the idle expert waits, not what is trained: the same losses as without it.
+    import dataclasses
+
+    kept = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, offload_inactive_expert="never",
+                                                                    output_dir=str(tmp_path / "kept")))
+    reference = make_trainer(kept)
+    assert not reference.offload
+    losses = [reference.train_step()["loss"] for _ in range(4)]
+    assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-3)
 
 
 def test_speed_options_reach_the_model(tmp_path):
