@@ -56,6 +56,8 @@ def main(argv=None) -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--output", type=Path, default=Path("outputs/bench_train_run"))
+    ap.add_argument("--phase-steps", type=int, default=None,
+                    help="steps per phase before the expert changes (default: half the steps)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="micro-batches per step (the recipes' 4 make a step four forward+backward passes)")
     ap.add_argument("--offload", choices=["auto", "always", "never"], default=None,
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
 
     recipe = load_recipe(args.recipe, check_release=False)
     training = dataclasses.replace(recipe.training, steps=args.steps, routing="phased",
-                                   phase_steps=max(1, args.steps // 2), save_every=0, log_every=1,
+                                   phase_steps=args.phase_steps or max(1, args.steps // 2), save_every=0, log_every=1,
                                    grad_accum=args.grad_accum,
                                    offload_inactive_expert=args.offload or recipe.training.offload_inactive_expert,
                                    output_dir=str(args.output), deepspeed=None, sample_every=0,

@@ -33,6 +33,7 @@ class BlockOffloader:
         # Per block: (module, "param" | "buffer", name, pinned host tensor).
         self.entries: list[list[tuple[nn.Module, str, str, Tensor]]] = [self._to_host(b) for b in self.blocks]
         self.pending: dict[int, tuple[torch.cuda.Event, list[Tensor]]] = {}
+        self.entered: set[int] = set()  # blocks holding device copies now
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)))
@@ -76,9 +77,17 @@ class BlockOffloader:
             else:
                 module._buffers[name] = t
         in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward:
+            # Checkpoint recomputation stops early, as soon as it has rebuilt what backward needs, so a
+            # recomputed block's forward hook may never run. Backward reaches block i only after the
+            # blocks above it are done: drop their device copies here.
+            for j in [j for j in self.entered if j > i]:
+                self._leave(j)
+        self.entered.add(i)
         self._prefetch(i - 1 if in_backward else i + 1)
 
     def _leave(self, i: int) -> None:
+        self.entered.discard(i)
         for module, kind, name, host in self.entries[i]:
             if kind == "param":
                 module._parameters[name] = nn.Parameter(host, requires_grad=False)
