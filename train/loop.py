@@ -161,6 +161,7 @@ class Trainer:
         # LR schedules span training.steps even when --max-steps stops earlier, so a resume continues them.
         updates = planned_updates(self.experts, self.settings, self.settings.steps)
         self.states: dict[str, ExpertState] = {}
+        self.offloaders: dict[str, object] = {}  # expert -> its BlockOffloader (speed.offload: blocks)
         active = [e for e in self.experts if e.trains]
         missing = [e.name for e in active if e.name not in models]
         if missing:
@@ -171,7 +172,10 @@ class Trainer:
             on_device = sum(p.numel() * p.element_size() for e in active for p in models[e.name].parameters()
                             if p.device.type == "cuda")
             free = cuda_budget_bytes(self.device) + on_device
-        self.offload = not self.deepspeed and len(active) > 1 and should_offload(
+        # With speed.offload: blocks the block weights already wait on the host, streamed in as used; what
+        # each expert keeps on the device (embeddings, head, LoRA, moments) is small: no parking then.
+        self.stream_blocks = recipe.speed.offload == "blocks"
+        self.offload = not self.deepspeed and not self.stream_blocks and len(active) > 1 and should_offload(
             self.settings.offload_inactive_expert, sizes, free)
         if self.offload and self.accelerator.num_processes > 1:
             raise ValueError(f"the experts ({sum(sizes) / 2**30:.0f} GiB) would be offloaded, which a multi-process "
@@ -194,9 +198,9 @@ class Trainer:
             apply_speed_options(model, self.recipe.speed)
             engine, _ = self.accelerator.prepare(model, optimizer)
             return ExpertState(expert, engine, params, optimizer, scheduler, engine=engine)
-        if not self.offload:
+        if not self.offload and not self.stream_blocks:
             model.to(self.device)
-        apply_speed_options(model, self.recipe.speed)
+        self.offloaders[expert.name] = apply_speed_options(model, self.recipe.speed, self.device)
         wrapped = self.accelerator.prepare_model(model, device_placement=not self.offload)
         parking = HostParking(model, optimizer, pin=self.device.type == "cuda") if self.offload else None
         return ExpertState(expert, wrapped, params, optimizer, scheduler, parking=parking)

@@ -92,8 +92,27 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return [f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in BLOCK_LINEARS]
 
 
-def apply_speed_options(model: nn.Module, options: SpeedOptions) -> BlockOffloader | None:
-    """Apply `options` to a WanTransformer in place, after LoRA is attached and the model is on its device.
+def place_for_block_offload(model: nn.Module, device: torch.device) -> None:
+    """Move everything but the blocks' frozen weights and buffers to `device` (the embeddings, the head,
+    the LoRA weights): the part of a model that `offload: blocks` keeps on the device. A 14B expert
+    loaded on the host thus never needs its 28.6 GB on a small GPU at once."""
+    for name, child in model.named_children():
+        if name != "blocks":
+            child.to(device)
+    for name, buf in list(model._buffers.items()):
+        if buf is not None:
+            model._buffers[name] = buf.to(device)
+    for module in model.blocks.modules():  # LoRA A / B linears: trainable weights, nothing frozen
+        own = list(module.parameters(recurse=False))
+        if own and all(p.requires_grad for p in own):
+            module.to(device)  # host -> CUDA keeps the Parameter objects the optimizer holds
+
+
+def apply_speed_options(model: nn.Module, options: SpeedOptions,
+                        device: torch.device | None = None) -> BlockOffloader | None:
+    """Apply `options` to a WanTransformer in place, after LoRA is attached and the model is on its device
+    (with offload == "blocks" it may be on the host: `device` is then where it computes; the non-block
+    part and the LoRA weights move there, the blocks' frozen weights to pinned host memory).
 
     Returns the `BlockOffloader` when offload == "blocks" (it owns the host copies), else None."""
     if options.fp8_base != "none":
@@ -107,7 +126,9 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions) -> BlockOffload
     model.host_checkpoints = HostCheckpointInputs() if options.host_checkpoints else None
     offloader = None
     if options.offload == "blocks":
-        offloader = BlockOffloader(model.blocks, next(model.parameters()).device)
+        device = device or next(model.parameters()).device
+        place_for_block_offload(model, device)
+        offloader = BlockOffloader(model.blocks, device)
     if options.compile:
         model.compile_blocks()
     return offloader

@@ -173,6 +173,20 @@ def test_host_checkpoints_same_loss_and_grads_and_stash_block_inputs():
         assert torch.equal(grads1[name], grads0[name]), name
 
 
+def test_block_offload_placement_moves_all_but_frozen_block_weights():
+    """A host-loaded model for `offload: blocks`: embeddings, head and LoRA go to the device (here the
+    meta device stands in for it), the blocks' frozen weights stay on the host for the streamer."""
+    from wan_model.speed import place_for_block_offload
+
+    model = lora_model("cpu", torch.float32)
+    place_for_block_offload(model, torch.device("meta"))
+    for name, p in model.named_parameters():
+        on_host = name.startswith("blocks.") and not p.requires_grad
+        assert p.device.type == ("cpu" if on_host else "meta"), name
+    assert model.blocks[0].self_attn.q.lora_A["default"].weight.is_meta
+    assert model.head.head.weight.is_meta and model.patch_embedding.weight.is_meta
+
+
 @pytest.mark.gpu
 def test_host_checkpoints_on_gpu_free_device_memory():
     """On CUDA the block inputs go to pinned host memory: same loss and gradients, less peak memory."""
