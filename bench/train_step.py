@@ -147,7 +147,8 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         torch.cuda.reset_peak_memory_stats()
         setup_gib = torch.cuda.memory_allocated() / 2**30
         if args.memory_gib:
-            args.memory_fraction = args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
+            total = torch.cuda.get_device_properties(device).total_memory
+            args.memory_fraction = min(1.0, args.memory_gib * 2**30 / total)
         if args.memory_fraction:
             torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -201,7 +201,8 @@ class Trainer:
         if not self.offload and not self.stream_blocks:
             model.to(self.device)
         self.offloaders[expert.name] = apply_speed_options(model, self.recipe.speed, self.device)
-        wrapped = self.accelerator.prepare_model(model, device_placement=not self.offload)
+        # Placement is ours: the idle expert waits on the host, streamed block weights stay there.
+        wrapped = self.accelerator.prepare_model(model, device_placement=not (self.offload or self.stream_blocks))
         parking = HostParking(model, optimizer, pin=self.device.type == "cuda") if self.offload else None
         return ExpertState(expert, wrapped, params, optimizer, scheduler, parking=parking)
 

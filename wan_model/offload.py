@@ -34,6 +34,7 @@ class BlockOffloader:
         self.entries: list[list[tuple[nn.Module, str, str, Tensor]]] = [self._to_host(b) for b in self.blocks]
         self.pending: dict[int, tuple[torch.cuda.Event, list[Tensor]]] = {}
         self.entered: set[int] = set()  # blocks holding device copies now
+        self.release_queued = False  # a callback at the end of this backward pass drops what is left
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)))
@@ -80,11 +81,20 @@ class BlockOffloader:
         if in_backward:
             # Checkpoint recomputation stops early, as soon as it has rebuilt what backward needs, so a
             # recomputed block's forward hook may never run. Backward reaches block i only after the
-            # blocks above it are done: drop their device copies here.
+            # blocks above it are done: drop their device copies here, and the last block's once the
+            # whole backward pass has finished.
             for j in [j for j in self.entered if j > i]:
                 self._leave(j)
+            if not self.release_queued:
+                torch.autograd.Variable._execution_engine.queue_callback(self._leave_all)
+                self.release_queued = True
         self.entered.add(i)
         self._prefetch(i - 1 if in_backward else i + 1)
+
+    def _leave_all(self) -> None:
+        self.release_queued = False
+        for j in list(self.entered):
+            self._leave(j)
 
     def _leave(self, i: int) -> None:
         self.entered.discard(i)
@@ -102,39 +112,38 @@ class BlockOffloader:
 
 
 class HostCheckpointInputs:
-    """Saved-tensor hooks that keep large tensors autograd saves (with checkpointing: each block's input,
-    the residual stream) in pinned host memory until backward needs them again.
+    """Saved-tensor hooks that keep a checkpointed block's input (the residual stream) in pinned host
+    memory until backward needs it again.
 
     With checkpointing on every block, a step stores one [B, L, dim] input per block: 40 x 0.31 GiB =
     12.5 GiB at the A14B 480p shape, half of a 24 GiB card. Non-reentrant `torch.utils.checkpoint` saves
     its inputs through the saved-tensor hooks active where it is called (its own hooks cover only the
-    block's inside), so using these hooks around the block loop moves exactly those inputs. The copies
-    run on the compute stream without blocking the host: a device tensor freed after the copy is reused
-    only by later work on that stream, and the copy back in backward is ordered after it too.
+    block's inside), so `keep(x)` around one checkpoint call sees that call's inputs; it moves `x` alone.
+    The other inputs are shared by every block (timestep vectors, per-token for TI2V; text rows; RoPE
+    tables): one device copy serves all blocks, where host copies would be made once per block.
+    The copies run on the compute stream without blocking the host: a device tensor freed after the copy
+    is reused only by later work on that stream, and the copy back in backward is ordered after it too.
+    PyTorch's pinned allocator rounds each buffer up to a power of two (0.31 GiB takes 0.5 GiB) and
+    caches it for the next step. On a CPU run the input is copied all the same (the path stays tested)."""
 
-    Tensors under `min_bytes` (timestep vectors, text rows, RoPE tables) stay where they are. `stashed`
-    counts the large tensors seen; on a CPU run they are already in host memory and are kept as they are."""
+    def __init__(self):
+        self.stashed = 0  # inputs moved so far
 
-    def __init__(self, min_bytes: int = 16 * 2**20):
-        self.min_bytes = min_bytes
-        self.stashed = 0
+    def keep(self, x: Tensor) -> torch.autograd.graph.saved_tensors_hooks:
+        """Hooks for one checkpoint call whose block input is `x`."""
+        def pack(t: Tensor):
+            if t.data_ptr() != x.data_ptr() or t.shape != x.shape:
+                return t
+            self.stashed += 1
+            host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+            host.copy_(t, non_blocking=t.is_cuda)
+            return t.device, host
 
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        return torch.autograd.graph.saved_tensors_hooks(pack, _unpack_from_host)
 
-    def _pack(self, t: Tensor):
-        if isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
-            return t
-        self.stashed += 1
-        if t.device.type == "cpu":
-            return t
-        host = torch.empty_like(t, device="cpu", pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return t.device, host
 
-    @staticmethod
-    def _unpack(packed):
-        if isinstance(packed, tuple):
-            device, host = packed
-            return host.to(device, non_blocking=True)
-        return packed
+def _unpack_from_host(packed):
+    if isinstance(packed, tuple):
+        device, host = packed
+        return host.to(device, non_blocking=True)
+    return packed

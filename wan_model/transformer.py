@@ -268,15 +268,15 @@ class WanTransformer(nn.Module):
             e = e if e.shape[1] == 1 else sp.shard(e)
             e0 = e0 if e0.shape[1] == 1 else sp.shard(e0)
         recompute = self._checkpoint_every and torch.is_grad_enabled()
-        stash = self.host_checkpoints.hooks() if recompute and self.host_checkpoints else contextlib.nullcontext()
-        with stash:
-            for i, block in enumerate(self.blocks):
-                if recompute and i % self._checkpoint_every == 0:
-                    context_fn = (noop_context_fn if self.checkpoint_context_fn is None
-                                  else functools.partial(self.checkpoint_context_fn, i))
+        for i, block in enumerate(self.blocks):
+            if recompute and i % self._checkpoint_every == 0:
+                context_fn = (noop_context_fn if self.checkpoint_context_fn is None
+                              else functools.partial(self.checkpoint_context_fn, i))
+                keep = self.host_checkpoints.keep(x) if self.host_checkpoints else contextlib.nullcontext()
+                with keep:
                     x = checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
-                else:
-                    x = block(x, e0, context, rope)
+            else:
+                x = block(x, e0, context, rope)
         out = self.head(x, e)
         if sp is not None:
             out = sp.gather(out)

@@ -150,7 +150,7 @@ def test_block_offload_same_grads_and_weights_on_host():
     apply_speed_options(model, dataclasses.replace(options, offload="blocks"))
     assert model.blocks[0].ffn[0].base_layer.weight_fp8.device.type == "cpu"
     loss1, grads1 = loss_and_grads(model, data, autocast=True)
-    assert model.blocks[1].self_attn.q.base_layer.weight_fp8.device.type == "cpu"
+    assert all(b.self_attn.q.base_layer.weight_fp8.device.type == "cpu" for b in model.blocks)  # none left
     assert model.blocks[1].self_attn.q.lora_A["default"].weight.device.type == "cuda"
     assert loss1 == pytest.approx(loss0, rel=1e-4)
     for name in grads0:
@@ -158,19 +158,46 @@ def test_block_offload_same_grads_and_weights_on_host():
 
 
 def test_host_checkpoints_same_loss_and_grads_and_stash_block_inputs():
-    """Keeping the checkpointed block inputs in host memory changes where they wait, not the arithmetic;
-    the hooks see exactly one large saved tensor per block (its input) and nothing from inside a block."""
+    """Keeping the checkpointed block inputs in host memory changes where they wait, not the arithmetic:
+    each block's input goes through the copy (on the CPU too) and backward recomputes from the copy."""
     ref = lora_model("cpu", torch.float32)
     data = batch(ref, "cpu")
     loss0, grads0 = loss_and_grads(ref, data)
     model = lora_model("cpu", torch.float32)
     apply_speed_options(model, dataclasses.replace(PLAIN, host_checkpoints=True))
-    model.host_checkpoints.min_bytes = 6144  # the block input: 3 * 4 * 4 tokens x 32 x 4 bytes; text rows 2 KiB
     loss1, grads1 = loss_and_grads(model, data)
-    assert model.host_checkpoints.stashed == len(model.blocks)
+    assert model.host_checkpoints.stashed == len(model.blocks)  # the inputs alone, not the shared tensors
     assert loss1 == loss0
     for name in grads0:
         assert torch.equal(grads1[name], grads0[name]), name
+
+
+def test_host_checkpoint_copy_is_what_backward_uses():
+    """A stashed input altered while it waits on the host changes the gradients: backward really reads
+    the host copy (a hook that kept the device tensor would leave them unchanged)."""
+    from wan_model.offload import HostCheckpointInputs
+
+    model = lora_model("cpu", torch.float32)
+    data = batch(model, "cpu")
+    _, grads0 = loss_and_grads(model, data)
+    model.zero_grad(set_to_none=True)
+
+    class Corrupting(HostCheckpointInputs):
+        def keep(self, x):
+            hooks = super().keep(x)
+            pack = hooks.pack_hook
+
+            def pack_and_corrupt(t):
+                packed = pack(t)
+                if isinstance(packed, tuple):
+                    packed[1].mul_(2.0)
+                return packed
+            hooks.pack_hook = pack_and_corrupt
+            return hooks
+
+    model.host_checkpoints = Corrupting()
+    _, grads1 = loss_and_grads(model, data)
+    assert any(not torch.allclose(grads1[n], grads0[n]) for n in grads0)
 
 
 def test_block_offload_placement_moves_all_but_frozen_block_weights():
@@ -190,7 +217,10 @@ def test_block_offload_placement_moves_all_but_frozen_block_weights():
 @pytest.mark.gpu
 def test_host_checkpoints_on_gpu_free_device_memory():
     """On CUDA the block inputs go to pinned host memory: same loss and gradients, less peak memory."""
-    peaks, results = [], []
+    warm = lora_model("cuda", torch.bfloat16, dim=512)  # one-time allocations (cuBLAS workspace) happen here
+    loss_and_grads(warm, batch(warm, "cuda", frames=9), autocast=True)
+    del warm
+    peaks, results, stashed = [], [], []
     for host in (False, True):
         model = lora_model("cuda", torch.bfloat16, dim=512)
         apply_speed_options(model, dataclasses.replace(PLAIN, host_checkpoints=host))
@@ -200,8 +230,10 @@ def test_host_checkpoints_on_gpu_free_device_memory():
         base = torch.cuda.memory_allocated()
         results.append(loss_and_grads(model, data, autocast=True))
         peaks.append(torch.cuda.max_memory_allocated() - base)
+        stashed.append(model.host_checkpoints.stashed if host else 0)
         del model
     (loss0, grads0), (loss1, grads1) = results
+    assert stashed[1] == 2
     assert loss1 == pytest.approx(loss0, rel=1e-6)
     for name in grads0:
         assert rel(grads1[name], grads0[name]) < 1e-5, name
