@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     ap.add_argument("--save-attention", default="none", choices=["none", "all", "every_k"],
                     help="keep self-attention outputs through checkpointing (ours)")
     ap.add_argument("--save-every", type=int, default=2, help="k of --save-attention every_k")
-    ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul"],
+    ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul", "matmul_dgrad"],
                     help="frozen block linears in e4m3 (ours)")
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"], help="attention backend")
     ap.add_argument("--offload", default="none", choices=["none", "blocks"],

@@ -18,6 +18,12 @@ keys (saved dequantised, loaded quantised). Two compute modes:
   * "storage": y = x W'^T + b with W' dequantised on the fly (bf16 matmuls forward and backward);
   * "matmul":  forward through `torch._scaled_mm` on e4m3 operands (x quantised per row, W per output
     channel; Hopper's FP8 tensor cores, about 2x bf16's rate), backward dx = dy W' in bf16. CUDA only.
+  * "matmul_dgrad": "matmul", and the input gradient on FP8 too. The weight's scale is per output
+    channel, which in dx = dy W' is the summed dimension, so it is folded into dy first:
+        dx[n, i] = sum_o (dy[n, o] s_o) Q[o, i],   g = dy * s (per column), g quantised per row (e4m3)
+    and dx = _scaled_mm(e4m3(g / sg), Q) * sg. The frozen linears' input-gradient matmuls are as many
+    FLOPs as their forward (0.785 PFLOP per A14B 480p step). Q needs a column-major copy per call (a
+    transpose of the e4m3 weight, 0.35 GB per A14B block). Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-FP8Mode = Literal["storage", "matmul"]
+FP8Mode = Literal["storage", "matmul", "matmul_dgrad"]
+FP8_MODES = ("storage", "matmul", "matmul_dgrad")
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,7 +63,8 @@ class _FP8MatmulLinear(torch.autograd.Function):
     Nothing activation-sized is saved for backward (the weight is frozen, so x is not needed)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                fp8_dgrad: bool = False) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = quantize_rows(x2)
@@ -65,14 +73,30 @@ class _FP8MatmulLinear(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.save_for_backward(q, scale)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.fp8_dgrad = x.dtype, fp8_dgrad
         return y.view(*lead, q.shape[0])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         q, scale = ctx.saved_tensors
-        dx = dy @ dequantize_rows(q, scale, dy.dtype)
-        return dx.to(ctx.x_dtype), None, None, None, None
+        if ctx.fp8_dgrad:
+            dx = fp8_input_grad(dy, q, scale)
+        else:
+            dx = dy @ dequantize_rows(q, scale, dy.dtype)
+        return dx.to(ctx.x_dtype), None, None, None, None, None
+
+
+def fp8_input_grad(dy: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """dx = dy W' with W' = q * scale[:, None] ([out, in]), as one FP8 matmul (module docstring).
+
+    dy: [..., out] -> [..., in] in dy's dtype."""
+    lead = dy.shape[:-1]
+    g = dy.reshape(-1, dy.shape[-1]).float() * scale[None, :]
+    gq, gs = quantize_rows(g)
+    ones = torch.ones(1, q.shape[1], device=q.device, dtype=torch.float32)
+    # The second operand must be column-major: the transpose of a contiguous q^T [in, out] is.
+    dx = torch._scaled_mm(gq, q.t().contiguous().t(), scale_a=gs[:, None], scale_b=ones, out_dtype=dy.dtype)
+    return dx.view(*lead, q.shape[1])
 
 
 class FP8Linear(nn.Linear):
@@ -85,8 +109,8 @@ class FP8Linear(nn.Linear):
     def __init__(self, weight: Tensor, bias: Tensor | None, mode: FP8Mode = "storage",
                  compute_dtype: torch.dtype = torch.bfloat16):
         nn.Module.__init__(self)  # not nn.Linear.__init__: `weight` is a property here, not a parameter
-        if mode not in ("storage", "matmul"):
-            raise ValueError(f"FP8Linear: mode must be 'storage' or 'matmul', got {mode!r}")
+        if mode not in FP8_MODES:
+            raise ValueError(f"FP8Linear: mode must be one of {FP8_MODES}, got {mode!r}")
         self.out_features, self.in_features = weight.shape
         self.mode = mode
         self.compute_dtype = compute_dtype
@@ -112,8 +136,9 @@ class FP8Linear(nn.Linear):
         """x: [..., in] -> [..., out] in the compute dtype (autocast's bf16 included)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
             else self.compute_dtype
-        if self.mode == "matmul" and x.is_cuda:
-            return _FP8MatmulLinear.apply(x.to(dtype), self.weight_fp8, self.weight_scale, self.bias, dtype)
+        if self.mode != "storage" and x.is_cuda:
+            return _FP8MatmulLinear.apply(x.to(dtype), self.weight_fp8, self.weight_scale, self.bias, dtype,
+                                          self.mode == "matmul_dgrad")
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), dequantize_rows(self.weight_fp8, self.weight_scale, dtype), bias)
 

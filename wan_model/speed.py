@@ -10,7 +10,8 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     from the first forward, so the recomputation skips the most expensive op. Costs L * dim * 2 bytes
     per saved block (335 MB at the A14B 480p shape: 13.1 GiB for 40 blocks); "every_k" saves every k-th.
   * fp8_base: e4m3 storage of the frozen block linears (`fp8.py`): 28.1 -> 14.0 GB on A14B, which pays
-    for saving attention; "matmul" also runs their forward on FP8 tensor cores.
+    for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
+    input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
     at lengths where cuDNN fails).
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
@@ -53,13 +54,14 @@ class SpeedOptions:
     compile: bool = True                                   # torch.compile each block (first step +~1 min)
     save_attention: Literal["none", "all", "every_k"] = "all"  # keep self-attention outputs in checkpoints
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
-    fp8_base: Literal["none", "storage", "matmul"] = "storage"  # frozen block linears in e4m3
+    fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     host_checkpoints: bool = False                         # checkpointed block inputs in host memory (small GPUs)
 
     def __post_init__(self):
-        choices = {"save_attention": ("none", "all", "every_k"), "fp8_base": ("none", "storage", "matmul"),
+        choices = {"save_attention": ("none", "all", "every_k"),
+                   "fp8_base": ("none", "storage", "matmul", "matmul_dgrad"),
                    "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

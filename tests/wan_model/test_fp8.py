@@ -109,3 +109,51 @@ def test_fp8_matmul_close_to_storage_on_gpu():
     assert rel(y, y_ref) < 6e-2 and rel(storage(x), y_ref) < 4e-2
     assert rel(dx, dx_ref) < 4e-2
     assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())
+
+
+def test_fp8_input_grad_close_to_dequantised_matmul():
+    """dx = dy W' as one FP8 matmul with the weight's channel scales folded into dy (CPU _scaled_mm):
+    within a few percent of the float32 product, also for channels of very different size."""
+    from wan_model.fp8 import fp8_input_grad, quantize_rows
+
+    torch.manual_seed(5)
+    w = torch.randn(96, 64) * torch.logspace(-2, 1, 96)[:, None]  # channels of very different size
+    q, scale = quantize_rows(w)
+    dy = torch.randn(2, 50, 96)
+    ref = dy @ dequantize_rows(q, scale, torch.float32)
+    dx = fp8_input_grad(dy, q, scale)
+    assert dx.shape == (2, 50, 64) and dx.dtype == dy.dtype
+    assert rel(dx, ref) < 5e-2
+    assert rel(fp8_input_grad(dy.bfloat16(), q, scale), ref) < 6e-2
+    # Without folding the scales in (Q alone), the result would be far off: the test can tell.
+    assert rel(dy @ q.float(), ref) > 0.5
+
+
+def test_fp8_dgrad_mode_flows_through_autograd():
+    """The autograd function's backward takes the FP8 input-gradient path when asked (CPU _scaled_mm)."""
+    from wan_model.fp8 import _FP8MatmulLinear
+
+    torch.manual_seed(6)
+    lin = nn.Linear(64, 48).requires_grad_(False)
+    q, scale = quantize_rows(lin.weight)
+    x = torch.randn(30, 64, requires_grad=True)
+    g = torch.randn(30, 48)
+    grads = []
+    for fp8_dgrad in (False, True):
+        y = _FP8MatmulLinear.apply(x, q, scale, lin.bias, torch.float32, fp8_dgrad)
+        (dx,) = torch.autograd.grad(y, x, g)
+        grads.append(dx)
+    assert rel(grads[1], grads[0]) < 5e-2 and not torch.equal(grads[1], grads[0])
+
+
+@pytest.mark.gpu
+def test_fp8_dgrad_close_to_bf16_on_gpu():
+    torch.manual_seed(7)
+    lin = nn.Linear(1024, 512, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    layer = FP8Linear.from_linear(lin, "matmul_dgrad")
+    x = torch.randn(3, 200, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y_ref = lin(x)
+    g = torch.randn_like(y_ref)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, g)
+    (dx,) = torch.autograd.grad(layer(x), x, g)
+    assert dx.dtype == torch.bfloat16 and rel(dx, dx_ref) < 6e-2

@@ -121,7 +121,7 @@ def test_fp8_storage_option_keeps_keys_and_loss():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", ["none", "storage", "matmul"])
+@pytest.mark.parametrize("fp8", ["none", "storage", "matmul", "matmul_dgrad"])
 def test_fast_path_matches_plain_on_gpu(fp8):
     """compile + saved self-attention (+ fp8) against plain checkpointing, bf16 under autocast."""
     ref = lora_model("cuda", torch.bfloat16, dim=256)
