@@ -272,17 +272,12 @@ def test_block_streaming_trains_host_loaded_experts(tmp_path):
     torch.cuda.empty_cache()
     streamed = dataclasses.replace(recipe, speed=dataclasses.replace(plain, offload="blocks", host_checkpoints=True),
                                    training=dataclasses.replace(recipe.training, output_dir=str(tmp_path / "s")))
-    before = torch.cuda.memory_allocated()
     trainer = make_trainer(streamed)
     assert not trainer.offload and set(trainer.offloaders) == {"high_noise", "low_noise"}
     for state in trainer.states.values():  # right after building: no block weight on the device
         blocks = state.model.blocks
         assert all(p.device.type == "cpu" for p in blocks.parameters() if not p.requires_grad)
         assert all(p.is_cuda for p in blocks.parameters() if p.requires_grad) and state.model.head.head.weight.is_cuda
-    on_device = torch.cuda.memory_allocated() - before
-    block_bytes = sum(p.numel() * p.element_size() for s in trainer.states.values()
-                      for p in s.model.blocks.parameters() if not p.requires_grad)
-    assert on_device < block_bytes
     records = [trainer.train_step() for _ in range(4)]
     assert all(p.device.type == "cpu" for s in trainer.states.values()
                for p in s.model.blocks.parameters() if not p.requires_grad)  # none left behind by backward
