@@ -15,6 +15,11 @@ def device_fields() -> dict:
     return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "device": torch.cuda.get_device_name()}
 
 
+def memory_fraction_for(gib: float, device: torch.device) -> float:
+    """The `torch.cuda.set_per_process_memory_fraction` that caps this process at `gib` GiB (at most 1)."""
+    return min(1.0, gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
+
+
 def emit(result: dict, json_path: Path | None) -> None:
     print(json.dumps(result))
     if json_path:

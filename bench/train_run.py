@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import device_fields, emit  # noqa: E402
+from bench.report import device_fields, emit, memory_fraction_for  # noqa: E402
 from bench.sample import build_expert  # noqa: E402
 from train.batches import Batch  # noqa: E402
 from train.loop import Trainer, run  # noqa: E402
@@ -94,8 +94,7 @@ def main(argv=None) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         if args.memory_gib:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
+            torch.cuda.set_per_process_memory_fraction(memory_fraction_for(args.memory_gib, device))
     trainer = Trainer(recipe, models, source)
     records: list[tuple[dict, float]] = []
     step_fn = trainer.train_step

@@ -43,6 +43,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import memory_fraction_for  # noqa: E402
 from wan_model.config import PRESETS, TransformerConfig  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
 
@@ -147,8 +148,7 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         torch.cuda.reset_peak_memory_stats()
         setup_gib = torch.cuda.memory_allocated() / 2**30
         if args.memory_gib:
-            total = torch.cuda.get_device_properties(device).total_memory
-            args.memory_fraction = min(1.0, args.memory_gib * 2**30 / total)
+            args.memory_fraction = memory_fraction_for(args.memory_gib, device)
         if args.memory_fraction:
             torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from wan_model.offload import BlockOffloader
 from wan_model.sequence_parallel import SequenceParallel
 from wan_model.speed import apply_speed_options
 
@@ -35,8 +36,8 @@ from .experts import (STREAM_NOISE, STREAM_TI2V, Expert, expert_for_step, expert
                       step_generator, step_timesteps)
 from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
 from .metrics import MetricsLogger
-from .parking import HostParking
 from .objective import flow_matching_loss
+from .parking import HostParking
 from .recipe import Recipe, TrainingSettings
 
 
@@ -161,7 +162,7 @@ class Trainer:
         # LR schedules span training.steps even when --max-steps stops earlier, so a resume continues them.
         updates = planned_updates(self.experts, self.settings, self.settings.steps)
         self.states: dict[str, ExpertState] = {}
-        self.offloaders: dict[str, object] = {}  # expert -> its BlockOffloader (speed.offload: blocks)
+        self.offloaders: dict[str, BlockOffloader | None] = {}  # expert -> its weight streamer (offload: blocks)
         active = [e for e in self.experts if e.trains]
         missing = [e.name for e in active if e.name not in models]
         if missing:
@@ -198,11 +199,11 @@ class Trainer:
             apply_speed_options(model, self.recipe.speed)
             engine, _ = self.accelerator.prepare(model, optimizer)
             return ExpertState(expert, engine, params, optimizer, scheduler, engine=engine)
-        if not self.offload and not self.stream_blocks:
+        if not (self.offload or self.stream_blocks):
             model.to(self.device)
         self.offloaders[expert.name] = apply_speed_options(model, self.recipe.speed, self.device)
-        # Placement is ours: the idle expert waits on the host, streamed block weights stay there.
-        wrapped = self.accelerator.prepare_model(model, device_placement=not (self.offload or self.stream_blocks))
+        # Placement is ours (above): the idle expert waits on the host, streamed block weights stay there.
+        wrapped = self.accelerator.prepare_model(model, device_placement=False)
         parking = HostParking(model, optimizer, pin=self.device.type == "cuda") if self.offload else None
         return ExpertState(expert, wrapped, params, optimizer, scheduler, parking=parking)
 

@@ -68,7 +68,7 @@ class HostParking:
 
     def park(self) -> None:
         """Put the expert in host memory; the device copies are freed once nothing else holds them."""
-        slots = [s for s in self._slots() if s[1]().device.type != "cpu" or (self.pin and not s[1]().is_pinned())]
+        slots = [s for s in self._slots() if _needs_parking(s[1](), self.pin)]
         new = {key: get() for key, get, _, _ in slots if key not in self.host}
         if new:
             self._allocate(new)
@@ -85,3 +85,8 @@ class HostParking:
             if t.device.type != device.type:
                 set_(t.to(device, non_blocking=self.pin))
                 self.unparked_version[key] = version()
+
+
+def _needs_parking(t: Tensor, pin: bool) -> bool:
+    """On the device, or in pageable host memory when parking pins (an expert loaded on the host)."""
+    return t.device.type != "cpu" or (pin and not t.is_pinned())

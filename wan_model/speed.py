@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
 
 from .attention import set_attention_backend
-from .fp8 import quantize_linears_
+from .fp8 import FP8_MODES, quantize_linears_
 from .offload import BlockOffloader, HostCheckpointInputs
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -61,7 +61,7 @@ class SpeedOptions:
 
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k"),
-                   "fp8_base": ("none", "storage", "matmul", "matmul_dgrad"),
+                   "fp8_base": ("none", *FP8_MODES),
                    "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
