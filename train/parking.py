@@ -1,12 +1,20 @@
 """Parking an idle expert in pinned host memory, so that experts that do not fit the device together
 take turns on it (training.offload_inactive_expert).
 
-Each tensor of the expert (parameters, buffers, the optimizer's moments) gets one host buffer, made at
-its first park and kept. A park copies a tensor into its buffer only when it changed on the device since
-it was unparked (its version counter moved: optimizer steps, in-place updates). The frozen base weights,
-bf16 parameters or fp8 buffers, never do: after the first park of an expert they are not copied back
-again, and an unpark copies the pinned buffers in at full bus speed. Tensors are swapped through
-`param.data`, so Parameter objects (the optimizer's keys, compiled code's inputs) stay the same objects.
+Each tensor of the expert (parameters, buffers, every optimizer state tensor) gets one host buffer, made
+at its first park and kept. What a park copies back is decided by what a tensor is, never by whether it
+looks changed:
+  * constant: parameters with requires_grad=False (the frozen base weights) and buffers of modules that
+    hold no running statistics (fp8 weights and their scales). Nothing writes them in LoRA training, so
+    after an expert's first park their host buffers already hold their values and later parks only swap
+    the pointer back.
+  * everything else, i.e. what trains: LoRA weights and all optimizer state (Adam's moments and, for a
+    fused or capturable AdamW, its device `step` counters). Copied at every park.
+Version counters are no guide: a fused AdamW updates weights and moments without bumping them, and a
+write through `.data` bypasses them, so a "copy only what changed" rule silently puts back stale moments.
+Tensors are swapped through `param.data`, so Parameter objects (the optimizer's keys, compiled code's
+inputs) stay the same objects. Gradients are not parked: the trainer parks between steps, when they are
+None; a park with gradients present is refused.
 
 Host buffers made in one park share one pinned allocation: PyTorch's pinned allocator rounds each
 allocation up to a power of two, which one allocation per tensor would pay per tensor.
@@ -18,43 +26,52 @@ through pageable memory took 23.7 s per swap; parking, 12-15 s the first time (p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
 
 _ALIGN = 512  # bytes: every dtype's alignment, and the copy engines' preference
 
-Slot = tuple[tuple, Callable[[], Tensor], Callable[[Tensor], None], Callable[[], int]]
+
+@dataclass
+class Slot:
+    """One tensor the expert owns: where to read and write it, and whether training can change it."""
+
+    key: tuple
+    get: Callable[[], Tensor]
+    set: Callable[[Tensor], None]
+    constant: bool
 
 
 class HostParking:
     """Moves one expert's model tensors and optimizer state between `device` and host memory.
 
-    pin: page-locked host buffers (fast, asynchronous copies; needs CUDA)."""
+    pin: page-locked host buffers (fast, asynchronous copies; needs CUDA). After `park()` or `unpark()`
+    the copies may still be in flight on the current stream: synchronise before reading host tensors."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, pin: bool):
         self.model, self.optimizer, self.pin = model, optimizer, pin
-        self.host: dict[tuple, Tensor] = {}  # slot -> its host buffer
-        self.unparked_version: dict[tuple, int] = {}  # slot -> version counter when it went to the device
+        self.host: dict[tuple, Tensor] = {}  # slot key -> its host buffer
+        self.copies = 0  # tensors copied device -> host by the last park (for tests and logs)
 
     def _slots(self) -> Iterator[Slot]:
-        """(key, get, set, version) for every parameter, buffer and optimizer state tensor."""
         for name, p in self.model.named_parameters():
-            yield ("param", name), (lambda p=p: p.data), (lambda t, p=p: setattr(p, "data", t)), \
-                (lambda p=p: p._version)
+            yield Slot(("param", name), lambda p=p: p.data, lambda t, p=p: setattr(p, "data", t),
+                       constant=not p.requires_grad)
         for module_name, module in self.model.named_modules():
+            running_stats = isinstance(module, _NormBase) and module.track_running_stats
             for name, b in module._buffers.items():
                 if b is not None:
-                    yield (("buffer", module_name, name), (lambda m=module, n=name: m._buffers[n]),
-                           (lambda t, m=module, n=name: m._buffers.__setitem__(n, t)),
-                           (lambda m=module, n=name: m._buffers[n]._version))
+                    yield Slot(("buffer", module_name, name), lambda m=module, n=name: m._buffers[n],
+                               lambda t, m=module, n=name: m._buffers.__setitem__(n, t), constant=not running_stats)
         for param, per_param in self.optimizer.state.items():
             for name, value in per_param.items():
-                if isinstance(value, Tensor) and value.ndim > 0:
-                    yield (("optim", id(param), name), (lambda s=per_param, n=name: s[n]),
-                           (lambda t, s=per_param, n=name: s.__setitem__(n, t)),
-                           (lambda s=per_param, n=name: s[n]._version))
+                if isinstance(value, Tensor):
+                    yield Slot(("optim", id(param), name), lambda s=per_param, n=name: s[n],
+                               lambda t, s=per_param, n=name: s.__setitem__(n, t), constant=False)
 
     def _allocate(self, tensors: dict[tuple, Tensor]) -> None:
         """One pinned slab holding a host buffer for each of `tensors` (key -> the tensor to mirror)."""
@@ -68,25 +85,33 @@ class HostParking:
 
     def park(self) -> None:
         """Put the expert in host memory; the device copies are freed once nothing else holds them."""
-        slots = [s for s in self._slots() if _needs_parking(s[1](), self.pin)]
-        new = {key: get() for key, get, _, _ in slots if key not in self.host}
+        if any(p.grad is not None for p in self.model.parameters()):
+            raise RuntimeError("HostParking.park: parameters still hold gradients; park between optimizer "
+                               "steps, after zero_grad(set_to_none=True)")
+        slots = [s for s in self._slots() if self._needs_parking(s)]
+        new = {s.key: s.get() for s in slots if s.key not in self.host}
         if new:
             self._allocate(new)
-        for key, get, set_, version in slots:
-            host = self.host[key]
-            if key in new or version() != self.unparked_version.get(key):
-                host.copy_(get(), non_blocking=self.pin)
-            set_(host)
+        self.copies = 0
+        for s in slots:
+            host = self.host[s.key]
+            if s.key in new or not s.constant:
+                host.copy_(s.get(), non_blocking=self.pin)
+                self.copies += 1
+            s.set(host)
 
     def unpark(self, device: torch.device) -> None:
         """Put the expert on `device` (asynchronous from pinned memory; synchronise before timing)."""
-        for key, get, set_, version in self._slots():
-            t = get()
-            if t.device.type != device.type:
-                set_(t.to(device, non_blocking=self.pin))
-                self.unparked_version[key] = version()
+        for s in self._slots():
+            t = s.get()
+            # Optimizer state that lives on the host by design (a non-fused AdamW's `step`) stays there.
+            if t.device.type != device.type and (s.key[0] != "optim" or s.key in self.host):
+                s.set(t.to(device, non_blocking=self.pin))
 
-
-def _needs_parking(t: Tensor, pin: bool) -> bool:
-    """On the device, or in pageable host memory when parking pins (an expert loaded on the host)."""
-    return t.device.type != "cpu" or (pin and not t.is_pinned())
+    def _needs_parking(self, s: Slot) -> bool:
+        """On the device; for model tensors also in pageable host memory when parking pins (an expert
+        loaded on the host). Optimizer state already on the host (a non-fused AdamW's `step`) stays put."""
+        t = s.get()
+        if s.key[0] == "optim":
+            return t.device.type != "cpu"
+        return t.device.type != "cpu" or (self.pin and not t.is_pinned())

@@ -130,9 +130,15 @@ class HostCheckpointInputs:
         self.stashed = 0  # inputs moved so far
 
     def keep(self, x: Tensor) -> torch.autograd.graph.saved_tensors_hooks:
-        """Hooks for one checkpoint call whose block input is `x`."""
+        """Hooks for one checkpoint call whose block input is `x`.
+
+        The pack hook must not hold `x` itself: autograd keeps each saved tensor's hooks alive until
+        backward frees it, so a closure over `x` would keep every block's device input resident (the
+        12.5 GiB this class exists to free). It keeps x's address and shape instead."""
+        ptr, shape = x.data_ptr(), x.shape
+
         def pack(t: Tensor):
-            if t.data_ptr() != x.data_ptr() or t.shape != x.shape:
+            if t.data_ptr() != ptr or t.shape != shape:
                 return t
             self.stashed += 1
             host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)

@@ -1,6 +1,8 @@
-import decord
 import numpy as np
+import pytest
 import torch
+
+decord = pytest.importorskip("decord")  # absent from the GPU image unless carried (bench/gpu_tests.sh)
 
 from wan_model.media import frame_strip, save_video, to_uint8_frames
 

@@ -172,6 +172,31 @@ def test_host_checkpoints_same_loss_and_grads_and_stash_block_inputs():
         assert torch.equal(grads1[name], grads0[name]), name
 
 
+def test_host_checkpoints_release_the_block_inputs_after_forward():
+    """Between forward and backward nothing may hold a stashed block input (on a GPU that memory is the
+    point of the option). A pack hook that closed over the input kept all of them alive: autograd keeps
+    each saved tensor's hooks until backward, which is how the 24 GiB mode once stopped fitting."""
+    import weakref
+
+    from wan_model.offload import HostCheckpointInputs
+
+    inputs = []
+
+    class Watching(HostCheckpointInputs):
+        def keep(self, x):
+            inputs.append(weakref.ref(x))
+            return super().keep(x)
+
+    model = lora_model("cpu", torch.float32)
+    apply_speed_options(model, dataclasses.replace(PLAIN, host_checkpoints=True))
+    model.host_checkpoints = Watching()
+    latents, t, context, target = batch(model, "cpu")
+    loss = torch.nn.functional.mse_loss(model(latents, t, context), target)
+    assert len(inputs) == len(model.blocks)
+    assert all(ref() is None for ref in inputs), "a block input outlived the forward pass"
+    loss.backward()
+
+
 def test_host_checkpoint_copy_is_what_backward_uses():
     """A stashed input altered while it waits on the host changes the gradients: backward really reads
     the host copy (a hook that kept the device tensor would leave them unchanged)."""
@@ -212,32 +237,6 @@ def test_block_offload_placement_moves_all_but_frozen_block_weights():
         assert p.device.type == ("cpu" if on_host else "meta"), name
     assert model.blocks[0].self_attn.q.lora_A["default"].weight.is_meta
     assert model.head.head.weight.is_meta and model.patch_embedding.weight.is_meta
-
-
-@pytest.mark.gpu
-def test_host_checkpoints_on_gpu_free_device_memory():
-    """On CUDA the block inputs go to pinned host memory: same loss and gradients, less peak memory."""
-    warm = lora_model("cuda", torch.bfloat16, dim=512)  # one-time allocations (cuBLAS workspace) happen here
-    loss_and_grads(warm, batch(warm, "cuda", frames=9), autocast=True)
-    del warm
-    peaks, results, stashed = [], [], []
-    for host in (False, True):
-        model = lora_model("cuda", torch.bfloat16, dim=512)
-        apply_speed_options(model, dataclasses.replace(PLAIN, host_checkpoints=host))
-        data = batch(model, "cuda", frames=9)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        results.append(loss_and_grads(model, data, autocast=True))
-        peaks.append(torch.cuda.max_memory_allocated() - base)
-        stashed.append(model.host_checkpoints.stashed if host else 0)
-        del model
-    (loss0, grads0), (loss1, grads1) = results
-    assert stashed[1] == 2
-    assert loss1 == pytest.approx(loss0, rel=1e-6)
-    for name in grads0:
-        assert rel(grads1[name], grads0[name]) < 1e-5, name
-    assert peaks[1] < peaks[0]
 
 
 @pytest.mark.gpu

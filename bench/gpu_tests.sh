@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU-marked test in one run, logged for the commit it tested.
+#
+#   bench/gpu_tests.sh [COMMIT_SHA] [pytest args...]
+#
+# Run on a CUDA machine from the repository root, on a clean checkout of COMMIT_SHA (default: git's HEAD;
+# pass it when the tree travels without .git, as to the lent GPU machine). Writes docs/bench/gpu_tests.log
+# (first line `commit: <sha>`) and copies it to $OUT when that is set. Exit status: pytest's.
+#
+# The GPU image lacks some of the test suite's packages (diffusers, decord, ftfy). If they do not import,
+# wheels in .whl/ are installed to /tmp/site first; fetch them on a machine with pip, in the repo root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 -d .whl \
+#     diffusers==0.42.1 decord==0.6.0 ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata lazy-importer
+set -uo pipefail
+cd "$(dirname "$0")/.."
+sha=${1:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+[ $# -gt 0 ] && shift
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c 'import diffusers, decord, ftfy' 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 2
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "gpu_tests: diffusers, decord or ftfy missing and no .whl/ folder; see this script's header" >&2
+    exit 2
+  fi
+fi
+
+log=docs/bench/gpu_tests.log
+mkdir -p docs/bench
+{
+  echo "commit: $sha"
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1
+  echo "command: $PY -m pytest -m gpu tests -p no:cacheprovider -rA --durations=15 $*"
+} > "$log"
+PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -p no:cacheprovider -rA --durations=15 "$@" 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+[ -n "${OUT:-}" ] && cp "$log" "$OUT/"
+exit "$status"

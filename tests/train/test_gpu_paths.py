@@ -1,0 +1,99 @@
+"""Trainer-level equivalence of the GPU-only memory paths (run on the device machine).
+
+A phased run through `train/loop.py`'s Trainer, with several expert changes, on a model of the real
+block structure (WanBlock: self-attention with RoPE and q/k RMSNorm, cross-attention, FFN, modulation)
+at reduced width and depth:
+  * expert parking (offload_inactive_expert: always) against both experts kept on the device (never):
+    bitwise the same losses, adapters and AdamW state, with the shipped recipes' fast path (compiled
+    blocks, saved self-attention, fp8 storage). Parking moves tensors; it must not change one bit.
+  * block streaming + host-kept checkpoint inputs (the 24 GiB mode) against the plain path: the same
+    losses, adapters and moments within rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.train.test_loop import MemorySource, tiny_recipe
+from train.loop import Trainer
+from wan_model.config import get_preset
+from wan_model.speed import SpeedOptions
+from wan_model.transformer import WanTransformer
+
+pytestmark = pytest.mark.gpu
+
+STEPS, PHASE = 10, 2  # high, low, high, low, high: four expert changes
+
+
+def wide_models(recipe, dim: int = 128, layers: int = 3) -> dict[str, WanTransformer]:
+    cfg = dataclasses.replace(get_preset(recipe.model.preset).transformer, dim=dim, ffn_dim=2 * dim,
+                              num_heads=2, num_layers=layers)
+    models = {}
+    for i, name in enumerate(recipe.experts):
+        torch.manual_seed(100 + i)
+        model = WanTransformer(cfg)
+        torch.nn.init.normal_(model.head.head.weight, std=0.2)  # official init zeroes it: no gradient to LoRA
+        models[name] = model
+    return models
+
+
+def train(recipe) -> tuple[list[float], dict[str, dict[str, torch.Tensor]], Trainer]:
+    """Run the recipe's steps; returns the losses, each expert's LoRA weights and AdamW state (host copies)."""
+    source = MemorySource(recipe.model.preset, batch_size=recipe.training.batch_size, frames=3, size=8)
+    trainer = Trainer(recipe, wide_models(recipe), source)
+    losses = [trainer.train_step()["loss"] for _ in range(recipe.training.steps)]
+    torch.cuda.synchronize()
+    final = {}
+    for name, state in trainer.states.items():
+        tensors = {f"lora.{k}": v for k, v in trainer.lora_weights(name).items()}
+        for i, p in enumerate(state.params):
+            for key, value in state.optimizer.state[p].items():
+                tensors[f"adam.{i}.{key}"] = value.detach().cpu().clone()
+        final[name] = tensors
+    return losses, final, trainer
+
+
+def recipe_with(tmp_path, name: str, speed: SpeedOptions, **training):
+    recipe = tiny_recipe(tmp_path / name, steps=STEPS, routing="phased", phase_steps=PHASE, precision="bf16",
+                         gradient_checkpointing=True, **training)
+    return dataclasses.replace(recipe, speed=speed)
+
+
+def test_parking_trains_bitwise_as_keeping_both_experts(tmp_path):
+    fast = SpeedOptions(compile=True, save_attention="all", fp8_base="storage")
+    kept_losses, kept, kept_trainer = train(recipe_with(tmp_path, "kept", fast, offload_inactive_expert="never"))
+    assert not kept_trainer.offload
+    del kept_trainer
+    parked_losses, parked, trainer = train(recipe_with(tmp_path, "parked", fast, offload_inactive_expert="always"))
+    assert trainer.offload
+    assert [h["expert"] for h in trainer.history] == (["high_noise"] * 2 + ["low_noise"] * 2) * 2 + ["high_noise"] * 2
+    idle = trainer.states["low_noise"]  # parked at the end, moments included
+    assert all(not p.is_cuda for p in idle.model.parameters())
+    assert all(not v.is_cuda for s in idle.optimizer.state.values() for v in s.values())
+    assert parked_losses == kept_losses
+    for name in kept:
+        assert parked[name].keys() == kept[name].keys()
+        changed = [k for k in kept[name] if not torch.equal(parked[name][k], kept[name][k])]
+        assert not changed, f"{name}: {len(changed)} tensors differ, e.g. {changed[:3]}"
+
+
+def test_block_streaming_and_host_checkpoints_train_as_plain(tmp_path):
+    plain = SpeedOptions(compile=False, save_attention="none", fp8_base="none")
+    ref_losses, ref, ref_trainer = train(recipe_with(tmp_path, "plain", plain))
+    del ref_trainer
+    torch.cuda.empty_cache()
+    streamed = dataclasses.replace(plain, offload="blocks", host_checkpoints=True)
+    losses, out, trainer = train(recipe_with(tmp_path, "streamed", streamed))
+    assert not trainer.offload and set(trainer.offloaders) == {"high_noise", "low_noise"}
+    stashed = sum(s.model.host_checkpoints.stashed for s in trainer.states.values())
+    assert stashed == STEPS * 3  # every block input of every step went through host memory
+    assert all(not p.is_cuda for s in trainer.states.values()
+               for p in s.model.blocks.parameters() if not p.requires_grad)  # none left behind by backward
+    assert losses == pytest.approx(ref_losses, rel=1e-4)
+    for name in ref:
+        for key, value in ref[name].items():
+            err = float((out[name][key].float() - value.float()).norm() / value.float().norm().clamp_min(1e-12))
+            assert err < 1e-3, (name, key, err)
