@@ -35,9 +35,9 @@ mkdir -p docs/bench
   echo "commit: $sha"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1
-  echo "command: $PY -m pytest -m gpu tests -p no:cacheprovider -rA --durations=15 $*"
+  echo "command: $PY -m pytest -m gpu tests -p no:cacheprovider -p no:logging -rA --durations=15 $*"
 } > "$log"
-PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -p no:cacheprovider -rA --durations=15 "$@" 2>&1 | tee -a "$log"
+PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -p no:cacheprovider -p no:logging -rA --durations=15 "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 [ -n "${OUT:-}" ] && cp "$log" "$OUT/"
 exit "$status"

@@ -199,12 +199,18 @@ class Trainer:
             apply_speed_options(model, self.recipe.speed)
             engine, _ = self.accelerator.prepare(model, optimizer)
             return ExpertState(expert, engine, params, optimizer, scheduler, engine=engine)
-        if not (self.offload or self.stream_blocks):
+        if not self.stream_blocks:
+            # Also an expert that will be parked: its speed options (fp8 quantisation) then run on the
+            # device, so a parked run computes bit for bit what a kept one does; one expert at a time.
             model.to(self.device)
         self.offloaders[expert.name] = apply_speed_options(model, self.recipe.speed, self.device)
         # Placement is ours (above): the idle expert waits on the host, streamed block weights stay there.
         wrapped = self.accelerator.prepare_model(model, device_placement=False)
-        parking = HostParking(model, optimizer, pin=self.device.type == "cuda") if self.offload else None
+        parking = None
+        if self.offload:
+            parking = HostParking(model, optimizer, pin=self.device.type == "cuda")
+            parking.park()  # until `activate` puts it back
+            torch.cuda.synchronize(self.device)
         return ExpertState(expert, wrapped, params, optimizer, scheduler, parking=parking)
 
     # -- placement

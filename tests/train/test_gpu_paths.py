@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.train.test_loop import MemorySource, tiny_recipe
+from train.checkpoints import load_checkpoint, save_checkpoint
 from train.loop import Trainer
 from wan_model.config import get_preset
 from wan_model.speed import SpeedOptions
@@ -40,11 +41,19 @@ def wide_models(recipe, dim: int = 128, layers: int = 3) -> dict[str, WanTransfo
     return models
 
 
-def train(recipe) -> tuple[list[float], dict[str, dict[str, torch.Tensor]], Trainer]:
-    """Run the recipe's steps; returns the losses, each expert's LoRA weights and AdamW state (host copies)."""
+def train(recipe, resume_at: int | None = None) -> tuple[list[float], dict[str, dict[str, torch.Tensor]], Trainer]:
+    """Run the recipe's steps; returns the losses, each expert's LoRA weights and AdamW state (host copies).
+    resume_at: checkpoint there, build a new trainer, resume from the checkpoint and finish with it."""
     source = MemorySource(recipe.model.preset, batch_size=recipe.training.batch_size, frames=3, size=8)
     trainer = Trainer(recipe, wide_models(recipe), source)
-    losses = [trainer.train_step()["loss"] for _ in range(recipe.training.steps)]
+    stop = recipe.training.steps if resume_at is None else resume_at
+    losses = [trainer.train_step()["loss"] for _ in range(stop)]
+    if resume_at is not None:
+        path = save_checkpoint(trainer, keep_last=1)
+        del trainer
+        trainer = Trainer(recipe, wide_models(recipe), source)
+        load_checkpoint(trainer, path)
+        losses += [trainer.train_step()["loss"] for _ in range(recipe.training.steps - resume_at)]
     torch.cuda.synchronize()
     final = {}
     for name, state in trainer.states.items():
@@ -67,17 +76,23 @@ def test_parking_trains_bitwise_as_keeping_both_experts(tmp_path):
     kept_losses, kept, kept_trainer = train(recipe_with(tmp_path, "kept", fast, offload_inactive_expert="never"))
     assert not kept_trainer.offload
     del kept_trainer
-    parked_losses, parked, trainer = train(recipe_with(tmp_path, "parked", fast, offload_inactive_expert="always"))
-    assert trainer.offload
-    assert [h["expert"] for h in trainer.history] == (["high_noise"] * 2 + ["low_noise"] * 2) * 2 + ["high_noise"] * 2
-    idle = trainer.states["low_noise"]  # parked at the end, moments included
-    assert all(not p.is_cuda for p in idle.model.parameters())
-    assert all(not v.is_cuda for s in idle.optimizer.state.values() for v in s.values())
-    assert parked_losses == kept_losses
-    for name in kept:
-        assert parked[name].keys() == kept[name].keys()
-        changed = [k for k in kept[name] if not torch.equal(parked[name][k], kept[name][k])]
-        assert not changed, f"{name}: {len(changed)} tensors differ, e.g. {changed[:3]}"
+    parked_recipe = recipe_with(tmp_path, "parked", fast, offload_inactive_expert="always")
+    # Through a checkpoint taken while low_noise trains and high_noise waits on the host, and a resume.
+    for resume_at in (None, 7):
+        parked_losses, parked, trainer = train(parked_recipe, resume_at)
+        assert trainer.offload
+        expected = (["high_noise"] * 2 + ["low_noise"] * 2) * 2 + ["high_noise"] * 2
+        assert [h["expert"] for h in trainer.history] == expected
+        idle = trainer.states["low_noise"]  # parked at the end, moments included
+        assert all(not p.is_cuda for p in idle.model.parameters())
+        assert all(not v.is_cuda for s in idle.optimizer.state.values() for v in s.values())
+        assert parked_losses == kept_losses, resume_at
+        for name in kept:
+            assert parked[name].keys() == kept[name].keys()
+            changed = [k for k in kept[name] if not torch.equal(parked[name][k], kept[name][k])]
+            assert not changed, f"resume at {resume_at}, {name}: {len(changed)} tensors differ, e.g. {changed[:3]}"
+        del trainer
+        parked_recipe = recipe_with(tmp_path, "parked-resumed", fast, offload_inactive_expert="always")
 
 
 def test_block_streaming_and_host_checkpoints_train_as_plain(tmp_path):
