@@ -44,6 +44,9 @@ class Slot:
     get: Callable[[], Tensor]
     set: Callable[[Tensor], None]
     constant: bool
+    # Kept on the host wherever the expert is: PyTorch's own placement for an Adam-family `step` counter
+    # unless the optimizer is fused or capturable (as `Optimizer.load_state_dict` places it).
+    host_only: bool = False
 
 
 class HostParking:
@@ -67,11 +70,14 @@ class HostParking:
                 if b is not None:
                     yield Slot(("buffer", module_name, name), lambda m=module, n=name: m._buffers[n],
                                lambda t, m=module, n=name: m._buffers.__setitem__(n, t), constant=not running_stats)
+        host_steps = {id(p) for group in self.optimizer.param_groups for p in group["params"]
+                      if not (group.get("fused") or group.get("capturable"))}
         for param, per_param in self.optimizer.state.items():
             for name, value in per_param.items():
                 if isinstance(value, Tensor):
                     yield Slot(("optim", id(param), name), lambda s=per_param, n=name: s[n],
-                               lambda t, s=per_param, n=name: s.__setitem__(n, t), constant=False)
+                               lambda t, s=per_param, n=name: s.__setitem__(n, t), constant=False,
+                               host_only=name == "step" and id(param) in host_steps)
 
     def _allocate(self, tensors: dict[tuple, Tensor]) -> None:
         """One pinned slab holding a host buffer for each of `tensors` (key -> the tensor to mirror)."""
@@ -104,14 +110,14 @@ class HostParking:
         """Put the expert on `device` (asynchronous from pinned memory; synchronise before timing)."""
         for s in self._slots():
             t = s.get()
-            # Optimizer state that lives on the host by design (a non-fused AdamW's `step`) stays there.
-            if t.device.type != device.type and (s.key[0] != "optim" or s.key in self.host):
+            # Also optimizer state that never was on the device: loaded from a checkpoint while parked.
+            if t.device.type != device.type and not s.host_only:
                 s.set(t.to(device, non_blocking=self.pin))
 
     def _needs_parking(self, s: Slot) -> bool:
         """On the device; for model tensors also in pageable host memory when parking pins (an expert
-        loaded on the host). Optimizer state already on the host (a non-fused AdamW's `step`) stays put."""
+        loaded on the host). Host-only optimizer state (a non-fused AdamW's `step`) stays put."""
         t = s.get()
         if s.key[0] == "optim":
-            return t.device.type != "cpu"
+            return t.device.type != "cpu" and not s.host_only
         return t.device.type != "cpu" or (self.pin and not t.is_pinned())

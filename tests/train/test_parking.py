@@ -4,6 +4,8 @@ weights only at the first."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -79,6 +81,20 @@ def test_park_and_unpark_round_trip(kind):
 
     parking.unpark(torch.device("cuda"))
     adam_step(model, optimizer)  # training goes on from the parked state: the third park sees it too
+    trained = snapshot(model, optimizer)
+    parking.park()
+    torch.cuda.synchronize()
+    assert same(snapshot(model, optimizer), trained, skip={"0.weight"})
+
+    # A checkpoint loaded while the expert is parked: load_state_dict places the state on the parameters'
+    # device (the host, now), in fresh tensors; the next unpark must still bring it all to the device.
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(saved)
+    parking.unpark(torch.device("cuda"))
+    torch.cuda.synchronize()
+    for state in optimizer.state.values():
+        assert all(v.is_cuda == (k != "step" or steps_on_device) for k, v in state.items()), kind
+    adam_step(model, optimizer)  # state on mixed devices would raise here
     trained = snapshot(model, optimizer)
     parking.park()
     torch.cuda.synchronize()
