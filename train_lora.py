@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from wan_model.files import atomic_write_text
     from wan_model.release import load_release
 
+    from train.demo import ensure_tiny_inputs
+
+    # A tiny-* recipe (recipes/quickstart.yaml) on a fresh clone: make its release, clips and cache first.
+    ensure_tiny_inputs(args.recipe, tell=lambda message: print(f"[wanlora] {message[4:]}", flush=True))
     recipe = load_recipe(args.recipe)
     s = recipe.training
     if args.max_steps is not None and not 1 <= args.max_steps <= s.steps:
@@ -52,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     sp = s.sequence_parallel > 1
     source = LoaderSource(loader, 0 if sp else accelerator.process_index, 1 if sp else accelerator.num_processes)
     trainer = Trainer(recipe, models, source, accelerator, total_steps=args.max_steps)
+    validator = None
+    if recipe.validation.every:
+        from train.validation import Validator, held_out_batches
+
+        batches = held_out_batches(recipe.dataset.cache_dir, recipe.validation.max_items, recipe.preset.text_len)
+        validator = Validator(batches, recipe.validation)
     resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
     lock = RunLock(s.output_dir) if accelerator.is_main_process else None
     if lock:
@@ -63,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(Path(s.output_dir) / "recipe.yaml", Path(args.recipe).read_text(encoding="utf-8"))
     try:
         with GracefulStop() as stop:
-            history = run(trainer, resume, stop_requested=lambda: stop.stop)
+            history = run(trainer, resume, stop_requested=lambda: stop.stop, validator=validator)
     finally:
         if lock:
             lock.release()
     if accelerator.is_main_process and history:
         print(f"done: step {trainer.step}, last loss {history[-1]['loss']:.4f}; outputs in {s.output_dir}")
+        from train.validation import best_steps
+
+        for name, best in best_steps(trainer.validation_history).items():
+            print(f"best validation step of {name}: {best['step']} (loss {best['loss']:.4f})")
     return 0
 
 

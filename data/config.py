@@ -106,16 +106,54 @@ class ModelSource:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # encoder weights and text embeddings
 
 
+VALIDATION_FOLDER = "validation"  # the held-out clips' cache: <dataset.cache_dir>/validation
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """The recipe's `validation:` section: held-out clips and how often the trainer scores them.
+
+    The held-out clips are `root` (a folder, prepared like the dataset) or, when `root` is not set, a
+    seeded `fraction` of dataset.root's clips, split off at prepare time and never trained on. Both are
+    cached in <dataset.cache_dir>/validation. Every `every` steps (and at the end) the trainer computes,
+    without gradients, each expert's flow-matching loss on up to `max_items` held-out entries at
+    `timesteps` fixed timesteps (the centres of equal bands of the expert's range) with fixed noise."""
+
+    root: str | None = None
+    fraction: float = 0.0
+    every: int = 0  # steps between validation passes; 0: none
+    timesteps: int = 4  # per expert
+    max_items: int = 8  # held-out cache entries scored at most
+    seed: int = 0  # held-out split and noise
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None or self.fraction > 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), found {self.fraction}")
+        if self.root is not None and self.fraction:
+            raise ValueError("set root (a folder of held-out clips) or fraction (a share of dataset.root), not both")
+        for name in ("every", "timesteps", "max_items"):
+            if getattr(self, name) < (0 if name == "every" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'every' else 1}, found {getattr(self, name)}")
+        if self.every and not self.enabled:
+            raise ValueError("every > 0 needs held-out clips: set root (a folder) or fraction (e.g. 0.1)")
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
     model: ModelSource
     dataset: DatasetConfig
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
 
 
 def load_prepare_config(path: str | Path) -> PrepareConfig:
-    """Read `model` and `dataset` from a prepare config or a full training recipe (other sections are the
-    trainer's to validate)."""
+    """Read `model`, `dataset` and `validation` from a prepare config or a full training recipe (other
+    sections are the trainer's to validate)."""
     raw = load_yaml(path)
     if "dataset" not in raw:
         raise ConfigError(f"{path}: no 'dataset' section; add one with at least 'root: <folder of clips>'")
-    return from_dict(PrepareConfig, {"model": raw.get("model") or {}, "dataset": raw["dataset"]}, str(path))
+    return from_dict(PrepareConfig, {"model": raw.get("model") or {}, "dataset": raw["dataset"],
+                                     "validation": raw.get("validation") or {}}, str(path))

@@ -16,6 +16,7 @@ shapes and a colour grade (warm, cool, dark, bright, saturated), H.264 yuv420p a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ DEMO_CLIPS = (
 )
 
 
-GRADES = ("none", "warm", "cool", "dark", "bright", "saturated")
+GRADES = ("none", "warm", "cool", "dark", "bright", "saturated", "mystyle")
 
 
 def _grade(rgb: torch.Tensor, grade: str) -> torch.Tensor:
@@ -73,7 +74,17 @@ def _grade(rgb: torch.Tensor, grade: str) -> torch.Tensor:
     if grade == "saturated":
         grey = rgb.mean(-3, keepdim=True)
         return grey + 4.0 * (rgb - grey)
-    raise ValueError(f"unknown grade {grade!r}; one of none, warm, cool, dark, bright, saturated")
+    if grade == "mystyle":
+        # The demo's learnable look: a violet-magenta cast (green pulled down, red and blue lifted) over
+        # diagonal light/dark bands 32 px apart, coarse enough to survive the VAE's 8 x 8 cells.
+        h, w = rgb.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        bands = 0.85 + 0.2 * torch.cos(2 * torch.pi * (xs + ys) / 32)
+        cast = torch.tensor([0.95, 0.35, 0.85]).view(3, 1, 1)
+        lift = torch.tensor([0.2, 0.0, 0.15]).view(3, 1, 1)
+        return (rgb * cast + lift) * bands
+    raise ValueError(f"unknown grade {grade!r}; one of {', '.join(GRADES)}")
 
 
 
@@ -127,19 +138,24 @@ def render_clip(spec: ClipSpec, size: tuple[int, int] = (64, 96), frames: int = 
 
 
 def render_demo_dataset(folder: str | Path, num_clips: int = 6, size: tuple[int, int] = (64, 96),
-                        frames: int = 33, fps: int = 16, seed: int = 0) -> Path:
+                        frames: int = 33, fps: int = 16, seed: int = 0, grade: str | None = None) -> Path:
     """Write `num_clips` procedural mp4 clips with captions into `folder` (created); returns the folder.
 
     Clips cycle through DEMO_CLIPS (clip i uses seed + i for its texture). Captions of the first half
     (rounded up) are .txt sidecars; the rest, with their user labels and score, go to metadata.jsonl.
+    grade: one colour grade for every clip (a shared look to learn, e.g. 'mystyle'); None: each clip's own.
     Deterministic for a seed. size = (H, W), even numbers (yuv420p).
     """
+    if grade is not None and grade not in GRADES:
+        raise ValueError(f"unknown grade {grade!r}; one of {', '.join(GRADES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     sidecars = (num_clips + 1) // 2
     for i in range(num_clips):
         spec = DEMO_CLIPS[i % len(DEMO_CLIPS)]
+        if grade is not None:
+            spec = dataclasses.replace(spec, grade=grade)
         name = f"clip_{i:02d}_{spec.name}"
         video = render_clip(spec, size, frames, seed + i)
         write_mp4(video.permute(0, 2, 3, 1).numpy(), folder / f"{name}.mp4", fps, crf=23)

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -32,10 +32,10 @@ from wan_model.config import ModelPreset, get_preset
 from .buckets import Bucket, assign_bucket, make_buckets
 from .cache import JsonTable, LatentCache, atomic_write_bytes, entry_key, trim_context
 from .card import CardClip, write_card
-from .config import DatasetConfig, ModelSource, PrepareConfig, load_prepare_config
+from .config import VALIDATION_FOLDER, DatasetConfig, ModelSource, PrepareConfig, load_prepare_config
 from .filters import Deduper, check_media, check_score, file_sha256, perceptual_hash
 from .labels import LABEL_VALUES, AestheticLabels, LabelError, resolve_labels
-from .prompts import check_template, prompt_variants
+from .prompts import check_template, prompt_variants, unit_hash
 from .scan import ClipItem, scan_folder
 from .video import VideoError, clip_windows, probe, read_frames, to_model_range
 
@@ -275,9 +275,53 @@ class _Preparer:
         return None
 
 
-def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *, progress: bool = True) -> PrepareReport:
+def held_out_ids(clip_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The clips of a seeded validation split: round(fraction * n) of them (at least one when fraction > 0,
+    never all), those with the lowest unit_hash(seed, clip id). A clip's membership depends only on its id
+    and the seed, so re-running prepare (or resuming training) keeps the same held-out clips."""
+    if fraction <= 0 or len(clip_ids) < 2:
+        return set()
+    count = min(len(clip_ids) - 1, max(1, round(fraction * len(clip_ids))))
+    return set(sorted(clip_ids, key=lambda c: unit_hash(seed, c, "validation"))[:count])
+
+
+def validation_config(config: PrepareConfig) -> PrepareConfig:
+    """The prepare config of the held-out clips: their folder (validation.root, else dataset.root) into
+    <cache_dir>/validation, every other setting as the dataset's."""
+    ds, val = config.dataset, config.validation
+    return replace(config, dataset=replace(ds, root=val.root or ds.root,
+                                           cache_dir=str(Path(ds.cache_dir) / VALIDATION_FOLDER)))
+
+
+def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *,
+                progress: bool = True) -> tuple[PrepareReport, PrepareReport | None]:
+    """The training set, then the held-out set when the config has a validation section (ValidationSettings):
+    returns (training report, validation report or None). A fraction split keeps the held-out clips out
+    of the training cache."""
+    val = config.validation
+    if not val.enabled:
+        return prepare(config, vae, text_encoder, progress=progress), None
+    held: set[str] | None = None
+    if val.root is None:
+        scan = scan_folder(config.dataset.root, config.dataset.metadata)
+        held = held_out_ids([item.clip_id for item in scan.items], val.fraction, val.seed)
+        if not held:
+            raise ValueError(f"validation.fraction {val.fraction}: {config.dataset.root} has "
+                             f"{len(scan.items)} clip(s), too few to hold one out; add clips or set validation.root")
+    train = prepare(config, vae, text_encoder, progress=progress,
+                    select=None if held is None else (lambda item: item.clip_id not in held))
+    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress,
+                          select=None if held is None else (lambda item: item.clip_id in held))
+    if not held_report.used:
+        raise ValueError(f"validation: no held-out clip could be used (see {held_report.cache_dir / REPORT_NAME})")
+    return train, held_report
+
+
+def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *, progress: bool = True,
+            select: Callable[[ClipItem], bool] | None = None) -> PrepareReport:
     """Scan, filter, label, prompt, encode and cache a dataset (module docstring); returns what happened.
 
+    select: which scanned clips this run takes (None: all); the validation split passes one.
     Writes report.json, dataset_card.md and contact_sheet.png into dataset.cache_dir."""
     start = time.perf_counter()
     check_template(config.dataset.caption_template)
@@ -287,8 +331,9 @@ def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, 
     root = Path(config.dataset.root)
     clips = [ClipReport(s.path.relative_to(root).as_posix() if s.path.is_relative_to(root) else str(s.path),
                         str(s.path), "skipped", s.reason) for s in scan.skipped]
+    items = [item for item in scan.items if select is None or select(item)]
     try:
-        for item in tqdm(scan.items, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True):
+        for item in tqdm(items, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True):
             clips.append(runner.run(item))
     finally:  # Ctrl-C or an error: keep what was done (a hard kill is covered by LatentCache's adoption)
         runner.cache.flush(force=True)
@@ -350,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.release:  # into the config, so the cache key names the weights actually used
         config = replace(config, model=replace(config.model, release=args.release))
     vae, text_encoder = build_encoders(config.model, seed=config.dataset.seed)
-    report = prepare(config, vae, text_encoder, progress=not args.no_progress)
-    print(f"{len(report.used)} clips used, {len(report.skipped)} skipped; {report.encoded} entries encoded, "
-          f"{report.reused} reused, {len(report.repaired)} repaired, {report.pruned} pruned in {report.seconds:.1f} s; "
-          f"see {report.cache_dir / REPORT_NAME}")
+    for what, report in zip(("training", "held-out"), prepare_all(config, vae, text_encoder, progress=not args.no_progress)):
+        if report is not None:
+            print(f"{what}: {len(report.used)} clips used, {len(report.skipped)} skipped; {report.encoded} entries "
+                  f"encoded, {report.reused} reused, {len(report.repaired)} repaired, {report.pruned} pruned in "
+                  f"{report.seconds:.1f} s; see {report.cache_dir / REPORT_NAME}")
     return 0
 
 

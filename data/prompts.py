@@ -2,7 +2,8 @@
 
 The template (dataset.caption_template) has three fields, default "{trigger}, {caption}. {labels}":
 
-  * {trigger}: dataset.trigger ("mystyle"), or "" when none;
+  * {trigger}: dataset.trigger ("mystyle"), or "" when none or when the caption already holds it (any
+    case, as a whole phrase: "MyStyle, a fox" stays as it is, with no second trigger);
   * {caption}: one of the clip's captions, its trailing full stops removed;
   * {labels}: the labels kept by dropout, in the fixed order lighting, colour tone, contrast, composition,
     shot size, camera motion, as "Lighting: golden hour; colour tone: warm; contrast: high." (the first
@@ -26,6 +27,7 @@ Variant k uses caption k mod (number of captions), so K >= captions uses them al
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from collections.abc import Mapping
 
@@ -59,10 +61,20 @@ def render_labels(labels: Mapping[str, str]) -> str:
     return text[0].upper() + text[1:]
 
 
+def holds_trigger(caption: str, trigger: str) -> bool:
+    """Whether `caption` already holds `trigger` as a whole phrase, in any case and position."""
+    trigger = trigger.strip()
+    return bool(trigger) and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE) is not None
+
+
 def compose_prompt(caption: str, labels: Mapping[str, str], trigger: str, template: str) -> str:
-    """Fill the template (module docstring) and tidy the punctuation left by empty fields."""
-    text = template.format(trigger=trigger.strip(), caption=caption.strip().rstrip(". "),
-                           labels=render_labels(labels))
+    """Fill the template (module docstring) and tidy the punctuation left by empty fields.
+
+    A caption that already holds the trigger (captions written for other trainers often do) keeps it where
+    it is, and the template's {trigger} stays empty: the trigger appears once."""
+    caption = caption.strip().rstrip(". ")
+    trigger = "" if holds_trigger(caption, trigger) else trigger.strip()
+    text = template.format(trigger=trigger, caption=caption, labels=render_labels(labels))
     return " ".join(text.split()).strip(" ,;")
 
 

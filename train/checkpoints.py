@@ -158,7 +158,8 @@ def _write_checkpoint(trainer, weights: dict, root: Path, tmp: Path, final: Path
                 "updates": {n: s.updates for n, s in trainer.states.items()},
                 "nonfinite_in_a_row": trainer.nonfinite_in_a_row, "processes": acc.num_processes,
                 "data_position": {"micro_batches": trainer.step * trainer.settings.grad_accum},
-                "history": trainer.history, "sha256": _file_hashes(tmp)}
+                "history": trainer.history, "validation": trainer.validation_history,
+                "sha256": _file_hashes(tmp)}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -197,5 +198,6 @@ def load_checkpoint(trainer, path: Path) -> None:
         state.updates = meta["updates"][name]
     trainer.step = meta["step"]
     trainer.history = meta["history"]
+    trainer.validation_history = meta.get("validation", [])  # checkpoints written before validation existed
     trainer.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
     set_rng_state(torch.load(path / f"rng-rank{trainer.accelerator.process_index}.pt", weights_only=False))

@@ -2,10 +2,13 @@
 
   1. writes a tiny random Wan model (tiny-t2v: both experts, VAE, UMT5, tokenizer) in the official
      release layout under outputs/demo/release (nothing is downloaded);
-  2. renders the bundled procedural demo clips with captions and labels (outputs/demo/clips);
+  2. renders the bundled procedural demo clips with captions and labels, all in one look to learn (a violet
+     cast over diagonal bands; outputs/demo/clips);
   3. prepares them: labels, prompts, buckets, VAE latents and text embeddings (outputs/demo/cache);
-  4. trains a LoRA for each expert from recipes/quickstart.yaml (outputs/quickstart);
-  5. renders a prompt suite with and without the adapters, writes contact sheets and report.html.
+  4. trains a LoRA for each expert from recipes/quickstart.yaml (outputs/quickstart), scoring one held-out
+     clip every 50 steps (validation loss);
+  5. renders a prompt suite with and without the adapters, writes contact sheets and report.html, and
+     prints how much of the palette distance to the training clips the adapters close.
 
 Every step reuses what an earlier run left (the release, the cache); training starts fresh unless
 --resume is given. The same steps by hand are printed at the end.
@@ -14,6 +17,7 @@ Every step reuses what an earlier run left (the release, the cache); training st
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -23,8 +27,43 @@ RECIPE = Path("recipes/quickstart.yaml")
 SUITE = Path("recipes/demo_suite.yaml")
 
 
+DEMO_GRADE = "mystyle"  # the look every demo clip shares, and that the adapters learn (data/demo_clips.py)
+
+
 def say(message: str) -> None:
     print(f"[wanlora demo] {message}", flush=True)
+
+
+def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=say) -> bool:
+    """What a tiny-* recipe trains on, made where missing: the tiny release (official layout, random
+    transformers), the demo clips in dataset.root, and the cache (train.prepare). Returns False, doing
+    nothing, for a recipe of a real model. fresh_clips: render the clips even when the folder exists."""
+    from data.cache import INDEX_NAME
+    from data.demo_clips import render_demo_dataset
+    from train.recipe import load_recipe
+    from wan_model.release import load_release
+    from wan_model.tiny_release import write_tiny_release
+
+    recipe = load_recipe(recipe_path, check_release=False)
+    if not recipe.preset.name.startswith("tiny-"):
+        return False
+    release_dir, clips_dir = Path(recipe.model.release), Path(recipe.dataset.root)
+    try:
+        load_release(release_dir, recipe.preset.name)
+        tell(f"1/5 tiny {recipe.preset.name} release already at {release_dir}")
+    except (FileNotFoundError, ValueError):
+        tell(f"1/5 writing a tiny random {recipe.preset.name} release (official layout) to {release_dir}")
+        write_tiny_release(release_dir, recipe.preset.name, seed=recipe.training.seed)
+    if fresh_clips or not clips_dir.exists():
+        tell(f"2/5 rendering the demo clips (a shared '{DEMO_GRADE}' look) into {clips_dir}")
+        render_demo_dataset(clips_dir, grade=DEMO_GRADE)
+    cache = Path(recipe.dataset.cache_dir)
+    if fresh_clips or not (cache / INDEX_NAME).is_file():
+        tell(f"3/5 preparing: labels, prompts, buckets, latents and text embeddings -> {cache}")
+        from train.prepare import main as prepare_main
+        if prepare_main([str(recipe_path)]) != 0:
+            raise RuntimeError(f"preparing {recipe_path} failed")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,31 +76,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from data.demo_clips import render_demo_dataset
     from train.evaluate import Variant, evaluate, load_suite
     from train.recipe import load_recipe
     from wan_model.pipeline import load_pipeline
-    from wan_model.release import load_release
-    from wan_model.tiny_release import write_tiny_release
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, check_release=False)
     release_dir, clips_dir = Path(recipe.model.release), Path(recipe.dataset.root)
-
-    try:
-        load_release(release_dir, recipe.preset.name)
-        say(f"1/5 tiny {recipe.preset.name} release already at {release_dir}")
-    except (FileNotFoundError, ValueError):
-        say(f"1/5 writing a tiny random {recipe.preset.name} release (official layout) to {release_dir}")
-        write_tiny_release(release_dir, recipe.preset.name, seed=recipe.training.seed)
-
-    say(f"2/5 rendering the demo clips into {clips_dir}")
-    render_demo_dataset(clips_dir)
-
-    say(f"3/5 preparing: labels, prompts, buckets, latents and text embeddings -> {recipe.dataset.cache_dir}")
-    from train.prepare import main as prepare_main
-    if prepare_main([str(args.recipe)]) != 0:
+    if not ensure_tiny_inputs(args.recipe, fresh_clips=True):
+        say(f"{args.recipe} is a recipe for {recipe.preset.name}; the demo runs the tiny-* presets only")
         return 1
 
     output_dir = Path(recipe.training.output_dir)
@@ -81,13 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     variants = [Variant("base"), Variant(steps[-1].name, [steps[-1]], 1.0)]
     report = evaluate(pipe, load_suite(args.suite), variants, output_dir / "eval", run=output_dir,
                       clips_dir=clips_dir)
+    summary = json.loads((output_dir / "eval" / "metrics.json").read_text())["summary"]
+    adapter = summary["variants"].get(steps[-1].name, {})
+    if "closed" in adapter:
+        say(f"palette distance to the training clips: base {summary['variants']['base']['palette_distance']:.1f}, "
+            f"with the adapters {adapter['palette_distance']:.1f}: the adapters close {adapter['closed']:.0%} of it")
 
     minutes = (time.perf_counter() - started) / 60
     say(f"done in {minutes:.1f} min. Outputs:")
     rows = [("tiny release (official layout)", release_dir), ("demo clips + captions", clips_dir),
             ("latent / text cache", Path(recipe.dataset.cache_dir)),
             ("dataset card", Path(recipe.dataset.cache_dir) / "dataset_card.md"),
-            ("adapters, one file per expert", steps[-1]), ("checkpoints", output_dir / "checkpoints"),
+            ("adapters, one file per expert", steps[-1]), ("adapter card", steps[-1] / "README.md"),
+            ("checkpoints", output_dir / "checkpoints"), ("run summary (best step)", output_dir / "summary.json"),
             ("previews during training", output_dir / "samples"),
             ("TensorBoard logs", output_dir / "logs"), ("loss curve", output_dir / "metrics.jsonl"),
             ("samples and contact sheets", output_dir / "eval"), ("report", report)]

@@ -153,12 +153,17 @@ def contact_sheet(rows: list[tuple[str, np.ndarray]], frames_per_row: int = 5) -
     """One row per variant: its name, then `frames_per_row` evenly spaced frames. rows: (name, [F,H,W,3])."""
     label_w = 140
     _, h, w, _ = rows[0][1].shape
+    zoom = max(1, -(-128 // h))  # small renders (the tiny demo's 64 px) are shown at least 128 px high
+    h, w = h * zoom, w * zoom
     sheet = Image.new("RGB", (label_w + frames_per_row * w, len(rows) * h), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (name, frames) in enumerate(rows):
         idx = np.linspace(0, len(frames) - 1, num=min(frames_per_row, len(frames))).round().astype(int)
         for c, i in enumerate(idx):
-            sheet.paste(Image.fromarray(frames[i]), (label_w + c * w, r * h))
+            frame = Image.fromarray(frames[i])
+            if zoom > 1:
+                frame = frame.resize((w, h), Image.NEAREST)
+            sheet.paste(frame, (label_w + c * w, r * h))
         draw.text((6, r * h + h // 2 - 6), name[:22], fill="black")
     return sheet
 
@@ -194,6 +199,43 @@ def loss_curve_svg(metrics_path: Path, width: int = 640, height: int = 200) -> s
     return "".join(parts) + "</svg>"
 
 
+def validation_curve_svg(metrics_path: Path, width: int = 640, height: int = 200) -> str:
+    """An inline SVG of each expert's validation loss by step from metrics.jsonl ('' when there is none),
+    with the best step of each expert marked."""
+    if not metrics_path.exists():
+        return ""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for name, result in (row.get("validation") or {}).items():
+            series.setdefault(name, []).append((float(row["steps_done"]), float(result["loss"])))
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 40) / max(x1 - x0, 1e-9)
+    sy = (height - 30) / max(y1 - y0, 1e-9)
+    at = lambda x, y: (30 + (x - x0) * sx, height - 20 - (y - y0) * sy)  # noqa: E731
+    colours = ["#c0392b", "#2471a3", "#1e8449", "#7d3c98"]
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>']
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        colour = colours[i % len(colours)]
+        path = " ".join("{:.1f},{:.1f}".format(*at(x, y)) for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
+        bx, by = min(pts, key=lambda p: p[1])
+        cx, cy = at(bx, by)
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"/>')
+        parts.append(f'<text x="{40 + 200 * i}" y="14" fill="{colour}" font-size="12">{html.escape(name)}: best '
+                     f'{by:.4g} at step {bx:.0f}</text>')
+    parts.append(f'<text x="4" y="{height - 4}" font-size="10">step {x0:.0f}..{x1:.0f}, loss {y0:.3g}..{y1:.3g}</text>')
+    return "".join(parts) + "</svg>"
+
+
 def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], metrics: dict, run: Path | None) -> Path:
     """report.html next to the renders; paths are relative so the folder can be moved."""
     recipe = ""
@@ -208,14 +250,27 @@ def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], m
                     f"<td>{m['flicker']:.2f}</td><td>{'' if dist is None else f'{dist:.1f}'}</td></tr>")
     body = ["<!doctype html><meta charset='utf-8'><title>wanlora evaluation</title>",
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style>",
-            "<h1>Adapter evaluation</h1>",
-            "<h2>Contact sheets (rows: base, then each adapter)</h2>"]
+            "<h1>Adapter evaluation</h1>"]
+    summary = metrics.get("summary", {}).get("variants", {})
+    base_name = next(iter(summary), None)
+    closed = [(name, v) for name, v in summary.items() if "closed" in v]
+    if closed:
+        items = "".join(
+            f"<li><b>{html.escape(name)}</b>: palette distance to the training clips "
+            f"{summary[base_name]['palette_distance']:.1f} (base) &rarr; {v['palette_distance']:.1f}: "
+            f"the adapter closes <b>{v['closed']:.0%}</b> of it</li>" for name, v in closed)
+        body.append(f"<ul>{items}</ul><p>Palette: mean R, G, B, brightness, saturation and warmth of every frame; "
+                    f"distance: Euclidean, in 0..255 units, between a variant's renders and the training clips.</p>")
+    body.append("<h2>Contact sheets (rows: base, then each adapter)</h2>")
     body += [f"<p>{html.escape(s.stem)}<br><img src='{s.relative_to(out)}' style='max-width:100%'></p>" for s in sheets]
     body.append("<h2>Palette and flicker</h2><table><tr><th>render</th><th>brightness</th><th>saturation</th>"
                 "<th>warmth</th><th>flicker</th><th>palette distance to training clips</th></tr>")
     body += rows + ["</table>"]
     if curve:
         body.append(f"<h2>Training loss</h2>{curve}")
+    validation = validation_curve_svg(run / "metrics.jsonl") if run is not None else ""
+    if validation:
+        body.append(f"<h2>Validation loss (held-out clips)</h2>{validation}")
     body.append("<h2>Videos</h2>")
     for key, paths in videos.items():
         body.append(f"<h3>{html.escape(key)}</h3>")
@@ -274,8 +329,28 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                 metrics["renders"][f"{key}-{variant.name}"] = m
             sheets.append(save_png(contact_sheet(rows), out / f"sheet-{key}.png"))
     pipe.set_adapters([], 1.0)
+    metrics["summary"] = summarise(metrics["renders"], [v.name for v in variants])
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return write_report(out, sheets, videos, metrics, run)
+
+
+def summarise(renders: dict[str, dict], variants: list[str]) -> dict:
+    """Per variant: mean palette distance to the training clips over its renders, and for each adapter
+    variant the share of the base renders' distance it closes, 1 - d_adapter / d_base (1: the renders'
+    palette is the clips'; 0: no change; < 0: further away)."""
+    out: dict = {"variants": {}}
+    for name in variants:
+        d = [m["palette_distance_to_training"] for m in renders.values()
+             if m["variant"] == name and "palette_distance_to_training" in m]
+        if d:
+            out["variants"][name] = {"palette_distance": float(np.mean(d))}
+    base = out["variants"].get(variants[0]) if variants else None
+    if base and base["palette_distance"] > 0:
+        for name in variants[1:]:
+            if name in out["variants"]:
+                v = out["variants"][name]
+                v["closed"] = 1.0 - v["palette_distance"] / base["palette_distance"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
 from .metrics import MetricsLogger
 from .objective import flow_matching_loss
 from .parking import HostParking
+from .validation import Validator, best_steps
 from .recipe import Recipe, TrainingSettings
 
 
@@ -158,6 +159,7 @@ class Trainer:
         self.base_dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float32
         self.step = 0
         self.history: list[dict] = []
+        self.validation_history: list[dict] = []  # validation passes: {"step", "steps_done", "experts"}
         self.nonfinite_in_a_row = 0
         # LR schedules span training.steps even when --max-steps stops earlier, so a resume continues them.
         updates = planned_updates(self.experts, self.settings, self.settings.steps)
@@ -337,10 +339,11 @@ class Trainer:
 
 
 def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
-        stop_requested: Callable[[], bool] = lambda: False) -> list[dict]:
+        stop_requested: Callable[[], bool] = lambda: False, validator: Validator | None = None) -> list[dict]:
     """Train from the start or from checkpoint `resume` to `trainer.total_steps`; checkpoints every
     `save_every` steps, at the end, and when `stop_requested()` turns true (a signal: checkpoint, then
-    return early). Returns the loss history (one dict per step since step 0)."""
+    return early). `validator` scores the held-out clips every validation.every steps and at the end
+    (train/validation.py). Returns the loss history (one dict per step since step 0)."""
     s = trainer.settings
     if resume is not None:
         load_checkpoint(trainer, resume)
@@ -365,11 +368,14 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
             if record["skipped"]:
                 logger.message(f"step {record['step']} ({record['expert']}): non-finite loss or gradient, update "
                                f"skipped; clips {record['clip_ids']}")
-            if s.save_every and trainer.step % s.save_every == 0 and trainer.step < trainer.total_steps:
-                save_checkpoint(trainer, s.keep_last)
+            if validator is not None and validator.due(trainer.step, trainer.total_steps):
+                validate(trainer, validator, logger)
             if previews is not None and trainer.step % s.sample_every == 0:
                 for path in previews.render(trainer.step):
                     logger.message(f"preview: {path}")
+            if s.save_every and trainer.step % s.save_every == 0 and trainer.step < trainer.total_steps:
+                save_checkpoint(trainer, s.keep_last)
+                export_adapters(trainer)  # each saved step's adapters (and card), so the best validated one is there
             if stop_requested():
                 logger.message(f"stop requested: checkpoint at step {trainer.step}; continue with --resume latest")
                 break
@@ -378,14 +384,47 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
             save_checkpoint(trainer, s.keep_last)
         for path in export_adapters(trainer):
             logger.message(f"adapter: {path}")
+        if trainer.validation_history:
+            for name, best in best_steps(trainer.validation_history).items():
+                folder = Path(s.output_dir) / "adapters" / f"step-{best['step']:08d}"
+                where = folder if folder.is_dir() else "not exported: make validation.every a multiple of save_every"
+                logger.message(f"best validation loss of {name}: {best['loss']:.4f} at step {best['step']} ({where})")
+        write_summary(trainer)
     finally:
         logger.close()
     return trainer.history
 
 
+def validate(trainer: Trainer, validator: Validator, logger: MetricsLogger) -> dict:
+    """One validation pass after `trainer.step` steps: recorded in the trainer (checkpointed) and logged."""
+    experts = validator.run(trainer)
+    record = {"step": trainer.step - 1, "steps_done": trainer.step, "experts": experts}
+    trainer.validation_history.append(record)
+    logger.log_validation(record)
+    logger.message(f"validation after step {trainer.step}: " + ", ".join(
+        f"{name} {result['loss']:.4f}" for name, result in experts.items()))
+    return record
+
+
+def write_summary(trainer: Trainer) -> None:
+    """<output_dir>/summary.json: steps, last loss per expert, validation passes and the best step per expert."""
+    if not trainer.accelerator.is_main_process:
+        return
+    from wan_model.files import atomic_write_text
+
+    last = {}
+    for record in trainer.history:
+        if not record["skipped"]:
+            last[record["expert"]] = record["loss"]
+    summary = {"steps": trainer.step, "last_loss": last, "validation": trainer.validation_history,
+               "best_validation": best_steps(trainer.validation_history)}
+    atomic_write_text(Path(trainer.settings.output_dir) / "summary.json", json.dumps(summary, indent=1))
+
+
 def export_adapters(trainer: Trainer) -> list:
     """Each training expert's adapter at the current step, ComfyUI and diffusers formats (train/export.py)."""
-    from .export import export_expert_adapter
+    from .adapter_card import dataset_summary, write_adapter_card
+    from .export import adapter_dir, export_expert_adapter
     from .recipe import recipe_hash
 
     weights = {name: trainer.lora_weights(name) for name in trainer.states}  # collective under ZeRO-3
@@ -399,4 +438,13 @@ def export_adapters(trainer: Trainer) -> list:
                                        alpha=e.lora.alpha, trigger=trainer.recipe.dataset.trigger,
                                        recipe_hash=recipe_hash(trainer.recipe), step=trainer.step,
                                        formats=("comfy", "peft"))
-    return files
+    step_dir = adapter_dir(trainer.settings.output_dir, trainer.step)
+    samples = Path(trainer.settings.output_dir) / "samples" / f"step-{trainer.step:08d}"
+    card = write_adapter_card(
+        step_dir, preset=trainer.recipe.preset, step=trainer.step, trigger=trainer.recipe.dataset.trigger,
+        experts=[{"name": n, "range": s.expert.t_range, "rank": s.expert.lora.rank, "alpha": s.expert.lora.alpha}
+                 for n, s in trainer.states.items()],
+        dataset=dataset_summary(trainer.recipe.dataset.cache_dir), validation=trainer.validation_history,
+        previews=sorted(samples.glob("*.png")), recipe_hash=recipe_hash(trainer.recipe),
+        release=trainer.recipe.model.release)
+    return files + [card]

@@ -3,7 +3,9 @@
     outputs/<run>/logs/      TensorBoard: loss/<expert>, loss_by_t/<lo>-<hi> (10 buckets of 100 train
                              timesteps), lr/<expert>, grad_norm/<expert>, perf/steps_per_s, perf/memory_gb,
                              perf/swap_s
-    outputs/<run>/metrics.jsonl  one JSON line per step: step, expert, loss, grad_norm, lr, skipped
+                             validation/<expert>, validation_by_t/<expert>/t<band centre> (held-out loss)
+    outputs/<run>/metrics.jsonl  one JSON line per step: step, expert, loss, grad_norm, lr, skipped; and one
+                             per validation pass: step (the last step done), steps_done, validation
 Only the main process writes.
 """
 
@@ -104,6 +106,20 @@ class MetricsLogger:
             self.writer.add_scalar("perf/memory_gb", torch.cuda.max_memory_allocated() / 2**30, step)
         self.last_time, self.last_step = now, step + 1
         self.pending = []
+        self.writer.flush()
+
+    def log_validation(self, record: dict) -> None:
+        """A validation pass ({"step", "steps_done", "experts": {name: {"loss", "bands"}}}): one metrics.jsonl
+        line and TensorBoard validation/<expert> and validation_by_t/<expert>/<band centre>."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": record["step"], "steps_done": record["steps_done"],
+                                     "validation": record["experts"]}) + "\n")
+        self.jsonl.flush()
+        for name, result in record["experts"].items():
+            self.writer.add_scalar(f"validation/{name}", result["loss"], record["steps_done"])
+            for centre, loss in result["bands"].items():
+                self.writer.add_scalar(f"validation_by_t/{name}/t{int(centre):04d}", loss, record["steps_done"])
         self.writer.flush()
 
     def message(self, text: str) -> None:

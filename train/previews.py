@@ -3,7 +3,9 @@
 The previews use the experts being trained as they are (their live LoRA layers), the release's other
 parts (the frozen experts that do not train, the VAE, UMT5), loaded once on first use, and the bundled
 sampler (wan_model.pipeline). Same seeds at every step, so the folders compare: the style appearing
-step by step. Written to <output_dir>/samples/step-NNNNNNNN/<i>.mp4 (+ .png strip). Main process only.
+step by step. Image-conditioned previews (I2V always, TI2V when given) start from training.sample_image
+or, for I2V, the first frame of the first held-out clip; the recipe check refuses an I2V recipe with
+previews and neither, before step 0. Written to <output_dir>/samples/step-NNNNNNNN/<i>.mp4 (+ .png strip). Main process only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from wan_model.media import save_video
+from wan_model.media import read_image, save_video
 from wan_model.pipeline import GenerationRequest, WanPipeline
 
 
@@ -22,6 +24,7 @@ class PreviewRenderer:
     def __init__(self, trainer, release_root: str | Path):
         self.trainer, self.release_root = trainer, Path(release_root)
         self._parts = None
+        self._image: torch.Tensor | None = None  # the I2V first frame taken from a held-out clip
 
     def _load(self):
         from wan_model.checkpoint import load_transformer
@@ -39,6 +42,28 @@ class PreviewRenderer:
                                                 release.preset.text_encoder, dtype=t.base_dtype, device=t.device)
         self._parts = (frozen, vae, text_encoder)
 
+    def _first_frame(self, vae) -> torch.Tensor | None:
+        """[3, H, W] in [-1, 1]: training.sample_image, else for I2V the first frame of the first held-out
+        clip (its first latent frame decoded: the causal VAE encodes frame 0 alone); None: text only."""
+        t = self.trainer
+        path = t.settings.sample_image
+        if path is not None:
+            return read_image(path)
+        if t.recipe.preset.task != "i2v":
+            return None
+        if self._image is None:
+            from data.cache import LatentCache
+            from data.config import VALIDATION_FOLDER
+
+            cache = LatentCache(Path(t.recipe.dataset.cache_dir) / VALIDATION_FOLDER)
+            if not cache.entries:
+                raise FileNotFoundError(f"{cache.root}: no held-out clip to take the I2V preview's first frame "
+                                        f"from; run python -m train.prepare RECIPE, or set training.sample_image")
+            tensors, _ = cache.read(sorted(cache.entries)[0])
+            first = tensors["latent_mean"].float()[None, :, :1].to(t.device)
+            self._image = vae.decode(first)[0, :, 0].float().cpu()
+        return self._image
+
     @torch.no_grad()
     def render(self, step: int) -> list[Path]:
         t, s = self.trainer, self.trainer.settings
@@ -53,10 +78,11 @@ class PreviewRenderer:
         height, width, frames = s.sample_size
         out = Path(s.output_dir) / "samples" / f"step-{step:08d}"
         written = []
+        image = self._first_frame(vae)
         try:
             for i, prompt in enumerate(s.sample_prompts):
                 video = pipe.generate(GenerationRequest(prompt=prompt, seed=s.seed + i, height=height, width=width,
-                                                        frames=frames, steps=s.sample_steps)).video
+                                                        frames=frames, steps=s.sample_steps, image=image)).video
                 written.append(save_video(video, out / f"{i}", fps=t.recipe.preset.sample_fps)[0])
         finally:
             for model in live.values():

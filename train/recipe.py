@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.config import DatasetConfig, ModelSource
+from data.config import DatasetConfig, ModelSource, ValidationSettings
 from data.typed_config import ConfigError, from_dict, load_yaml
 from wan_model.config import ModelPreset, get_preset
 from wan_model.release import EXPERT_NAMES, load_release
@@ -133,6 +133,9 @@ class TrainingSettings:
     sample_prompts: tuple[str, ...] = ()
     sample_size: tuple[int, int, int] = (480, 832, 81)  # height, width, frames of the previews
     sample_steps: int = 20  # solver steps per preview (the preset's own count is 40 / 50)
+    # First frame of image-conditioned previews (I2V; TI2V's image mode). None: I2V takes the first frame of
+    # the first held-out clip (validation section); TI2V previews text-to-video.
+    sample_image: str | None = None
     deepspeed: Literal["zero2", "zero3"] | None = None  # None: plain DDP / single device
     # > 1: every process works on the same sample, each on 1/N of its video tokens (Ulysses, for long
     # clips: wan_model/sequence_parallel.py); must equal the number of processes. 1: data parallel.
@@ -175,6 +178,8 @@ class Recipe:
     # Speed levers (wan_model/speed.py). Left out, a recipe runs the plain path: exact, any device, no
     # compile wait. The shipped GPU recipes turn the fast path on (A14B 480p on an H100: 15.5 -> 9.7 s/step).
     speed: SpeedOptions = field(default_factory=lambda: PLAIN_SPEED)
+    # Held-out clips scored every validation.every steps (data/config.py ValidationSettings).
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
 
     @property
     def preset(self) -> ModelPreset:
@@ -247,6 +252,13 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
     if not any(trains(recipe, name) for name in valid):
         raise ConfigError(f"{where}: experts: no expert has train: true; set it on at least one of "
                           f"{', '.join(valid)}")
+    s = recipe.training
+    if s.sample_every and preset.task == "i2v" and s.sample_image is None and not recipe.validation.enabled:
+        raise ConfigError(f"{where}: training.sample_every: {preset.name} is image-to-video, so previews need a "
+                          f"first frame: set training.sample_image to an image file, or add a validation: section "
+                          f"(root or fraction) whose first held-out clip gives it")
+    if s.sample_every and s.sample_image is not None and not Path(s.sample_image).is_file():
+        raise ConfigError(f"{where}: training.sample_image: {s.sample_image} is not a file")
     if check_release:
         if recipe.model.release is None:
             raise ConfigError(f"{where}: model.release is not set; point it at the downloaded release folder")
@@ -281,7 +293,7 @@ def load_recipe(path: str | Path, check_release: bool = True) -> Recipe:
 
 # Keys that may change between a run and its resume without changing what is trained.
 _RESUME_FREE = ("steps", "save_every", "keep_last", "log_every", "sample_every", "sample_prompts", "sample_size",
-                "sample_steps", "output_dir")
+                "sample_steps", "sample_image", "output_dir")
 
 
 def recipe_hash(recipe: Recipe) -> str:

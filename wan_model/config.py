@@ -162,7 +162,7 @@ _5B = dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30)
 _MOE_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Tiny shapes with the same structure. head_dim 16 splits as RoPE 8 (frames) + 4 (height) + 4 (width).
-_TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_dim=32)
+_TINY = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32)
 TINY_VAE21 = VAEConfig(kind="wan2.1", z_dim=16, base_dim=8, decoder_base_dim=8, stride=(4, 8, 8),
                        checkpoint="Wan2.1_VAE.pth")
 TINY_VAE22 = VAEConfig(kind="wan2.2", z_dim=48, base_dim=8, decoder_base_dim=12, stride=(4, 16, 16),

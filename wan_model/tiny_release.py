@@ -4,6 +4,8 @@
 (transformer expert folders with config.json, sharded safetensors and index; `Wan2.1_VAE.pth` or
 `Wan2.2_VAE.pth`; `models_t5_umt5-xxl-enc-bf16.pth`; the `google/umt5-xxl` tokenizer folder), at the
 `tiny-*` preset sizes, so every loader runs exactly as it would on real weights. Nothing is downloaded.
+The transformers and the text encoder are random; the Wan 2.1 VAE is a colour autoencoder
+(`colour_vae.py`: a random VAE keeps no colour, so nothing learned would show in renders).
 
 `make_tiny_tokenizer(dir)` trains a SentencePiece unigram model on a few multilingual captions with
 the T5 special ids (pad 0, eos 1, unk 2), loads it through `transformers.AutoTokenizer` as the
@@ -63,6 +65,7 @@ def make_tiny_tokenizer(directory: str | Path) -> Path:
 def write_tiny_release(root: str | Path, preset: str | ModelPreset = "tiny-t2v", seed: int = 0) -> Path:
     """Write a random-weight release of a tiny preset under `root` (official layout); returns `root`."""
     from .release import write_transformer_release
+    from .colour_vae import make_colour_autoencoder_
     from .text_encoder import TextEncoder
     from .vae_io import build_vae, save_vae_official
 
@@ -70,7 +73,10 @@ def write_tiny_release(root: str | Path, preset: str | ModelPreset = "tiny-t2v",
     root = Path(root)
     write_transformer_release(root, preset, seed)
     torch.manual_seed(seed)
-    save_vae_official(build_vae(preset.vae), root / preset.vae.checkpoint)
+    vae = build_vae(preset.vae)
+    if preset.vae.kind == "wan2.1":  # random VAE weights keep no colour: make it a colour autoencoder
+        make_colour_autoencoder_(vae, seed)
+    save_vae_official(vae, root / preset.vae.checkpoint)
     tokenizer = make_tiny_tokenizer(root / preset.text_encoder.tokenizer)
     TextEncoder.from_config(preset.text_encoder, tokenizer).save_official(root / preset.text_encoder.checkpoint)
     return root

@@ -49,3 +49,17 @@ def test_unit_hash_range_and_uniformity():
     values = [unit_hash(0, "clip", k) for k in range(2000)]
     assert all(0.0 <= v < 1.0 for v in values)
     assert abs(sum(values) / len(values) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("caption", ["mystyle, a person in a scene", "A person in a scene, MyStyle.",
+                                     "a person in MYSTYLE light"])
+def test_trigger_already_in_the_caption_appears_once(caption):
+    prompt = compose_prompt(caption, {"lighting": "low-key"}, "mystyle", DEFAULT_CAPTION_TEMPLATE)
+    assert prompt.lower().count("mystyle") == 1, prompt
+    assert prompt.startswith(caption.rstrip(". ")), prompt  # kept where the caption has it
+    assert prompt.endswith("Lighting: low-key.")
+
+
+def test_trigger_added_when_only_part_of_a_word():
+    # "mystyles" is another word: the caption does not hold the trigger, so it is added.
+    assert compose_prompt("two mystyles of dance", {}, "mystyle", DEFAULT_CAPTION_TEMPLATE) == "mystyle, two mystyles of dance."

@@ -160,7 +160,9 @@ def test_sequence_parallel_training_on_two_processes_gives_the_one_process_updat
     _run_alone_then_on_two_processes(tmp_path, SP_SCRIPT, "1", "2", 29700 + os.getpid() % 200)
     one, two = (_weights(tmp_path / f"weights-sp{n}.json") for n in (1, 2))
     moved = False
-    for key in one:  # equal up to float summation order (the all-reduce adds the two halves)
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    for key in one:  # equal up to float summation order (the all-reduce adds the two halves); Adam divides by
+        # sqrt(v) + eps, so an element whose gradient is near eps turns that rounding into up to ~1e-4 of
+        # its update. A wrong update is off by about the lr (3e-2) on every element.
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-4)
         moved |= "lora_B" in key and bool(one[key].abs().sum() > 0)
     assert moved  # the LoRA really trained (B starts at zero)

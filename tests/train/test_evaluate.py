@@ -52,11 +52,40 @@ def test_palette_warmth_and_flicker():
 def test_contact_sheet_and_loss_curve(tmp_path):
     frames = np.zeros((9, 16, 24, 3), np.uint8)
     sheet = contact_sheet([("base", frames), ("step-10", frames + 255)], frames_per_row=5)
-    assert sheet.size == (140 + 5 * 24, 2 * 16)
-    assert sheet.getpixel((140, 20)) == (255, 255, 255) and sheet.getpixel((140, 2)) == (0, 0, 0)
+    # 16 px high frames are shown 8x (nearest), so a tiny render is at least 128 px high.
+    assert sheet.size == (140 + 5 * 24 * 8, 2 * 16 * 8)
+    assert sheet.getpixel((140, 130)) == (255, 255, 255) and sheet.getpixel((140, 2)) == (0, 0, 0)
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps({"step": s, "loss": 1 / (s + 1), "expert": e})
                                  for s in range(5) for e in ("high_noise", "low_noise")))
     svg = loss_curve_svg(metrics)
     assert svg.count("<polyline") == 2 and "high_noise" in svg
     assert loss_curve_svg(tmp_path / "missing.jsonl") == ""
+
+
+def test_validation_curve_marks_each_experts_best_step(tmp_path):
+    from train.evaluate import validation_curve_svg
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s - 1, "steps_done": s, "validation": {"high_noise": {"loss": 2.0 - s / 100, "bands": {}},
+                                                              "low_noise": {"loss": 1.0 + (s - 100) ** 2 / 1e4,
+                                                                            "bands": {}}}}
+            for s in (50, 100, 150)]
+    metrics.write_text("\n".join([json.dumps({"step": 0, "loss": 1.0, "expert": "high_noise"})]
+                                 + [json.dumps(r) for r in rows]))
+    svg = validation_curve_svg(metrics)
+    assert svg.count("<polyline") == 2 and svg.count("<circle") == 2
+    assert "high_noise: best 0.5 at step 150" in svg and "low_noise: best 1 at step 100" in svg
+    assert validation_curve_svg(tmp_path / "missing.jsonl") == ""
+
+
+def test_summary_states_the_share_of_palette_distance_closed():
+    from train.evaluate import summarise
+
+    renders = {"a": {"variant": "base", "palette_distance_to_training": 80.0},
+               "b": {"variant": "base", "palette_distance_to_training": 100.0},
+               "c": {"variant": "step-2", "palette_distance_to_training": 30.0},
+               "d": {"variant": "step-2", "palette_distance_to_training": 42.0}}
+    out = summarise(renders, ["base", "step-2"])["variants"]
+    assert out["base"]["palette_distance"] == 90.0 and "closed" not in out["base"]
+    assert out["step-2"]["closed"] == pytest.approx(0.6)

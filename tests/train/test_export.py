@@ -99,7 +99,7 @@ def test_export_reproduces_the_trained_model_here_and_in_diffusers(tmp_path):
     (dict(rank=8), "declared rank 8"),
     (dict(timestep_range=(900, 875)), "0 <= lo < hi <= 1000"),
     (dict(base_model="t2v-14B"), "not a preset"),
-    (dict(base_model="t2v-A14B"), "dim 32"),
+    (dict(base_model="t2v-A14B"), "dim 64"),
     (dict(expert="high/noise"), "plain file name"),
     (dict(formats=("kohya",)), "formats"),
 ])

@@ -163,7 +163,7 @@ def test_wrong_shape_names_key_shapes_and_lookalike_preset(tmp_path):
     with pytest.raises(ValueError) as err:
         load_transformer(tmp_path)
     msg = str(err.value)
-    assert "patch_embedding.weight: expected shape (32, 16, 1, 2, 2), found (32, 36, 1, 2, 2)" in msg
+    assert "patch_embedding.weight: expected shape (64, 16, 1, 2, 2), found (64, 36, 1, 2, 2)" in msg
     assert "does not fit the Wan transformer of preset 'tiny-t2v'" in msg
     assert "looks like preset 'tiny-i2v'" in msg
 

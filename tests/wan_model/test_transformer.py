@@ -173,7 +173,8 @@ def test_broadcast_timestep_equals_per_token_and_context_padding_semantics():
         noisy[0, lens[0]:] = 100.0
         garbage = model(latents, timestep, noisy, lens)
         short = model(latents[:1], timestep[:1], context[:1, : lens[0]])
-    torch.testing.assert_close(per_token, out, rtol=1e-6, atol=1e-6)
+    # Same values, other kernels (full [B, L, 6, d] modulation instead of a broadcast one): float32 rounding.
+    torch.testing.assert_close(per_token, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(garbage, out, rtol=0, atol=0)
     torch.testing.assert_close(short, out[:1], rtol=1e-5, atol=1e-6)
 
