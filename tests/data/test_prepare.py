@@ -312,3 +312,28 @@ def test_windows_and_images(demo, tmp_path):
     store = LatentCache(tmp_path / "cache")
     windows = sorted(store.read(k)[1]["frames"][0] for k in by_id["clip.mp4"].entries)
     assert windows == [0, 4]  # 9 frames, windows of 5 spread evenly: starts 0 and 4
+
+
+def test_held_out_split_is_seeded_and_never_trained_on(demo, tmp_path):
+    """validation.fraction: the held-out clips are chosen by id and seed, cached apart, absent from training."""
+    import dataclasses
+
+    from data.config import ValidationSettings
+    from data.prepare import held_out_ids, prepare_all
+
+    ids = [f"clip{i}" for i in range(10)]
+    assert held_out_ids(ids, 0.2, seed=0) == held_out_ids(list(reversed(ids)), 0.2, seed=0)
+    assert len(held_out_ids(ids, 0.2, seed=0)) == 2
+    assert len({frozenset(held_out_ids(ids, 0.2, seed=s)) for s in range(5)}) > 1  # the seed chooses
+    assert len(held_out_ids(ids[:3], 0.01, seed=0)) == 1  # at least one
+    assert len(held_out_ids(ids[:2], 0.9, seed=0)) == 1  # never all
+    config = dataclasses.replace(make_config(demo, tmp_path / "cache"), validation=ValidationSettings(fraction=0.3))
+    train, held = prepare_all(config, StandInVAE(), StandInText(), progress=False)
+    train_ids = {c.clip_id for c in train.used}
+    held_ids = {c.clip_id for c in held.used}
+    assert held_ids and train_ids and not train_ids & held_ids
+    assert held.cache_dir == tmp_path / "cache" / "validation"
+    from data.dataset import CachedDataset
+
+    assert {CachedDataset(tmp_path / "cache")[i]["clip_id"] for i in range(len(CachedDataset(tmp_path / "cache")))} \
+        == train_ids

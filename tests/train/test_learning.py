@@ -131,3 +131,20 @@ def test_validation_is_logged_and_the_best_step_named(world, trained):
     assert card.startswith("---\nbase_model:") and "instance_prompt: mystyle" in card
     assert "[875, 1000)" in card and "[0, 875)" in card and "load_into_transformer_2" not in card  # no hub model
     assert "5 clips used" in card and "validation loss at this step" in card
+
+
+def test_resume_keeps_the_validation_set_and_noise(world, trained):
+    """A run stopped at step 100 and resumed gives the straight run's validation passes exactly."""
+    import json
+
+    import train_lora
+
+    recipe = yaml.safe_load((world / "base.yaml").read_text())
+    recipe["training"]["output_dir"] = str(world / "resumed")
+    path = world / "resumed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert train_lora.main([str(path), "--max-steps", "100"]) == 0
+    assert train_lora.main([str(path), "--resume", "latest"]) == 0
+    straight = json.loads((trained.parents[1] / "summary.json").read_text())["validation"]
+    resumed = json.loads((world / "resumed" / "summary.json").read_text())["validation"]
+    assert resumed == straight
