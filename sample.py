@@ -18,7 +18,11 @@ prompt and report.html:
         --adapters outputs/run/adapters/step-00001000 outputs/run/adapters/step-00002000 --run outputs/run
 
 Memory options: --offload-experts (one expert on the GPU at a time), --vae-tiling,
---text-encoder-device cpu.
+--text-encoder-device cpu. Few-step renders: --guide 1 runs the conditional branch alone (half the cost per
+step); several --lora stack on an expert with their own strengths, e.g. a distilled 4-step LoRA beside a
+style one: --lora fast.safetensors:1.0 --lora style/:0.8 --steps 4 --guide 1.
+Mistakes (a missing or damaged LoRA, a strength like :abc, an unknown @EXPERT, a missing release folder, a
+bad suite file) print one `error:` line with the fix and exit 2.
 """
 
 from __future__ import annotations
@@ -79,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def load_release_pipeline(args, dtype):
+    """The pipeline of `args.release`; a missing or wrong folder is a UsageError naming the fix."""
+    from train.cli import UsageError
+    from wan_model.pipeline import load_pipeline
+
+    if not args.release.is_dir():
+        raise UsageError(f"--release {args.release}: no such folder; download e.g. Wan-AI/Wan2.2-T2V-A14B there "
+                         f"(or run ./launch.sh demo for the tiny one in outputs/demo/release)")
+    try:
+        return load_pipeline(args.release, args.preset, device=args.device, dtype=dtype,
+                             offload_experts=args.offload_experts, text_encoder_device=args.text_encoder_device,
+                             vae_tiling=args.vae_tiling)
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "evaluate":
@@ -87,19 +107,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wan_model.lora_apply import parse_lora_spec
     from wan_model.media import save_video
-    from wan_model.pipeline import GenerationRequest, load_pipeline
+    from wan_model.pipeline import GenerationRequest
 
-    dtype = getattr(torch, args.dtype)
-    pipe = load_pipeline(args.release, args.preset, device=args.device, dtype=dtype,
-                         offload_experts=args.offload_experts, text_encoder_device=args.text_encoder_device,
-                         vae_tiling=args.vae_tiling)
-    for spec in args.lora:
-        report = pipe.add_lora(*parse_lora_spec(spec), merge=args.merge)
-        print(report)
+    from train.cli import UsageError
+
+    specs = []
+    for spec in args.lora:  # checked before any weight is loaded
+        try:
+            path, strength, expert = parse_lora_spec(spec)
+        except ValueError as err:
+            raise UsageError(f"--lora: {err}") from None
+        if not path.exists():
+            raise UsageError(f"--lora {spec}: {path} does not exist; give a LoRA .safetensors file or an adapters "
+                             f"step folder (PATH[:STRENGTH][@EXPERT])")
+        specs.append((spec, path, strength, expert))
     image = None
     if args.image is not None:
         from wan_model.media import read_image
-        image = read_image(args.image)
+        try:
+            image = read_image(args.image)
+        except ValueError as err:
+            raise UsageError(f"--image: {err}; give a PNG or JPEG file") from None
+    dtype = getattr(torch, args.dtype)
+    pipe = load_release_pipeline(args, dtype)
+    for spec, path, strength, expert in specs:
+        try:
+            report = pipe.add_lora(path, strength, expert, merge=args.merge)
+        except Exception as err:  # a damaged file (safetensors' own error type), another model's LoRA, ...
+            if isinstance(err, (MemoryError, KeyboardInterrupt)):
+                raise
+            hint = "" if isinstance(err, ValueError) else ("; not a readable .safetensors file: re-export or "
+                                                           "re-download it")
+            raise UsageError(f"--lora {spec}: {str(err).splitlines()[0]}{hint}") from None
+        print(report)
     height, width = args.size
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                 height=height, width=width, frames=args.frames, steps=args.steps,
@@ -112,4 +152,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from train.cli import run_cli
+
+    raise SystemExit(run_cli(main))

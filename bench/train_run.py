@@ -11,7 +11,9 @@ measured. A step is `--grad-accum` micro-batches (default 1, to compare with ben
 recipes' 4 make each step four forward+backward passes). `--memory-gib 80` runs a 141 GB card as an 80 GB
 one (the trainer's offload decision reads the cap). Reported (JSON): median s/step per expert (first step
 of each phase excluded), every step's seconds, swap seconds, peak GPU memory, the loss sequence, the
-exported adapter files.
+exported adapter files; with --validation-items N, the seconds of each validation pass (N held-out clips of
+the same shape x the recipe's validation.timesteps x each expert; the first pass compiles the no-grad
+graph, expert swaps are included when the idle expert is parked).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def main(argv=None) -> None:
                     help="training.offload_inactive_expert (default: the recipe's)")
     ap.add_argument("--memory-gib", type=float, default=None,
                     help="cap this process's GPU memory (80: run a 141 GB H200 as an 80 GB H100)")
+    ap.add_argument("--validation-items", type=int, default=0,
+                    help="also time validation passes (train/validation.py) over this many synthetic held-out "
+                         "clips of the same shape, every --validation-every steps")
+    ap.add_argument("--validation-every", type=int, default=None, help="default: half the steps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -108,7 +114,27 @@ def main(argv=None) -> None:
         return record
 
     trainer.train_step = timed_step
-    run(trainer)
+    validator, passes = None, []
+    if args.validation_items:
+        from train.validation import Validator
+
+        every = args.validation_every or max(1, args.steps // 2)
+        settings = dataclasses.replace(recipe.validation, every=every, fraction=recipe.validation.fraction or 0.1)
+        held = [SyntheticSource(latent_shape, preset.transformer.text_dim, preset.task == "i2v").batch_
+                for _ in range(args.validation_items)]
+        validator = Validator(held, settings)
+        score = validator.run
+
+        def timed_pass(t):
+            sync()
+            start = time.perf_counter()
+            result = score(t)
+            sync()
+            passes.append(time.perf_counter() - start)
+            return result
+
+        validator.run = timed_pass
+    run(trainer, validator=validator)
     per_expert: dict[str, list[float]] = {}
     for record, seconds in records:
         per_expert.setdefault(record["expert"], []).append(seconds - (record["swap_s"] or 0.0))
@@ -121,6 +147,10 @@ def main(argv=None) -> None:
                losses=[round(r["loss"], 4) for r, _ in records], experts=[r["expert"] for r, _ in records],
                timesteps=[round(r["timesteps"][0], 1) for r, _ in records],
                adapters=sorted(str(p.relative_to(args.output)) for p in args.output.rglob("*.safetensors")),
+               validation=dict(items=args.validation_items, timesteps=validator.settings.timesteps,
+                               experts=len(trainer.states), pass_s=[round(p, 2) for p in passes],
+                               forwards_per_pass=args.validation_items * validator.settings.timesteps
+                               * len(trainer.states)) if validator else None,
                **device_fields())
     emit(out, args.json)
 

@@ -8,6 +8,10 @@ import sys
 from typing import Callable
 
 
+class UsageError(Exception):
+    """A command-line mistake (a bad argument, a missing or unreadable input file); the message names the fix."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from data.cache import CacheError
     from data.typed_config import ConfigError
@@ -17,7 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .run_guard import OutputNotWritableError, RunLockedError
 
     return (ConfigError, CacheError, CheckpointError, NonFiniteError, OutputNotWritableError, RunLockedError,
-            FileNotFoundError, FileExistsError)
+            FileNotFoundError, FileExistsError, UsageError)
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

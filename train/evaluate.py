@@ -372,9 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--offload-experts", action="store_true")
     args = ap.parse_args(argv)
+    from .cli import UsageError
+
     suite = load_suite(args.suite)
+    missing = [str(p) for p in args.adapters if not p.exists()]
+    if missing:
+        raise UsageError(f"--adapters: {', '.join(missing)} not found; give adapter step folders or LoRA files")
+    if not args.release.is_dir():
+        raise UsageError(f"--release {args.release}: no such folder; point it at the model's release folder")
     out = args.out or ((args.run / "eval") if args.run else Path("outputs/eval"))
-    pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts)
+    try:
+        pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts)
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
     variants = [Variant("base")] + [Variant(p.name if p.is_dir() else p.stem, [p], args.strength) for p in args.adapters]
     report = evaluate(pipe, suite, variants, out, run=args.run, clips_dir=args.clips)
     print(f"wrote {report}")

@@ -222,7 +222,8 @@ def parse_lora_spec(spec: str) -> tuple[Path, float, str | None]:
     """Command-line LoRA 'PATH[:STRENGTH][@EXPERT]' -> (path, strength, expert or None).
 
     'out/adapters/step-00002000:0.8@high_noise' -> (Path('out/adapters/step-00002000'), 0.8, 'high_noise');
-    strength defaults to 1.0; a ':' not followed by a number stays part of the path."""
+    strength defaults to 1.0; a ':' not followed by a number stays part of the path, unless the part before
+    it exists and the whole does not (then the strength is malformed: ValueError)."""
     rest, expert = spec, None
     if "@" in rest:
         rest, expert = rest.rsplit("@", 1)
@@ -234,7 +235,9 @@ def parse_lora_spec(spec: str) -> tuple[Path, float, str | None]:
         try:
             strength, rest = float(tail), head
         except ValueError:
-            pass
+            if Path(head).exists() and not Path(rest).exists():
+                raise ValueError(f"LoRA spec {spec!r}: strength {tail!r} after ':' is not a number; "
+                                 f"write e.g. {head}:0.8") from None
     if not rest:
         raise ValueError(f"LoRA spec {spec!r} has no path; expected PATH[:STRENGTH][@EXPERT]")
     return Path(rest), strength, expert

@@ -234,13 +234,16 @@ class WanPipeline:
             x = latents
             if cond_channels is not None:
                 x = torch.cat([latents, cond_channels], dim=0)
-            x = x[None].expand(2, *x.shape).to(self.dtype)
-            t_batch = torch.full((2,), float(t), device=self.device)
+            # Guidance 1 makes uncond + 1 * (cond - uncond) = cond: the conditional branch alone, half the work.
+            branches = 1 if guide == 1.0 else 2
+            x = x[None].expand(branches, *x.shape).to(self.dtype)
+            t_batch = torch.full((branches,), float(t), device=self.device)
             if preset.task == "ti2v":
-                t_batch = token_timesteps(t_batch, torch.full((2,), clean_first is not None, device=self.device), grid)
+                t_batch = token_timesteps(t_batch, torch.full((branches,), clean_first is not None, device=self.device),
+                                          grid)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                pred = model(x, t_batch, context).float()
-            velocity = pred[1] + guide * (pred[0] - pred[1])
+                pred = model(x, t_batch, context[:branches]).float()
+            velocity = pred[0] if branches == 1 else pred[1] + guide * (pred[0] - pred[1])
             latents = solver.step(velocity, index, latents)
             if clean_first is not None:
                 latents[:, :1] = clean_first

@@ -14,3 +14,37 @@ def test_bad_recipe_prints_one_error_line_and_exits_2(tmp_path):
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().startswith("error: ")
         assert "training.stpes is not a known key; did you mean 'steps'" in proc.stderr
+
+
+def test_sample_mistakes_print_one_error_line_and_exit_2(tmp_path):
+    """sample.py and sample.py evaluate: each user mistake is one `error:` line naming the fix, exit 2."""
+    import pytest  # noqa: F401  (collected with the rest of the module)
+
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00not a safetensors file")
+    lora = tmp_path / "good.safetensors"
+    import torch
+    from safetensors.torch import save_file
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 64),
+               "blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 4)}, str(lora))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("prompts:\n  - prompt: 'a fox'\n    seeds: [zero]\n")
+    base = ["sample.py", "--release", str(release), "--prompt", "a fox", "--size", "32x32", "--frames", "5",
+            "--steps", "1", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "out")]
+    cases = {
+        "missing LoRA": (base + ["--lora", str(tmp_path / "nope.safetensors")], "does not exist"),
+        "corrupt LoRA": (base + ["--lora", str(corrupt)], "--lora"),
+        "strength abc": (base + ["--lora", f"{lora}:abc"], "is not a number"),
+        "unknown expert": (base + ["--lora", f"{lora}@middle_noise"], "middle_noise"),
+        "missing release": (["sample.py", "--release", str(tmp_path / "none"), "--prompt", "x"], "no such folder"),
+        "bad suite": (["sample.py", "evaluate", "--release", str(release), "--suite", str(suite)], "suite"),
+    }
+    for what, (command, expected) in cases.items():
+        proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2, (what, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, what
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: ") and expected in lines[-1], (what, lines)

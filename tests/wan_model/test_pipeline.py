@@ -114,3 +114,58 @@ def test_lora_for_another_expert_name_is_refused(pipes, tmp_path):
                      {META_EXPERT: "low_noise"})
     with pytest.raises(ValueError, match="has experts \\['dense'\\]"):
         pipes["tiny-ti2v"].add_lora(path)
+
+
+def test_guidance_one_runs_the_conditional_branch_alone(pipes):
+    """guide 1: one forward of batch 1 per step, and the same video as the two-branch CFG formula gives."""
+    pipe = pipes["tiny-t2v"]
+    batches = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+             for m in pipe.experts.values()]
+    try:
+        fast = pipe.generate(request(guide_scale=(1.0, 1.0))).latents
+    finally:
+        for h in hooks:
+            h.remove()
+    assert batches == [1, 1, 1]  # three steps, one branch each
+    # Reference: both branches through the model, combined with guide 1 (= the conditional prediction).
+    context, _ = pipe.encode_prompts(["a red fox in the snow", pipe.preset.negative_prompt])
+    solver = make_solver("unipc", steps=3, shift=pipe.preset.sample_shift,
+                         num_train_timesteps=pipe.preset.num_train_timesteps)
+    shape = (16, 2, 4, 4)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for i, t in enumerate(solver.timesteps.tolist()):
+            model = pipe.experts[pipe.expert_for(t)]
+            pred = model(latents[None].expand(2, *shape), torch.full((2,), float(t)), context)
+            latents = solver.step(pred[1] + 1.0 * (pred[0] - pred[1]), i, latents)
+    torch.testing.assert_close(fast, latents, rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_loras_add_their_deltas(pipes, tmp_path):
+    """Two LoRAs on one expert with their own strengths equal one LoRA holding both updates (stacked ranks)."""
+    from wan_model.lora_formats import META_EXPERT, LoraModule, save_lora
+
+    pipe = pipes["tiny-t2v"]
+    cfg = PRESETS["tiny-t2v"].transformer
+    a, b = random_lora(cfg), random_lora(cfg, seed=1)
+    pa = save_lora(a, tmp_path / "a.safetensors", {META_EXPERT: "low_noise"})
+    pb = save_lora(b, tmp_path / "b.safetensors", {META_EXPERT: "low_noise"})
+    pipe.set_adapters([])
+    pipe.add_lora(pa, 1.0)
+    pipe.add_lora(pb, 0.8)
+    stacked = pipe.generate(request()).latents
+    # One LoRA of rank ra + rb: down = [down_a; down_b], up = [up_a * s_a, up_b * s_b * 0.8] (alpha / rank folded).
+    both = {}
+    for name in a:
+        ma, mb = a[name], b[name]
+        ra, rb = ma.down.shape[0], mb.down.shape[0]
+        up = torch.cat([ma.up * (ma.alpha / ra), mb.up * (0.8 * mb.alpha / rb)], dim=1)
+        both[name] = LoraModule(down=torch.cat([ma.down, mb.down]), up=up, alpha=float(ra + rb))
+    pc = save_lora(both, tmp_path / "both.safetensors", {META_EXPERT: "low_noise"})
+    pipe.set_adapters([pc], 1.0)
+    single = pipe.generate(request()).latents
+    pipe.set_adapters([])
+    base = pipe.generate(request()).latents
+    assert not torch.allclose(stacked, base, atol=1e-4)
+    torch.testing.assert_close(stacked, single, rtol=1e-4, atol=1e-5)
