@@ -1,9 +1,16 @@
 """Adapter evaluation: render a prompt suite with the base model and with each adapter, same seeds.
 
-    python sample.py evaluate --release DIR --suite SUITE.yaml --adapters A [B ...] [--run RUN_DIR] [--out DIR]
+    python sample.py evaluate --release DIR --suite SUITE.yaml --adapters A [B ...] [--strengths 0.5 1.0]
+        [--run RUN_DIR] [--out DIR]
+
+A grid: every adapter at every strength, every prompt, every seed, plus the base model. The release's
+experts, VAE and text encoder are loaded once; adapters are switched by attaching hooks (no reload or
+re-cast of the base weights), once per variant. Renders already on disk with the same settings are
+reused (a stopped evaluation resumes); a progress bar shows the ETA; the report gives each render's time.
 
 Writes, under --out (default RUN_DIR/eval or outputs/eval):
-  videos/<prompt>-<seed>-<variant>.mp4   every render, with a PNG frame strip beside it
+  videos/<prompt>-<seed>-<variant>.mp4   every render, with a PNG frame strip, its settings and numbers (.json)
+                                        and its contact-sheet frames (.sheet.npy) beside it
   sheet-<prompt>-<seed>.png             contact sheet: one row per variant (base first), same frames
   report.html                           videos, sheets, palette and flicker checks, the recipe and the loss curve
   metrics.json                          the numbers in the report
@@ -27,10 +34,12 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image, ImageDraw
 
@@ -245,9 +254,11 @@ def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], m
     rows = []
     for key, m in metrics["renders"].items():
         dist = m.get("palette_distance_to_training")
+        took = f"{m['seconds']:.1f}" + (" (earlier run)" if m.get("reused") else "") if "seconds" in m else ""
         rows.append(f"<tr><td>{html.escape(key)}</td><td>{m['palette']['brightness']:.1f}</td>"
                     f"<td>{m['palette']['saturation']:.1f}</td><td>{m['palette']['warmth']:.1f}</td>"
-                    f"<td>{m['flicker']:.2f}</td><td>{'' if dist is None else f'{dist:.1f}'}</td></tr>")
+                    f"<td>{m['flicker']:.2f}</td><td>{'' if dist is None else f'{dist:.1f}'}</td>"
+                    f"<td>{took}</td></tr>")
     body = ["<!doctype html><meta charset='utf-8'><title>wanlora evaluation</title>",
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style>",
             "<h1>Adapter evaluation</h1>"]
@@ -264,8 +275,15 @@ def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], m
     body.append("<h2>Contact sheets (rows: base, then each adapter)</h2>")
     body += [f"<p>{html.escape(s.stem)}<br><img src='{s.relative_to(out)}' style='max-width:100%'></p>" for s in sheets]
     body.append("<h2>Palette and flicker</h2><table><tr><th>render</th><th>brightness</th><th>saturation</th>"
-                "<th>warmth</th><th>flicker</th><th>palette distance to training clips</th></tr>")
+                "<th>warmth</th><th>flicker</th><th>palette distance to training clips</th><th>render s</th></tr>")
     body += rows + ["</table>"]
+    timing = metrics.get("timing")
+    if timing:
+        switches = metrics.get("switches", [])
+        longest = max((sw["seconds"] for sw in switches), default=0.0)
+        body.append(f"<p>{timing['renders']} renders in {timing['render_s_sum']:.1f} s, {timing['reused']} reused from an "
+                    f"earlier run; {len(switches)} adapter switches, {timing['switch_s_sum']:.2f} s in all (longest "
+                    f"{longest:.2f} s); wall time {timing['wall_s']:.1f} s.</p>")
     if curve:
         body.append(f"<h2>Training loss</h2>{curve}")
     validation = validation_curve_svg(run / "metrics.jsonl") if run is not None else ""
@@ -297,41 +315,127 @@ def training_palette(clips_dir: Path, max_clips: int = 16) -> dict[str, float] |
     return mean_palette(palettes) if palettes else None
 
 
+def adapter_fingerprint(paths: list[Path]) -> list[list]:
+    """What identifies an adapter set on disk: each .safetensors file's path, size and modification time."""
+    files = []
+    for path in paths:
+        path = Path(path)
+        for f in (sorted(path.glob("*.safetensors")) if path.is_dir() else [path]):
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return files
+
+
+def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant) -> dict:
+    """Everything a render depends on; a render on disk with the same settings is reused."""
+    image = None
+    if entry.image is not None:
+        st = Path(entry.image).stat()
+        image = [str(Path(entry.image).resolve()), st.st_size, st.st_mtime_ns]
+    return {"preset": pipe.preset.name, "prompt": entry.prompt, "negative_prompt": entry.negative_prompt,
+            "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
+            "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,
+            "adapters": adapter_fingerprint(variant.adapters), "strength": variant.strength,
+            "dtype": str(pipe.dtype)}
+
+
+def _sync(pipe) -> None:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+
+
 def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, run: Path | None = None,
-             clips_dir: Path | None = None) -> Path:
-    """Render every (entry, seed) for every variant, then write sheets, metrics.json and report.html."""
+             clips_dir: Path | None = None, progress: bool = True) -> Path:
+    """Render every (entry, seed) for every variant, then write sheets, metrics.json and report.html.
+
+    The grid runs variant by variant, so adapters are switched once per variant (hooks detached and
+    attached; the base weights are never reloaded or re-cast; each switch is timed). A render whose
+    sidecar (videos/<name>.json) holds the same settings (render_settings) is reused, so an evaluation
+    that stopped resumes where it was. A progress bar shows the renders left and the ETA."""
+    from tqdm.auto import tqdm
+
     from wan_model.media import read_image, save_png, save_video, to_uint8_frames
     from wan_model.pipeline import GenerationRequest
 
+    started = time.perf_counter()
     reference = training_palette(clips_dir) if clips_dir is not None else None
-    metrics: dict = {"training_palette": reference, "renders": {}}
-    sheets, videos = [], {}
-    for p_index, entry in enumerate(suite):
-        image = read_image(entry.image) if entry.image else None
-        for seed in entry.seeds:
-            key = f"p{p_index}-s{seed}"
-            rows, videos[key] = [], []
-            for variant in variants:
-                pipe.set_adapters(variant.adapters, variant.strength)
-                request = GenerationRequest(prompt=entry.prompt, seed=seed, height=entry.height, width=entry.width,
-                                            frames=entry.frames, steps=entry.steps, shift=entry.shift,
-                                            guide_scale=entry.guide, image=image,
-                                            negative_prompt=entry.negative_prompt)
-                video = pipe.generate(request).video
-                mp4, _ = save_video(video, out / "videos" / f"{key}-{variant.name}", fps=pipe.preset.sample_fps)
-                frames = to_uint8_frames(video)
-                rows.append((variant.name, frames))
-                videos[key].append(mp4)
-                m = {"prompt": entry.prompt, "seed": seed, "variant": variant.name,
-                     "palette": palette(frames), "flicker": flicker(frames)}
-                if reference is not None:
-                    m["palette_distance_to_training"] = palette_distance(m["palette"], reference)
-                metrics["renders"][f"{key}-{variant.name}"] = m
-            sheets.append(save_png(contact_sheet(rows), out / f"sheet-{key}.png"))
+    metrics: dict = {"training_palette": reference, "renders": {}, "switches": []}
+    jobs = [(f"p{p_index}-s{seed}", entry, seed) for p_index, entry in enumerate(suite) for seed in entry.seeds]
+    images = {id(entry): read_image(entry.image) for _, entry, _ in jobs if entry.image}
+    sheet_rows: dict[str, list] = {key: [] for key, _, _ in jobs}
+    videos: dict[str, list[Path]] = {key: [] for key, _, _ in jobs}
+    bar = tqdm(total=len(jobs) * len(variants), desc="evaluate", unit="render", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for variant in variants:
+            switched = False
+            for key, entry, seed in jobs:
+                name = f"{key}-{variant.name}"
+                stem = out / "videos" / name
+                settings = render_settings(pipe, entry, seed, variant)
+                sidecar = stem.with_suffix(".json")
+                cached = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+                if cached and cached.get("settings") == settings and stem.with_suffix(".mp4").is_file() \
+                        and stem.with_suffix(".sheet.npy").is_file():
+                    m = dict(cached["metrics"], reused=True)
+                    frames = np.load(stem.with_suffix(".sheet.npy"))
+                else:
+                    if not switched:
+                        _sync(pipe)
+                        t0 = time.perf_counter()
+                        pipe.set_adapters(variant.adapters, variant.strength)
+                        _sync(pipe)
+                        metrics["switches"].append({"variant": variant.name, "seconds": time.perf_counter() - t0})
+                        switched = True
+                    request = GenerationRequest(prompt=entry.prompt, seed=seed, height=entry.height,
+                                                width=entry.width, frames=entry.frames, steps=entry.steps,
+                                                shift=entry.shift, guide_scale=entry.guide,
+                                                image=images.get(id(entry)), negative_prompt=entry.negative_prompt)
+                    t0 = time.perf_counter()
+                    video = pipe.generate(request).video
+                    seconds = time.perf_counter() - t0
+                    save_video(video, stem, fps=pipe.preset.sample_fps)
+                    all_frames = to_uint8_frames(video)
+                    idx = np.linspace(0, len(all_frames) - 1, num=min(5, len(all_frames))).round().astype(int)
+                    frames = all_frames[idx]
+                    np.save(stem.with_suffix(".sheet.npy"), frames)
+                    m = {"prompt": entry.prompt, "seed": seed, "variant": variant.name, "strength": variant.strength,
+                         "palette": palette(all_frames), "flicker": flicker(all_frames), "seconds": seconds}
+                    if reference is not None:
+                        m["palette_distance_to_training"] = palette_distance(m["palette"], reference)
+                    atomic_write_text(sidecar, json.dumps({"settings": settings, "metrics": m}))
+                    m = dict(m, reused=False)
+                metrics["renders"][name] = m
+                sheet_rows[key].append((variant.name, frames))
+                videos[key].append(stem.with_suffix(".mp4"))
+                bar.update(1)
+                bar.set_postfix(variant=variant.name)
+    finally:
+        bar.close()
     pipe.set_adapters([], 1.0)
+    sheets = [save_png(contact_sheet(rows), out / f"sheet-{key}.png") for key, rows in sheet_rows.items()]
+    rendered = [m["seconds"] for m in metrics["renders"].values() if not m["reused"]]
+    metrics["timing"] = {"wall_s": time.perf_counter() - started, "renders": len(rendered),
+                         "reused": len(metrics["renders"]) - len(rendered), "render_s_sum": float(sum(rendered)),
+                         "switch_s_sum": float(sum(sw["seconds"] for sw in metrics["switches"]))}
     metrics["summary"] = summarise(metrics["renders"], [v.name for v in variants])
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return write_report(out, sheets, videos, metrics, run)
+
+
+def grid_variants(adapters: list[Path], strengths: list[float]) -> list[Variant]:
+    """Each adapter at each strength: named by the adapter ('step-00002000' or a file's stem), plus
+    '@<strength>' when there are several strengths."""
+    out = []
+    for path in adapters:
+        name = path.name if path.is_dir() else path.stem
+        for strength in strengths:
+            out.append(Variant(name if len(strengths) == 1 else f"{name}@{strength:g}", [path], strength))
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--adapters: two adapters share the name {[n for n in names if names.count(n) > 1][0]!r} "
+                          f"(renders would overwrite each other); pass folders or files with distinct names")
+    return out
 
 
 def summarise(renders: dict[str, dict], variants: list[str]) -> dict:
@@ -365,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", required=True, type=Path)
     ap.add_argument("--adapters", nargs="*", type=Path, default=[],
                     help="adapter folders (a checkpoint step's adapters/) or files; each is one variant")
-    ap.add_argument("--strength", type=float, default=1.0)
+    ap.add_argument("--strength", type=float, default=None, help="one strength for every adapter (default 1.0)")
+    ap.add_argument("--strengths", type=float, nargs="+", default=None,
+                    help="render each adapter at each of these strengths (a grid: adapters x strengths)")
     ap.add_argument("--run", type=Path, default=None, help="training run folder (recipe, loss curve)")
     ap.add_argument("--clips", type=Path, default=None, help="training clips folder, for the palette check")
     ap.add_argument("--out", type=Path, default=None)
@@ -385,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts)
     except (ValueError, KeyError) as err:
         raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
-    variants = [Variant("base")] + [Variant(p.name if p.is_dir() else p.stem, [p], args.strength) for p in args.adapters]
+    variants = [Variant("base")] + grid_variants(args.adapters, args.strengths or [args.strength or 1.0])
     report = evaluate(pipe, suite, variants, out, run=args.run, clips_dir=args.clips)
     print(f"wrote {report}")
     return 0

@@ -71,6 +71,9 @@ def snap_size(height: int, width: int, frames: int, preset: ModelPreset) -> tupl
     return new_h, new_w, new_f
 
 
+LORA_CACHE_FILES = 8  # LoRA files kept in host memory (an A14B rank-32 expert file is about 0.3 GB)
+
+
 class WanPipeline:
     """Sampling with one or two experts, a VAE and a text encoder.
 
@@ -94,6 +97,7 @@ class WanPipeline:
         self.vae.eval().requires_grad_(False)
         self._attached: dict[str, dict[str, tuple]] = {}  # expert -> {lora path: (weights, strength)}
         self._lora_sets: dict[str, LoraSet] = {}
+        self._loaded_loras: dict[tuple, tuple] = {}  # (file, size, mtime) -> load_lora's result
 
     # -- routing -------------------------------------------------------------------------------------
     def expert_for(self, t: float) -> str:
@@ -127,7 +131,13 @@ class WanPipeline:
             if not files:
                 raise FileNotFoundError(f"{path}: no .safetensors LoRA files in this folder")
             return "\n".join(self.add_lora(f, strength, expert, merge) for f in files)
-        weights, report = load_lora(path, config=self.preset.transformer)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._loaded_loras:  # read once: switching between adapters then only re-hooks
+            if len(self._loaded_loras) >= LORA_CACHE_FILES:
+                self._loaded_loras.pop(next(iter(self._loaded_loras)))  # the oldest read
+            self._loaded_loras[key] = load_lora(path, config=self.preset.transformer)
+        weights, report = self._loaded_loras[key]
         target = expert or report.metadata.get(META_EXPERT)
         targets = [target] if target else list(self.experts)
         unknown = [t for t in targets if t not in self.experts]

@@ -89,3 +89,56 @@ def test_summary_states_the_share_of_palette_distance_closed():
     out = summarise(renders, ["base", "step-2"])["variants"]
     assert out["base"]["palette_distance"] == 90.0 and "closed" not in out["base"]
     assert out["step-2"]["closed"] == pytest.approx(0.6)
+
+
+def test_grid_switches_once_per_variant_and_resumes_from_disk(tmp_path):
+    """adapters x strengths x prompts x seeds on one loaded pipeline: one adapter switch per variant, each
+    render timed; a second run reuses every render whose settings match, and re-renders only what changed."""
+    import torch
+
+    from tests.wan_model.test_pipeline import random_lora
+    from train.evaluate import SuiteEntry, Variant, evaluate, grid_variants
+    from wan_model.config import PRESETS
+    from wan_model.lora_formats import META_EXPERT, save_lora
+    from wan_model.pipeline import load_pipeline
+    from wan_model.tiny_release import write_tiny_release
+
+    pipe = load_pipeline(write_tiny_release(tmp_path / "release", "tiny-t2v"), device="cpu", dtype=torch.float32)
+    cfg = PRESETS["tiny-t2v"].transformer
+    adapters = []
+    for i in range(2):
+        folder = tmp_path / f"step-{i}"
+        save_lora(random_lora(cfg, seed=i), folder / "low_noise.safetensors", {META_EXPERT: "low_noise"})
+        adapters.append(folder)
+    variants = [Variant("base")] + grid_variants(adapters, [0.5, 1.0])
+    assert [v.name for v in variants] == ["base", "step-0@0.5", "step-0@1", "step-1@0.5", "step-1@1"]
+    suite = [SuiteEntry(prompt=p, seeds=[0], height=32, width=32, frames=5, steps=2) for p in ("a fox", "a cat")]
+    calls = {"switch": 0, "generate": 0}
+    switch, generate = pipe.set_adapters, pipe.generate
+
+    def counting_switch(*a, **k):
+        calls["switch"] += 1
+        return switch(*a, **k)
+
+    def counting_generate(*a, **k):
+        calls["generate"] += 1
+        return generate(*a, **k)
+
+    pipe.set_adapters, pipe.generate = counting_switch, counting_generate
+    out = tmp_path / "eval"
+    evaluate(pipe, suite, variants, out, progress=False)
+    first = json.loads((out / "metrics.json").read_text())
+    assert calls == {"switch": 5 + 1, "generate": 10}  # one per variant, then back to the base model
+    assert len(first["switches"]) == 5 and all(r["seconds"] > 0 and not r["reused"] for r in first["renders"].values())
+    assert first["timing"]["renders"] == 10 and "render s" in (out / "report.html").read_text()
+
+    calls.update(switch=0, generate=0)
+    evaluate(pipe, suite, variants, out, progress=False)
+    again = json.loads((out / "metrics.json").read_text())
+    assert calls == {"switch": 1, "generate": 0}  # nothing rendered, nothing switched
+    assert all(r["reused"] for r in again["renders"].values())
+    assert {k: v["palette"] for k, v in again["renders"].items()} == {k: v["palette"] for k, v in first["renders"].items()}
+
+    calls.update(switch=0, generate=0)
+    evaluate(pipe, suite, [Variant("base")] + grid_variants(adapters, [0.5, 0.8]), out, progress=False)
+    assert calls["generate"] == 4  # step-0@0.8 and step-1@0.8, two prompts each
