@@ -125,6 +125,14 @@ def test_validation_is_logged_and_the_best_step_named(world, trained):
         assert len(passes[0]["experts"][name]["bands"]) == 4
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("validation" in line for line in lines) == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"validation/high_noise", "validation/low_noise"} <= set(tags)
+    assert [e.step for e in events.Scalars("validation/low_noise")] == [50, 100, 150, 200]
+    assert sum(t.startswith("validation_by_t/low_noise/") for t in tags) == 4
     # The low-noise expert trained from step 50 on: its held-out loss fell from the first pass.
     assert passes[-1]["experts"]["low_noise"]["loss"] < passes[0]["experts"]["low_noise"]["loss"]
     card = (trained / "README.md").read_text()
