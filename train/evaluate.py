@@ -177,51 +177,24 @@ def contact_sheet(rows: list[tuple[str, np.ndarray]], frames_per_row: int = 5) -
     return sheet
 
 
-def loss_curve_svg(metrics_path: Path, width: int = 640, height: int = 200) -> str:
-    """An inline SVG of the training loss per expert from metrics.jsonl ('' when there is none)."""
+def _metrics_rows(metrics_path: Path) -> list[dict]:
+    """The JSON lines of metrics.jsonl ([] when the file is absent; broken lines skipped)."""
     if not metrics_path.exists():
-        return ""
-    series: dict[str, list[tuple[float, float]]] = {}
+        return []
+    rows = []
     for line in metrics_path.read_text().splitlines():
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        if "loss" in row and "step" in row:
-            series.setdefault(str(row.get("expert", "all")), []).append((float(row["step"]), float(row["loss"])))
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
-    sx = (width - 40) / max(x1 - x0, 1e-9)
-    sy = (height - 30) / max(y1 - y0, 1e-9)
-    colours = ["#c0392b", "#2471a3", "#1e8449", "#7d3c98"]
-    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>']
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        path = " ".join(f"{30 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in pts)
-        colour = colours[i % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
-        parts.append(f'<text x="{40 + 120 * i}" y="14" fill="{colour}" font-size="12">{html.escape(name)}</text>')
-    parts.append(f'<text x="4" y="{height - 4}" font-size="10">step {x0:.0f}..{x1:.0f}, loss {y0:.3g}..{y1:.3g}</text>')
-    return "".join(parts) + "</svg>"
+    return rows
 
 
-def validation_curve_svg(metrics_path: Path, width: int = 640, height: int = 200) -> str:
-    """An inline SVG of each expert's validation loss by step from metrics.jsonl ('' when there is none),
-    with the best step of each expert marked."""
-    if not metrics_path.exists():
-        return ""
-    series: dict[str, list[tuple[float, float]]] = {}
-    for line in metrics_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        for name, result in (row.get("validation") or {}).items():
-            series.setdefault(name, []).append((float(row["steps_done"]), float(result["loss"])))
-    points = [p for s in series.values() for p in s]
+def curves_svg(series: dict[str, list[tuple[float, float]]], mark_best: bool = False, width: int = 640,
+               height: int = 200) -> str:
+    """An inline SVG line chart, one line per series name (x: step, y: loss); '' when there is no point.
+    mark_best: a dot on each series' lowest point, and its value and step in the legend."""
+    points = [p for pts in series.values() for p in pts]
     if not points:
         return ""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -236,13 +209,33 @@ def validation_curve_svg(metrics_path: Path, width: int = 640, height: int = 200
         colour = colours[i % len(colours)]
         path = " ".join("{:.1f},{:.1f}".format(*at(x, y)) for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
-        bx, by = min(pts, key=lambda p: p[1])
-        cx, cy = at(bx, by)
-        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"/>')
-        parts.append(f'<text x="{40 + 200 * i}" y="14" fill="{colour}" font-size="12">{html.escape(name)}: best '
-                     f'{by:.4g} at step {bx:.0f}</text>')
+        label = html.escape(name)
+        if mark_best:
+            bx, by = min(pts, key=lambda p: p[1])
+            parts.append('<circle cx="{:.1f}" cy="{:.1f}" r="4" fill="{}"/>'.format(*at(bx, by), colour))
+            label += f": best {by:.4g} at step {bx:.0f}"
+        parts.append(f'<text x="{40 + (200 if mark_best else 120) * i}" y="14" fill="{colour}" '
+                     f'font-size="12">{label}</text>')
     parts.append(f'<text x="4" y="{height - 4}" font-size="10">step {x0:.0f}..{x1:.0f}, loss {y0:.3g}..{y1:.3g}</text>')
     return "".join(parts) + "</svg>"
+
+
+def loss_curve_svg(metrics_path: Path) -> str:
+    """The training loss per expert from metrics.jsonl ('' when there is none)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in _metrics_rows(metrics_path):
+        if "loss" in row and "step" in row:
+            series.setdefault(str(row.get("expert", "all")), []).append((float(row["step"]), float(row["loss"])))
+    return curves_svg(series)
+
+
+def validation_curve_svg(metrics_path: Path) -> str:
+    """Each expert's validation loss by step from metrics.jsonl, best step marked ('' when there is none)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in _metrics_rows(metrics_path):
+        for name, result in (row.get("validation") or {}).items():
+            series.setdefault(name, []).append((float(row["steps_done"]), float(result["loss"])))
+    return curves_svg(series, mark_best=True)
 
 
 def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], metrics: dict, run: Path | None) -> Path:
