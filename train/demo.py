@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -48,6 +49,13 @@ def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=
     if not recipe.preset.name.startswith("tiny-"):
         return False
     release_dir, clips_dir = Path(recipe.model.release), Path(recipe.dataset.root)
+    cache = Path(recipe.dataset.cache_dir)
+    complete = release_dir.is_dir() and clips_dir.exists() and (cache / INDEX_NAME).is_file()
+    if not complete and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Several processes would write the same files at once: make them once, in one process.
+        raise FileNotFoundError(f"{recipe_path}: the tiny release, demo clips or cache are missing; make them once "
+                                f"with `python train_lora.py {recipe_path} --max-steps 1` or ./launch.sh demo, then "
+                                f"launch the processes")
     try:
         load_release(release_dir, recipe.preset.name)
         tell(f"1/5 tiny {recipe.preset.name} release already at {release_dir}")
@@ -57,7 +65,6 @@ def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=
     if fresh_clips or not clips_dir.exists():
         tell(f"2/5 rendering the demo clips (a shared '{DEMO_GRADE}' look) into {clips_dir}")
         render_demo_dataset(clips_dir, grade=DEMO_GRADE)
-    cache = Path(recipe.dataset.cache_dir)
     if fresh_clips or not (cache / INDEX_NAME).is_file():
         tell(f"3/5 preparing: labels, prompts, buckets, latents and text embeddings -> {cache}")
         from train.prepare import main as prepare_main
