@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from data.typed_config import ConfigError
-from train.evaluate import contact_sheet, flicker, load_suite, loss_curve_svg, palette, palette_distance
+from train.evaluate import flicker, load_suite, palette, palette_distance
+from train.report import contact_sheet, loss_curve_svg
 
 
 def test_suite_defaults_seeds_and_relative_image(tmp_path):
@@ -64,7 +65,7 @@ def test_contact_sheet_and_loss_curve(tmp_path):
 
 
 def test_validation_curve_marks_each_experts_best_step(tmp_path):
-    from train.evaluate import validation_curve_svg
+    from train.report import validation_curve_svg
 
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s - 1, "steps_done": s, "validation": {"high_noise": {"loss": 2.0 - s / 100, "bands": {}},
