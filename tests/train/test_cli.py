@@ -18,8 +18,6 @@ def test_bad_recipe_prints_one_error_line_and_exits_2(tmp_path):
 
 def test_sample_mistakes_print_one_error_line_and_exit_2(tmp_path):
     """sample.py and sample.py evaluate: each user mistake is one `error:` line naming the fix, exit 2."""
-    import pytest  # noqa: F401  (collected with the rest of the module)
-
     from wan_model.tiny_release import write_tiny_release
 
     release = write_tiny_release(tmp_path / "release", "tiny-t2v")
