@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,13 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant) -> dic
             "dtype": str(pipe.dtype)}
 
 
+def render_file_name(key: str, variant: str) -> str:
+    """File stem of one render, '<key>-<variant>', safe as a stem: '.' written 'p' ('step-2@0.5' ->
+    'step-2@0p5'; a dot would be read as a suffix and two strengths would share files), anything but
+    letters, digits, '-', '_' and '@' written '_'."""
+    return re.sub(r"[^A-Za-z0-9_@-]", "_", f"{key}-{variant}".replace(".", "p"))
+
+
 def _sync(pipe) -> None:
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
@@ -218,6 +226,9 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     from wan_model.pipeline import GenerationRequest
 
     started = time.perf_counter()
+    stems = [render_file_name("", v.name) for v in variants]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"variants {[v.name for v in variants]} would share render files; give them distinct names")
     reference = training_palette(clips_dir) if clips_dir is not None else None
     metrics: dict = {"training_palette": reference, "renders": {}, "switches": []}
     jobs = [(f"p{p_index}-s{seed}", entry, seed) for p_index, entry in enumerate(suite) for seed in entry.seeds]
@@ -231,14 +242,15 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
             switched = False
             for key, entry, seed in jobs:
                 name = f"{key}-{variant.name}"
-                stem = out / "videos" / name
+                stem = out / "videos" / render_file_name(key, variant.name)
+                file = lambda suffix: stem.parent / (stem.name + suffix)  # noqa: E731
                 settings = render_settings(pipe, entry, seed, variant)
-                sidecar = stem.with_suffix(".json")
+                sidecar = file(".json")
                 cached = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-                if cached and cached.get("settings") == settings and stem.with_suffix(".mp4").is_file() \
-                        and stem.with_suffix(".sheet.npy").is_file():
+                if cached and cached.get("settings") == settings and file(".mp4").is_file() \
+                        and file(".sheet.npy").is_file():
                     m = dict(cached["metrics"], reused=True)
-                    frames = np.load(stem.with_suffix(".sheet.npy"))
+                    frames = np.load(file(".sheet.npy"))
                 else:
                     if not switched:
                         _sync(pipe)
@@ -258,7 +270,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                     all_frames = to_uint8_frames(video)
                     idx = np.linspace(0, len(all_frames) - 1, num=min(5, len(all_frames))).round().astype(int)
                     frames = all_frames[idx]
-                    np.save(stem.with_suffix(".sheet.npy"), frames)
+                    np.save(file(".sheet.npy"), frames)
                     m = {"prompt": entry.prompt, "seed": seed, "variant": variant.name, "strength": variant.strength,
                          "palette": palette(all_frames), "flicker": flicker(all_frames), "seconds": seconds}
                     if reference is not None:
@@ -267,7 +279,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                     m = dict(m, reused=False)
                 metrics["renders"][name] = m
                 sheet_rows[key].append((variant.name, frames))
-                videos[key].append(stem.with_suffix(".mp4"))
+                videos[key].append(file(".mp4"))
                 bar.update(1)
                 bar.set_postfix(variant=variant.name)
     finally:

@@ -337,3 +337,14 @@ def test_held_out_split_is_seeded_and_never_trained_on(demo, tmp_path):
 
     assert {CachedDataset(tmp_path / "cache")[i]["clip_id"] for i in range(len(CachedDataset(tmp_path / "cache")))} \
         == train_ids
+
+
+def test_validation_root_must_not_be_the_training_folder(demo, tmp_path):
+    import dataclasses
+
+    from data.config import ValidationSettings
+    from data.prepare import prepare_all
+
+    config = dataclasses.replace(make_config(demo, tmp_path / "cache"), validation=ValidationSettings(root=str(demo)))
+    with pytest.raises(ValueError, match="would be trained on"):
+        prepare_all(config, StandInVAE(), StandInText(), progress=False)

@@ -143,3 +143,6 @@ def test_grid_switches_once_per_variant_and_resumes_from_disk(tmp_path):
     calls.update(switch=0, generate=0)
     evaluate(pipe, suite, [Variant("base")] + grid_variants(adapters, [0.5, 0.8]), out, progress=False)
     assert calls["generate"] == 4  # step-0@0.8 and step-1@0.8, two prompts each
+    # Strengths 0.5 and 0.8 (and 1) have files of their own: a dot in a name is no suffix.
+    names = sorted(p.name for p in (out / "videos").glob("p0-s0-step-0@*.mp4"))
+    assert names == ["p0-s0-step-0@0p5.mp4", "p0-s0-step-0@0p8.mp4", "p0-s0-step-0@1.mp4"]
