@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = pipe.add_lora(path, strength, expert, merge=args.merge)
         except Exception as err:  # a damaged file (safetensors' own error type), another model's LoRA, ...
-            if isinstance(err, (MemoryError, KeyboardInterrupt)):
+            if isinstance(err, (MemoryError, KeyboardInterrupt, torch.OutOfMemoryError)):
                 raise
             hint = "" if isinstance(err, ValueError) else ("; not a readable .safetensors file: re-export or "
                                                            "re-download it")

@@ -302,9 +302,12 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
     if not val.enabled:
         return prepare(config, vae, text_encoder, progress=progress), None
     held: set[str] | None = None
-    if val.root is not None and Path(val.root).resolve() == Path(config.dataset.root).resolve():
-        raise ValueError(f"validation.root {val.root} is dataset.root: those clips would be trained on; give a "
-                         f"folder of other clips, or validation.fraction to hold some of dataset.root out")
+    if val.root is not None:
+        held_root, train_root = Path(val.root).resolve(), Path(config.dataset.root).resolve()
+        if held_root == train_root or held_root.is_relative_to(train_root) or train_root.is_relative_to(held_root):
+            raise ValueError(f"validation.root {val.root} and dataset.root {config.dataset.root} overlap (folders are "
+                             f"scanned recursively): held-out clips would be trained on; give a folder of other clips "
+                             f"outside dataset.root, or validation.fraction to hold some of dataset.root out")
     if val.root is None:
         scan = scan_folder(config.dataset.root, config.dataset.metadata)
         held = held_out_ids([item.clip_id for item in scan.items], val.fraction, val.seed)

@@ -20,6 +20,8 @@ import yaml
 from data.prompts import LABEL_ORDER
 from wan_model.files import atomic_write_text
 
+from .validation import best_steps
+
 CARD_NAME = "README.md"
 # The official release each preset's adapters load into (its diffusers conversion has the suffix -Diffusers).
 HUB_MODELS = {"t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B", "i2v-A14B": "Wan-AI/Wan2.2-I2V-A14B",
@@ -69,11 +71,7 @@ def write_adapter_card(step_dir: str | Path, *, preset, experts: list[dict], ste
     if images:
         fields["widget"] = [{"text": trigger or "preview", "output": {"url": name}} for name in images]
     at_step = next((r for r in validation if r["steps_done"] == step), None)
-    best = {}
-    for record in validation:
-        for name, result in record["experts"].items():
-            if name not in best or result["loss"] < best[name][1]:
-                best[name] = (record["steps_done"], result["loss"])
+    best = {name: (b["step"], b["loss"]) for name, b in best_steps(validation).items()}
 
     lines = [_front_matter(fields), f"# {trigger or 'wanlora'} LoRA for Wan 2.2 {preset.name}", "",
              f"Trained with wanlora to step {step} (recipe hash `{recipe_hash}`). "
@@ -100,13 +98,13 @@ def write_adapter_card(step_dir: str | Path, *, preset, experts: list[dict], ste
               f"python sample.py --release {release or '/models/' + (hub or preset.name).split('/')[-1]} --lora {step_dir} "
               f"--prompt \"{trigger + ', ' if trigger else ''}a fox in snow\"", "```", ""]
     if hub:
-        high = "high_noise.safetensors" if "high_noise.safetensors" in files else files[0]
         lines += ["diffusers:", "", "```python", "import torch", f"from diffusers import {PIPELINES[task]}", "",
-                  f"pipe = {PIPELINES[task]}.from_pretrained(\"{hub}-Diffusers\", torch_dtype=torch.bfloat16).to(\"cuda\")",
-                  f"pipe.load_lora_weights(\"{step_dir.name}/diffusers\", weight_name=\"{high}\", adapter_name=\"style\")"]
-        if "low_noise.safetensors" in files:
-            lines.append(f"pipe.load_lora_weights(\"{step_dir.name}/diffusers\", weight_name=\"low_noise.safetensors\", "
-                         f"adapter_name=\"style_low\", load_into_transformer_2=True)")
+                  f"pipe = {PIPELINES[task]}.from_pretrained(\"{hub}-Diffusers\", torch_dtype=torch.bfloat16).to(\"cuda\")"]
+        # diffusers' `transformer` is the dense model or the high-noise expert, `transformer_2` the low-noise one.
+        for f in files:
+            into = ", load_into_transformer_2=True" if f == "low_noise.safetensors" else ""
+            lines.append(f"pipe.load_lora_weights(\"{step_dir.name}/diffusers\", weight_name=\"{f}\", "
+                         f"adapter_name=\"{f.split('.')[0]}\"{into})")
         lines += ["```", ""]
     lines += ["ComfyUI: copy the files into `ComfyUI/models/loras/` and put a *LoraLoaderModelOnly* node after each "
               "expert's model loader: " + ", ".join(f"`{f}` on the {f.split('.')[0].replace('_', ' ')} model"

@@ -40,6 +40,7 @@ def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=
     transformers), the demo clips in dataset.root, and the cache (train.prepare). Returns False, doing
     nothing, for a recipe of a real model. fresh_clips: render the clips even when the folder exists."""
     from data.cache import INDEX_NAME
+    from data.config import VALIDATION_FOLDER
     from data.demo_clips import render_demo_dataset
     from train.recipe import load_recipe
     from wan_model.release import load_release
@@ -50,7 +51,9 @@ def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=
         return False
     release_dir, clips_dir = Path(recipe.model.release), Path(recipe.dataset.root)
     cache = Path(recipe.dataset.cache_dir)
-    complete = release_dir.is_dir() and clips_dir.exists() and (cache / INDEX_NAME).is_file()
+    caches = [cache] + ([cache / VALIDATION_FOLDER] if recipe.validation.enabled else [])
+    prepared = all((c / INDEX_NAME).is_file() for c in caches)
+    complete = release_dir.is_dir() and clips_dir.exists() and prepared
     if not complete and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Several processes would write the same files at once: make them once, in one process.
         raise FileNotFoundError(f"{recipe_path}: the tiny release, demo clips or cache are missing; make them once "
@@ -65,7 +68,7 @@ def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=
     if fresh_clips or not clips_dir.exists():
         tell(f"2/5 rendering the demo clips (a shared '{DEMO_GRADE}' look) into {clips_dir}")
         render_demo_dataset(clips_dir, grade=DEMO_GRADE)
-    if fresh_clips or not (cache / INDEX_NAME).is_file():
+    if fresh_clips or not prepared:
         tell(f"3/5 preparing: labels, prompts, buckets, latents and text embeddings -> {cache}")
         from train.prepare import main as prepare_main
         if prepare_main([str(recipe_path)]) != 0:
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(release_dir, recipe.preset.name, device="cpu", dtype=torch.float32)
     variants = [Variant("base"), Variant(steps[-1].name, [steps[-1]], 1.0)]
     report = evaluate(pipe, load_suite(args.suite), variants, output_dir / "eval", run=output_dir,
-                      clips_dir=clips_dir)
+                      clips_dir=clips_dir, identity={"release": str(release_dir.resolve())})
     summary = json.loads((output_dir / "eval" / "metrics.json").read_text())["summary"]
     adapter = summary["variants"].get(steps[-1].name, {})
     if "closed" in adapter:

@@ -187,8 +187,9 @@ def adapter_fingerprint(paths: list[Path]) -> list[list]:
     return files
 
 
-def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant) -> dict:
-    """Everything a render depends on; a render on disk with the same settings is reused."""
+def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identity: dict | None = None) -> dict:
+    """Everything a render depends on; a render on disk with the same settings is reused. identity: what
+    names the model (the release folder, the device), so renders of another release are not reused."""
     image = None
     if entry.image is not None:
         st = Path(entry.image).stat()
@@ -197,7 +198,7 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant) -> dic
             "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
             "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,
             "adapters": adapter_fingerprint(variant.adapters), "strength": variant.strength,
-            "dtype": str(pipe.dtype)}
+            "dtype": str(pipe.dtype), "device": str(pipe.device), **(identity or {})}
 
 
 def render_file_name(key: str, variant: str) -> str:
@@ -213,7 +214,7 @@ def _sync(pipe) -> None:
 
 
 def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, run: Path | None = None,
-             clips_dir: Path | None = None, progress: bool = True) -> Path:
+             clips_dir: Path | None = None, progress: bool = True, identity: dict | None = None) -> Path:
     """Render every (entry, seed) for every variant, then write sheets, metrics.json and report.html.
 
     The grid runs variant by variant, so adapters are switched once per variant (hooks detached and
@@ -244,7 +245,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                 name = f"{key}-{variant.name}"
                 stem = out / "videos" / render_file_name(key, variant.name)
                 file = lambda suffix: stem.parent / (stem.name + suffix)  # noqa: E731
-                settings = render_settings(pipe, entry, seed, variant)
+                settings = render_settings(pipe, entry, seed, variant, identity)
                 sidecar = file(".json")
                 cached = json.loads(sidecar.read_text()) if sidecar.is_file() else None
                 if cached and cached.get("settings") == settings and file(".mp4").is_file() \
@@ -364,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:
         raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
     variants = [Variant("base")] + grid_variants(args.adapters, args.strengths or [args.strength or 1.0])
-    report = evaluate(pipe, suite, variants, out, run=args.run, clips_dir=args.clips)
+    report = evaluate(pipe, suite, variants, out, run=args.run, clips_dir=args.clips,
+                      identity={"release": str(args.release.resolve())})
     print(f"wrote {report}")
     return 0

@@ -32,12 +32,21 @@ def timestep_buckets(timesteps: list[float], losses: list[float]) -> dict[str, l
     return dict(out)
 
 
+def _row(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for a blank or half-written one (a kill during the write)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
 def _open_jsonl(path: Path, start_step: int):
     """Open the step log for appending from `start_step`: lines of later steps (logged after the checkpoint a
     run resumes from) are dropped first, atomically, so every step appears once."""
     if path.exists():
         kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] < start_step]
+                if (row := _row(line)) is not None and row["step"] < start_step]
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)

@@ -73,8 +73,11 @@ class PreviewRenderer:
         live = {name: getattr(state.model, "module", state.model) for name, state in t.states.items()}
         experts = {**frozen, **live}
         offload = t.offload or bool(frozen)
+        # Without parking, the trained experts stay where the trainer put them (on the device, or with their
+        # block weights streamed from the host) and the pipeline moves only the frozen ones. With parking it
+        # moves every expert, and the next step's activate() restores the trainer's placement (below).
         pipe = WanPipeline(t.recipe.preset, experts, vae, text_encoder, device=t.device, dtype=t.base_dtype,
-                           offload_experts=offload)
+                           offload_experts=offload, resident=set() if t.offload else set(live))
         height, width, frames = s.sample_size
         out = Path(s.output_dir) / "samples" / f"step-{step:08d}"
         written = []

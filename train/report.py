@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,8 @@ def curves_svg(series: dict[str, list[tuple[float, float]]], mark_best: bool = F
                height: int = 200) -> str:
     """An inline SVG line chart, one line per series name (x: step, y: loss); '' when there is no point.
     mark_best: a dot on each series' lowest point, and its value and step in the legend."""
+    series = {name: [(x, y) for x, y in pts if math.isfinite(y)] for name, pts in series.items()}
+    series = {name: pts for name, pts in series.items() if pts}  # a skipped step logs loss NaN: not drawn
     points = [p for pts in series.values() for p in pts]
     if not points:
         return ""

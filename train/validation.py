@@ -18,6 +18,7 @@ With offload_inactive_expert the pass swaps each expert in (two swaps per pass),
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -114,6 +115,8 @@ def best_steps(history: list[dict]) -> dict[str, dict]:
     best: dict[str, dict] = {}
     for record in history:
         for name, result in record["experts"].items():
+            if not math.isfinite(result["loss"]):
+                continue  # a diverged pass is never the best
             if name not in best or result["loss"] < best[name]["loss"]:
                 best[name] = {"step": record["steps_done"], "loss": result["loss"]}
     return best

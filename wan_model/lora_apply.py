@@ -218,14 +218,21 @@ class LoraSet:
         self._targets.clear()
 
 
+def _is_path(spec: str) -> bool:
+    """The spec, or the spec less a ':STRENGTH' suffix, names an existing file or folder."""
+    head, _, tail = spec.rpartition(":")
+    return Path(spec).exists() or (bool(head) and re.fullmatch(r"[-+0-9.eE]+", tail) is not None and Path(head).exists())
+
+
 def parse_lora_spec(spec: str) -> tuple[Path, float, str | None]:
     """Command-line LoRA 'PATH[:STRENGTH][@EXPERT]' -> (path, strength, expert or None).
 
     'out/adapters/step-00002000:0.8@high_noise' -> (Path('out/adapters/step-00002000'), 0.8, 'high_noise');
+    an '@' that is part of an existing path ('style@v2.safetensors') is not an expert suffix;
     strength defaults to 1.0; a ':' not followed by a number stays part of the path, unless the part before
     it exists and the whole does not (then the strength is malformed: ValueError)."""
     rest, expert = spec, None
-    if "@" in rest:
+    if "@" in rest and not _is_path(spec):  # a file may have '@' in its name: then it is no expert suffix
         rest, expert = rest.rsplit("@", 1)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", expert):
             raise ValueError(f"LoRA spec {spec!r}: expert {expert!r} after '@' must be a name such as high_noise")

@@ -84,15 +84,18 @@ class WanPipeline:
 
     def __init__(self, preset: ModelPreset, experts: dict[str, nn.Module], vae: nn.Module, text_encoder,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 offload_experts: bool = False):
+                 offload_experts: bool = False, resident: set[str] | frozenset[str] = frozenset()):
         expected = {"high_noise", "low_noise"} if preset.is_moe else {"dense"}
         if set(experts) != expected:
             raise ValueError(f"{preset.name} needs experts {sorted(expected)}, got {sorted(experts)}")
         self.preset, self.experts, self.vae, self.text_encoder = preset, experts, vae, text_encoder
         self.device, self.dtype, self.offload_experts = torch.device(device), dtype, offload_experts
-        for model in experts.values():
+        # Experts that stay where they are, never swapped (training previews: the experts being trained,
+        # whose placement the trainer owns).
+        self.resident = frozenset(resident)
+        for name, model in experts.items():
             model.eval()  # generate() runs under no_grad; trainable flags stay as they are (training previews)
-            if not offload_experts:
+            if not offload_experts and name not in self.resident:
                 model.to(self.device)
         self.vae.eval().requires_grad_(False)
         self._attached: dict[str, dict[str, tuple]] = {}  # expert -> {lora path: (weights, strength)}
@@ -109,9 +112,14 @@ class WanPipeline:
     def _activate(self, name: str) -> nn.Module:
         if self.offload_experts:
             for other, model in self.experts.items():
-                if other != name and next(model.parameters()).device != torch.device("cpu"):
+                if other != name and other not in self.resident and \
+                        next(model.parameters()).device != torch.device("cpu"):
                     model.to("cpu")
-            self.experts[name].to(self.device)
+            model = self.experts[name]
+            if name not in self.resident and not _on(self.device, next(model.parameters()).device):
+                model.to(self.device)
+                if name in self._lora_sets:  # attached factors live on the device they were attached on
+                    self._reattach(name)
         return self.experts[name]
 
     # -- adapters ------------------------------------------------------------------------------------
@@ -263,6 +271,11 @@ class WanPipeline:
         video = self.vae.decode(latents[None].to(self._vae_dtype()))[0].float().clamp(-1, 1).cpu()
         clock["decode"] = time.perf_counter() - start
         return GenerationResult(video=video, latents=latents.cpu(), seconds=clock)
+
+
+def _on(device: torch.device, where: torch.device) -> bool:
+    """Whether a tensor on `where` is on `device` ('cuda' matches any index, 'cuda:1' only index 1)."""
+    return where.type == device.type and (device.index is None or where.index == device.index)
 
 
 def expected_tokens(preset: ModelPreset, height: int, width: int, frames: int) -> int:

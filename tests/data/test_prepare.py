@@ -345,6 +345,7 @@ def test_validation_root_must_not_be_the_training_folder(demo, tmp_path):
     from data.config import ValidationSettings
     from data.prepare import prepare_all
 
-    config = dataclasses.replace(make_config(demo, tmp_path / "cache"), validation=ValidationSettings(root=str(demo)))
-    with pytest.raises(ValueError, match="would be trained on"):
-        prepare_all(config, StandInVAE(), StandInText(), progress=False)
+    for root in (demo, demo / "held-out", demo.parent):  # the same folder, one inside, one around
+        config = dataclasses.replace(make_config(demo, tmp_path / "cache"), validation=ValidationSettings(root=str(root)))
+        with pytest.raises(ValueError, match="would be trained on"):
+            prepare_all(config, StandInVAE(), StandInText(), progress=False)

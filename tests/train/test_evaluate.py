@@ -146,3 +146,32 @@ def test_grid_switches_once_per_variant_and_resumes_from_disk(tmp_path):
     # Strengths 0.5 and 0.8 (and 1) have files of their own: a dot in a name is no suffix.
     names = sorted(p.name for p in (out / "videos").glob("p0-s0-step-0@*.mp4"))
     assert names == ["p0-s0-step-0@0p5.mp4", "p0-s0-step-0@0p8.mp4", "p0-s0-step-0@1.mp4"]
+
+
+def test_charts_skip_non_finite_losses():
+    from train.report import curves_svg
+
+    svg = curves_svg({"high_noise": [(0, 1.0), (1, float("nan")), (2, 0.5)]})
+    assert "nan" not in svg and svg.count("<polyline") == 1
+    assert curves_svg({"high_noise": [(0, float("nan"))]}) == ""
+
+
+def test_best_validation_step_ignores_a_diverged_pass():
+    from train.validation import best_steps
+
+    history = [{"steps_done": 50, "experts": {"a": {"loss": float("nan")}}},
+               {"steps_done": 100, "experts": {"a": {"loss": 2.0}}},
+               {"steps_done": 150, "experts": {"a": {"loss": 1.5}}}]
+    assert best_steps(history) == {"a": {"step": 150, "loss": 1.5}}
+
+
+def test_card_of_a_low_noise_only_run_loads_it_into_the_low_noise_transformer(tmp_path):
+    from train.adapter_card import write_adapter_card
+    from wan_model.config import PRESETS
+
+    card = write_adapter_card(tmp_path, preset=PRESETS["t2v-A14B"], step=10, trigger="mystyle",
+                              experts=[{"name": "low_noise", "range": (0, 875), "rank": 32, "alpha": 32.0}],
+                              dataset={}, validation=[], previews=[], recipe_hash="x").read_text()
+    loads = [line for line in card.splitlines() if "load_lora_weights" in line]
+    assert len(loads) == 1 and "low_noise.safetensors" in loads[0] and "load_into_transformer_2=True" in loads[0]
+    assert "base_model: Wan-AI/Wan2.2-T2V-A14B" in card

@@ -282,3 +282,16 @@ def test_block_streaming_trains_host_loaded_experts(tmp_path):
     assert all(p.device.type == "cpu" for s in trainer.states.values()
                for p in s.model.blocks.parameters() if not p.requires_grad)  # none left behind by backward
     assert [r["loss"] for r in records] == pytest.approx(reference, rel=1e-3)
+
+
+def test_metrics_log_resumes_past_a_half_written_line(tmp_path):
+    """A kill during a metrics.jsonl write leaves a broken last line; the resume drops it, keeps the rest."""
+    import json
+
+    from train.metrics import _open_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n" + json.dumps({"step": 1, "loss": 0.9}) + "\n"
+                    + '{"step": 2, "lo')
+    _open_jsonl(path, start_step=2).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1]

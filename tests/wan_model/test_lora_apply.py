@@ -167,3 +167,13 @@ def test_parse_lora_spec(spec, expected):
     assert parse_lora_spec(spec) == expected
     with pytest.raises(ValueError, match="expert"):
         parse_lora_spec("x@high noise")
+
+
+def test_lora_spec_at_sign_inside_an_existing_path(tmp_path):
+    from wan_model.lora_apply import parse_lora_spec
+
+    f = tmp_path / "style@v2.safetensors"
+    f.write_bytes(b"")
+    assert parse_lora_spec(str(f)) == (f, 1.0, None)
+    assert parse_lora_spec(f"{f}:0.5") == (f, 0.5, None)
+    assert parse_lora_spec(f"{tmp_path / 'x.safetensors'}:0.5@low_noise") == (tmp_path / "x.safetensors", 0.5, "low_noise")

@@ -169,3 +169,31 @@ def test_stacked_loras_add_their_deltas(pipes, tmp_path):
     base = pipe.generate(request()).latents
     assert not torch.allclose(stacked, base, atol=1e-4)
     torch.testing.assert_close(stacked, single, rtol=1e-4, atol=1e-5)
+
+
+def test_resident_experts_are_never_moved_by_expert_offload(pipes):
+    """Training previews: the experts being trained are `resident` (their placement is the trainer's); only
+    the others are swapped in and out when offloading."""
+    from wan_model.pipeline import WanPipeline
+
+    base = pipes["tiny-t2v"]
+    moves = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner, name):
+            super().__init__()
+            self.inner, self.name = inner, name
+
+        def to(self, *args, **kwargs):
+            moves.append(self.name)
+            return super().to(*args, **kwargs)
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+    experts = {n: Recording(m, n) for n, m in base.experts.items()}
+    pipe = WanPipeline(base.preset, experts, base.vae, base.text_encoder, device="cpu", dtype=torch.float32,
+                       offload_experts=True, resident={"high_noise"})
+    pipe.generate(request())
+    assert "high_noise" not in moves
+    assert pipe.expert_for(999) == "high_noise" and pipe.expert_for(0) == "low_noise"
