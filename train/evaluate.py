@@ -176,6 +176,21 @@ def training_palette(clips_dir: Path, max_clips: int = 16) -> dict[str, float] |
     return mean_palette(palettes) if palettes else None
 
 
+def training_frames(clips_dir: Path, height: int, width: int, count: int = 5) -> np.ndarray | None:
+    """`count` evenly spaced frames of the first readable training clip, resized to the renders' size
+    ([count, H, W, 3] uint8): the contact sheets' reference row. None when no clip can be read."""
+    from data.video import VideoError, probe, read_frames
+
+    for path in sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in {".mp4", ".mov", ".webm", ".mkv"}):
+        try:
+            info = probe(path)
+            idx = np.linspace(0, info.num_frames - 1, num=min(count, info.num_frames)).round().astype(int).tolist()
+            return read_frames(path, idx, (height, width)).permute(0, 2, 3, 1).numpy()
+        except VideoError:
+            continue
+    return None
+
+
 def adapter_fingerprint(paths: list[Path]) -> list[list]:
     """What identifies an adapter set on disk: each .safetensors file's path, size and modification time."""
     files = []
@@ -286,7 +301,11 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     finally:
         bar.close()
     pipe.set_adapters([], 1.0)
-    sheets = [save_png(contact_sheet(rows), out / f"sheet-{key}.png") for key, rows in sheet_rows.items()]
+    sheets = []
+    for key, entry, _ in jobs:  # a training clip first, at the renders' size: the look the adapters aim for
+        target = training_frames(clips_dir, entry.height, entry.width) if clips_dir is not None else None
+        rows = ([("training clip", target)] if target is not None else []) + sheet_rows[key]
+        sheets.append(save_png(contact_sheet(rows), out / f"sheet-{key}.png"))
     rendered = [m["seconds"] for m in metrics["renders"].values() if not m["reused"]]
     metrics["timing"] = {"wall_s": time.perf_counter() - started, "renders": len(rendered),
                          "reused": len(metrics["renders"]) - len(rendered), "render_s_sum": float(sum(rendered)),

@@ -129,7 +129,8 @@ def write_report(out: Path, sheets: list[Path], videos: dict[str, list[Path]], m
             f"the adapter closes <b>{v['closed']:.0%}</b> of it</li>" for name, v in closed)
         body.append(f"<ul>{items}</ul><p>Palette: mean R, G, B, brightness, saturation and warmth of every frame; "
                     f"distance: Euclidean, in 0..255 units, between a variant's renders and the training clips.</p>")
-    body.append("<h2>Contact sheets (rows: base, then each adapter)</h2>")
+    body.append("<h2>Contact sheets (rows: a training clip when the clips are known, the base model, then each "
+                "adapter)</h2>")
     body += [f"<p>{html.escape(s.stem)}<br><img src='{s.relative_to(out)}' style='max-width:100%'></p>" for s in sheets]
     body.append("<h2>Palette and flicker</h2><table><tr><th>render</th><th>brightness</th><th>saturation</th>"
                 "<th>warmth</th><th>flicker</th><th>palette distance to training clips</th><th>render s</th></tr>")
