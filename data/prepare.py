@@ -297,7 +297,7 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
                 progress: bool = True) -> tuple[PrepareReport, PrepareReport | None]:
     """The training set, then the held-out set when the config has a validation section (ValidationSettings):
     returns (training report, validation report or None). A fraction split keeps the held-out clips out
-    of the training cache."""
+    of the training cache; it is drawn over contents (sha256), so copies of one file stay on one side."""
     val = config.validation
     if not val.enabled:
         return prepare(config, vae, text_encoder, progress=progress), None
@@ -310,7 +310,13 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
                              f"outside dataset.root, or validation.fraction to hold some of dataset.root out")
     if val.root is None:
         scan = scan_folder(config.dataset.root, config.dataset.metadata)
-        held = held_out_ids([item.clip_id for item in scan.items], val.fraction, val.seed)
+        # Byte-identical files (one clip under two names) go to the same side: the split is drawn over one
+        # name per content, then every name of a held-out content is held out.
+        by_content: dict[str, list[str]] = {}
+        for item in scan.items:
+            by_content.setdefault(file_sha256(item.path), []).append(item.clip_id)
+        drawn = held_out_ids([min(ids) for ids in by_content.values()], val.fraction, val.seed)
+        held = {clip for ids in by_content.values() if min(ids) in drawn for clip in ids}
         if not held:
             raise ValueError(f"validation.fraction {val.fraction}: {config.dataset.root} has "
                              f"{len(scan.items)} clip(s), too few to hold one out; add clips or set validation.root")

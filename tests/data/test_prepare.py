@@ -349,3 +349,27 @@ def test_validation_root_must_not_be_the_training_folder(demo, tmp_path):
         config = dataclasses.replace(make_config(demo, tmp_path / "cache"), validation=ValidationSettings(root=str(root)))
         with pytest.raises(ValueError, match="would be trained on"):
             prepare_all(config, StandInVAE(), StandInText(), progress=False)
+
+
+def test_a_copy_of_a_clip_lands_on_the_same_side_of_the_split(demo, tmp_path):
+    """One clip under two names must not be trained on and held out at once (the split is by content)."""
+    import dataclasses
+
+    from data.config import ValidationSettings
+    from data.prepare import prepare_all
+
+    root = tmp_path / "clips"
+    shutil.copytree(demo, root)
+    first = sorted(root.glob("*.mp4"))[0]
+    for seed in range(4):  # whichever side the content is drawn to, its copy follows
+        copy = root / f"copy_{seed}{first.suffix}"
+        shutil.copyfile(first, copy)
+        (root / f"copy_{seed}.txt").write_text("a copied clip\n")
+        config = dataclasses.replace(make_config(root, tmp_path / f"cache{seed}"),
+                                     validation=ValidationSettings(fraction=0.3, seed=seed))
+        train, held = prepare_all(config, StandInVAE(), StandInText(), progress=False)
+        train_all = {c.clip_id for c in train.clips}
+        held_all = {c.clip_id for c in held.clips}
+        assert ({first.name, copy.name} <= train_all) or ({first.name, copy.name} <= held_all), seed
+        copy.unlink()
+        (root / f"copy_{seed}.txt").unlink()
