@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.demo import ensure_tiny_inputs
 
     # A tiny-* recipe (recipes/quickstart.yaml) on a fresh clone: make its release, clips and cache first.
-    ensure_tiny_inputs(args.recipe, tell=lambda message: print(f"[wanlora] {message[4:]}", flush=True))
+    ensure_tiny_inputs(args.recipe, tell=lambda step, text: print(f"[wanlora] {text}", flush=True))
     recipe = load_recipe(args.recipe)
     s = recipe.training
     if args.max_steps is not None and not 1 <= args.max_steps <= s.steps:

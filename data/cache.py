@@ -61,6 +61,11 @@ def entry_key(file_sha256: str, settings: dict) -> str:
     return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
 
+def entry_order(entries: dict[str, dict]) -> list[str]:
+    """Cache keys in reading order: by clip id, then window, then key (the same on every machine)."""
+    return sorted(entries, key=lambda k: (str(entries[k]["clip_id"]), entries[k]["window"] or 0, k))
+
+
 def trim_context(context: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """context: [K, L_full, D] zero past each length -> [K, max(lengths), D] (at least 1 position)."""
     return context[:, : max(1, int(lengths.max()))].contiguous()

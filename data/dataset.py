@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from wan_model.config import TEXT_LEN
 
 from .buckets import BucketBatchSampler
-from .cache import CacheError, LatentCache, pad_context
+from .cache import CacheError, LatentCache, entry_order, pad_context
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -44,7 +44,7 @@ class CachedDataset(Dataset):
         if not entries:
             raise CacheError(f"{self.cache.index_path}: the cache holds no entries; run "
                              f"python -m data.prepare CONFIG.yaml first")
-        self.keys = sorted(entries, key=lambda k: (str(entries[k]["clip_id"]), entries[k]["window"] or 0, k))
+        self.keys = entry_order(entries)
         self.buckets: list[str] = [entries[k]["bucket"] for k in self.keys]
         self.seed, self.text_len, self.check = seed, text_len, check
         self.epoch = 0

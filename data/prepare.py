@@ -152,7 +152,8 @@ def _thumbnail(frame: torch.Tensor) -> torch.Tensor:
 class _Preparer:
     """The per-clip steps of `prepare`, sharing the run's settings, cache and duplicate memory."""
 
-    def __init__(self, config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike):
+    def __init__(self, config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike,
+                 hashes: dict[str, str] | None = None):
         self.ds: DatasetConfig = config.dataset
         self.preset = get_preset(config.model.preset)
         self.fps = self.ds.fps or self.preset.sample_fps
@@ -163,6 +164,7 @@ class _Preparer:
             raise ValueError(f"model.preset {self.preset.name!r} trains on {self.preset.vae.kind} VAE latents, but the "
                              f"VAE given is {kind!r}; build it from the same preset (build_encoders)")
         self.vae, self.text_encoder = vae, text_encoder
+        self.hashes = hashes or {}  # path -> sha256 already computed (the validation split reads every file)
         self.cache = LatentCache(self.ds.cache_dir)
         self.measured = JsonTable(Path(self.ds.cache_dir) / LABELS_NAME)
         self.dedupe = Deduper()
@@ -226,7 +228,7 @@ class _Preparer:
         reason = check_media(info.width, info.height, info.duration_s, info.kind, filters)
         if reason:
             return reason
-        sha = file_sha256(item.path)
+        sha = self.hashes.get(str(item.path)) or file_sha256(item.path)
         if filters.dedupe and (reason := self.dedupe.check_bytes(item.clip_id, sha)):
             return reason
         indices = info.indices_at(self.fps)
@@ -302,6 +304,7 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
     if not val.enabled:
         return prepare(config, vae, text_encoder, progress=progress), None
     held: set[str] | None = None
+    hashes: dict[str, str] = {}
     if val.root is not None:
         held_root, train_root = Path(val.root).resolve(), Path(config.dataset.root).resolve()
         if held_root == train_root or held_root.is_relative_to(train_root) or train_root.is_relative_to(held_root):
@@ -314,15 +317,16 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
         # name per content, then every name of a held-out content is held out.
         by_content: dict[str, list[str]] = {}
         for item in scan.items:
-            by_content.setdefault(file_sha256(item.path), []).append(item.clip_id)
+            hashes[str(item.path)] = file_sha256(item.path)
+            by_content.setdefault(hashes[str(item.path)], []).append(item.clip_id)
         drawn = held_out_ids([min(ids) for ids in by_content.values()], val.fraction, val.seed)
         held = {clip for ids in by_content.values() if min(ids) in drawn for clip in ids}
         if not held:
             raise ValueError(f"validation.fraction {val.fraction}: {config.dataset.root} has "
                              f"{len(scan.items)} clip(s), too few to hold one out; add clips or set validation.root")
-    train = prepare(config, vae, text_encoder, progress=progress,
+    train = prepare(config, vae, text_encoder, progress=progress, hashes=hashes,
                     select=None if held is None else (lambda item: item.clip_id not in held))
-    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress,
+    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress, hashes=hashes,
                           select=None if held is None else (lambda item: item.clip_id in held))
     if not held_report.used:
         raise ValueError(f"validation: no held-out clip could be used (see {held_report.cache_dir / REPORT_NAME})")
@@ -330,14 +334,15 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
 
 
 def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *, progress: bool = True,
-            select: Callable[[ClipItem], bool] | None = None) -> PrepareReport:
+            select: Callable[[ClipItem], bool] | None = None, hashes: dict[str, str] | None = None) -> PrepareReport:
     """Scan, filter, label, prompt, encode and cache a dataset (module docstring); returns what happened.
 
     select: which scanned clips this run takes (None: all); the validation split passes one.
+    hashes: file path -> sha256 already computed in this run (each file is read for it once).
     Writes report.json, dataset_card.md and contact_sheet.png into dataset.cache_dir."""
     start = time.perf_counter()
     check_template(config.dataset.caption_template)
-    runner = _Preparer(config, vae, text_encoder)
+    runner = _Preparer(config, vae, text_encoder, hashes)
     repaired = runner.repair()
     scan = scan_folder(config.dataset.root, config.dataset.metadata)
     root = Path(config.dataset.root)

@@ -35,7 +35,8 @@ def say(message: str) -> None:
     print(f"[wanlora demo] {message}", flush=True)
 
 
-def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=say) -> bool:
+def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False,
+                       tell=lambda step, text: say(f"{step}/5 {text}")) -> bool:
     """What a tiny-* recipe trains on, made where missing: the tiny release (official layout, random
     transformers), the demo clips in dataset.root, and the cache (train.prepare). Returns False, doing
     nothing, for a recipe of a real model. fresh_clips: render the clips even when the folder exists."""
@@ -61,15 +62,15 @@ def ensure_tiny_inputs(recipe_path: str | Path, fresh_clips: bool = False, tell=
                                 f"launch the processes")
     try:
         load_release(release_dir, recipe.preset.name)
-        tell(f"1/5 tiny {recipe.preset.name} release already at {release_dir}")
+        tell(1, f"tiny {recipe.preset.name} release already at {release_dir}")
     except (FileNotFoundError, ValueError):
-        tell(f"1/5 writing a tiny random {recipe.preset.name} release (official layout) to {release_dir}")
+        tell(1, f"writing a tiny random {recipe.preset.name} release (official layout) to {release_dir}")
         write_tiny_release(release_dir, recipe.preset.name, seed=recipe.training.seed)
     if fresh_clips or not clips_dir.exists():
-        tell(f"2/5 rendering the demo clips (a shared '{DEMO_GRADE}' look) into {clips_dir}")
+        tell(2, f"rendering the demo clips (a shared '{DEMO_GRADE}' look) into {clips_dir}")
         render_demo_dataset(clips_dir, grade=DEMO_GRADE)
     if fresh_clips or not prepared:
-        tell(f"3/5 preparing: labels, prompts, buckets, latents and text embeddings -> {cache}")
+        tell(3, f"preparing: labels, prompts, buckets, latents and text embeddings -> {cache}")
         from train.prepare import main as prepare_main
         if prepare_main([str(recipe_path)]) != 0:
             raise RuntimeError(f"preparing {recipe_path} failed")

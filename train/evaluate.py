@@ -36,6 +36,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,37 +159,30 @@ def mean_palette(palettes: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([p[k] for p in palettes])) for k in palettes[0]}
 
 
-def training_palette(clips_dir: Path, max_clips: int = 16) -> dict[str, float] | None:
-    """Mean palette over up to 16 training clips (a few frames each), or None when no clip can be read."""
+def training_clip_frames(clips_dir: Path, size: tuple[int, int] | None = None, max_clips: int = 16,
+                         count: int = 5) -> Iterator[np.ndarray]:
+    """`count` evenly spaced frames ([count, H, W, 3] uint8; resized and centre-cropped to `size` when given)
+    of each readable training clip, at most `max_clips` of them; unreadable files are passed over."""
     from data.video import VideoError, probe, read_frames
 
-    palettes = []
+    yielded = 0
     for path in sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in {".mp4", ".mov", ".webm", ".mkv"}):
-        try:
-            info = probe(path)
-            idx = np.linspace(0, info.num_frames - 1, num=min(5, info.num_frames)).round().astype(int).tolist()
-            frames = read_frames(path, idx, None).permute(0, 2, 3, 1).numpy()
-        except VideoError:
-            continue
-        palettes.append(palette(frames))
-        if len(palettes) >= max_clips:
-            break
-    return mean_palette(palettes) if palettes else None
-
-
-def training_frames(clips_dir: Path, height: int, width: int, count: int = 5) -> np.ndarray | None:
-    """`count` evenly spaced frames of the first readable training clip, resized to the renders' size
-    ([count, H, W, 3] uint8): the contact sheets' reference row. None when no clip can be read."""
-    from data.video import VideoError, probe, read_frames
-
-    for path in sorted(p for p in clips_dir.rglob("*") if p.suffix.lower() in {".mp4", ".mov", ".webm", ".mkv"}):
+        if yielded >= max_clips:
+            return
         try:
             info = probe(path)
             idx = np.linspace(0, info.num_frames - 1, num=min(count, info.num_frames)).round().astype(int).tolist()
-            return read_frames(path, idx, (height, width)).permute(0, 2, 3, 1).numpy()
+            frames = read_frames(path, idx, size).permute(0, 2, 3, 1).numpy()
         except VideoError:
             continue
-    return None
+        yielded += 1
+        yield frames
+
+
+def training_palette(clips_dir: Path, max_clips: int = 16) -> dict[str, float] | None:
+    """Mean palette over up to 16 training clips (a few frames each), or None when no clip can be read."""
+    palettes = [palette(frames) for frames in training_clip_frames(clips_dir, max_clips=max_clips)]
+    return mean_palette(palettes) if palettes else None
 
 
 def adapter_fingerprint(paths: list[Path]) -> list[list]:
@@ -301,9 +295,12 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     finally:
         bar.close()
     pipe.set_adapters([], 1.0)
-    sheets = []
+    sheets, targets = [], {}
     for key, entry, _ in jobs:  # a training clip first, at the renders' size: the look the adapters aim for
-        target = training_frames(clips_dir, entry.height, entry.width) if clips_dir is not None else None
+        size = (entry.height, entry.width)
+        if clips_dir is not None and size not in targets:
+            targets[size] = next(training_clip_frames(clips_dir, size, max_clips=1), None)
+        target = targets.get(size)
         rows = ([("training clip", target)] if target is not None else []) + sheet_rows[key]
         sheets.append(save_png(contact_sheet(rows), out / f"sheet-{key}.png"))
     rendered = [m["seconds"] for m in metrics["renders"].values() if not m["reused"]]

@@ -52,16 +52,10 @@ class PreviewRenderer:
         if t.recipe.preset.task != "i2v":
             return None
         if self._image is None:
-            from data.cache import LatentCache
-            from data.config import VALIDATION_FOLDER
+            from .validation import held_out_batches
 
-            cache = LatentCache(Path(t.recipe.dataset.cache_dir) / VALIDATION_FOLDER)
-            if not cache.entries:
-                raise FileNotFoundError(f"{cache.root}: no held-out clip to take the I2V preview's first frame "
-                                        f"from; run python -m train.prepare RECIPE, or set training.sample_image")
-            tensors, _ = cache.read(sorted(cache.entries)[0])
-            first = tensors["latent_mean"].float()[None, :, :1].to(t.device)
-            self._image = vae.decode(first)[0, :, 0].float().cpu()
+            first = held_out_batches(t.recipe.dataset.cache_dir, 1, t.recipe.preset.text_len)[0].latents[:, :, :1]
+            self._image = vae.decode(first.to(t.device))[0, :, 0].float().cpu()
         return self._image
 
     @torch.no_grad()

@@ -8,8 +8,9 @@ fixed problems, so passes compare across steps and across a resume:
   * timesteps: for an expert with range [lo, hi), the centres of `timesteps` equal bands,
     lo + (k + 1/2) (hi - lo) / timesteps;
   * noise: drawn per (validation seed, item, band) from its own generator;
-  * loss: the training objective (train/objective.py: conditioning as in training, TI2V in its
-    text-to-video mode) with plain MSE weighting, without gradients, the model in eval mode (no LoRA
+  * loss: the training objective (train/objective.py: conditioning as in training; TI2V scores every
+    other item in its image mode, the held-out clip's own first frame given, as training mixes both, or
+    all / none of them when training.ti2v_image_prob is 1 / 0) with plain MSE weighting, without gradients, the model in eval mode (no LoRA
     dropout), under the training autocast.
 A pass returns {expert: {"loss": mean over items and bands, "bands": {"<centre>": mean over items}}}.
 With offload_inactive_expert the pass swaps each expert in (two swaps per pass), so keep `every` coarse.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data.cache import LatentCache, pad_context
+from data.cache import LatentCache, entry_order, pad_context
 from data.config import VALIDATION_FOLDER, ValidationSettings
 
 from .batches import Batch
@@ -44,10 +45,8 @@ def held_out_batches(cache_dir: str | Path, max_items: int, text_len: int) -> li
     if not cache.entries:
         raise FileNotFoundError(f"{folder}: no held-out clips are prepared; run python -m train.prepare RECIPE "
                                 f"(with the recipe's validation: section) first")
-    entries = cache.entries
-    keys = sorted(entries, key=lambda k: (str(entries[k]["clip_id"]), entries[k]["window"] or 0, k))[:max_items]
     batches = []
-    for key in keys:
+    for key in entry_order(cache.entries)[:max_items]:
         tensors, meta = cache.read(key)
         image = tensors.get("image_cond")
         batches.append(Batch(latents=tensors["latent_mean"].float()[None],
@@ -97,11 +96,15 @@ class Validator:
         try:
             for i, batch in enumerate(self.batches):
                 batch = batch.to(device)
+                clean_first = None
+                if trainer.task == "ti2v":  # image mode (first frame given) on every other item, as training mixes
+                    p = trainer.settings.ti2v_image_prob
+                    clean_first = torch.tensor([p >= 1 or (p > 0 and i % 2 == 1)], device=device)
                 for k, centre in enumerate(centres):
                     t = torch.full((1,), centre, device=device)
                     noise = _noise(self.settings.seed, i, k, batch.latents).to(device, batch.latents.dtype)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss, _ = flow_matching_loss(model, batch, t, noise, trainer.task, None, "none")
+                        loss, _ = flow_matching_loss(model, batch, t, noise, trainer.task, clean_first, "none")
                     per_band[centre].append(float(loss))
         finally:
             model.train(was_training)

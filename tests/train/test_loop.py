@@ -295,3 +295,25 @@ def test_metrics_log_resumes_past_a_half_written_line(tmp_path):
                     + '{"step": 2, "lo')
     _open_jsonl(path, start_step=2).close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+def test_ti2v_validation_scores_both_modes(tmp_path, monkeypatch):
+    """TI2V trains text-to-video and image-to-video: validation scores every other held-out item with its
+    first frame given, at each expert's band-centre timesteps."""
+    import train.validation as validation
+    from data.config import ValidationSettings
+
+    recipe = tiny_recipe(tmp_path, preset="tiny-ti2v", steps=2)
+    trainer = make_trainer(recipe)
+    source = MemorySource("tiny-ti2v", n=4, batch_size=1)
+    seen = []
+    real = validation.flow_matching_loss
+
+    def recording(model, batch, t, noise, task, clean_first, weighting):
+        seen.append((float(t), None if clean_first is None else bool(clean_first.item())))
+        return real(model, batch, t, noise, task, clean_first, weighting)
+
+    monkeypatch.setattr(validation, "flow_matching_loss", recording)
+    result = validation.Validator([source.batch(i) for i in range(2)], ValidationSettings(fraction=0.1, timesteps=2)).run(trainer)
+    assert set(result) == {"dense"} and set(result["dense"]["bands"]) == {"250", "750"}
+    assert seen == [(250.0, False), (750.0, False), (250.0, True), (750.0, True)]
