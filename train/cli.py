@@ -31,3 +31,28 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+SPEED_HELP = """Speed (docs/benchmarks.md, "Sampling speed"): --compile is exact; --fp8-weights and --fp8-attention
+change the numbers (bounds measured in the docs' fidelity table) and are opt-in; --fast turns all three on."""
+
+
+def add_speed_arguments(ap) -> None:
+    """The sampler's speed flags (wan_model/sampling_speed.py), shared by `sample.py` and `sample.py evaluate`."""
+    group = ap.add_argument_group("speed", SPEED_HELP)
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the DiT blocks (exact; the first step compiles, ~1 min at A14B)")
+    group.add_argument("--fp8-weights", default="none", choices=["none", "storage", "matmul"],
+                       help="block linears in e4m3: storage halves their memory, matmul also runs them on FP8 "
+                            "tensor cores (Hopper/Ada). Changes numbers")
+    group.add_argument("--fp8-attention", action="store_true",
+                       help="self-attention with int8 q k^T and FP8 P v (Hopper/Ada, Triton). Changes numbers")
+    group.add_argument("--fast", action="store_true", help="--compile --fp8-weights matmul --fp8-attention")
+
+
+def speed_from_args(args):
+    from wan_model.sampling_speed import SamplingSpeed
+
+    if args.fast:
+        return SamplingSpeed.fast()
+    return SamplingSpeed(compile=args.compile, fp8_weights=args.fp8_weights, fp8_attention=args.fp8_attention)

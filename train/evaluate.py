@@ -207,7 +207,15 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
             "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
             "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,
             "adapters": adapter_fingerprint(variant.adapters), "strength": variant.strength,
-            "dtype": str(pipe.dtype), "device": str(pipe.device), **(identity or {})}
+            "dtype": str(pipe.dtype), "device": str(pipe.device), "numerics": _numerics(pipe), **(identity or {})}
+
+
+def _numerics(pipe) -> dict:
+    """The speed options that change numbers (fp8 weights, fp8 attention); compile does not count."""
+    speed = getattr(pipe, "speed", None)
+    if speed is None:
+        return {}
+    return {"fp8_weights": speed.fp8_weights, "fp8_attention": speed.fp8_attention}
 
 
 def render_file_name(key: str, variant: str) -> str:
@@ -351,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wan_model.pipeline import load_pipeline
 
+    from .cli import add_speed_arguments, speed_from_args
+
     ap = argparse.ArgumentParser(prog="sample.py evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--release", required=True, type=Path)
@@ -366,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--offload-experts", action="store_true")
+    add_speed_arguments(ap)
     args = ap.parse_args(argv)
     from .cli import UsageError
 
@@ -377,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--release {args.release}: no such folder; point it at the model's release folder")
     out = args.out or ((args.run / "eval") if args.run else Path("outputs/eval"))
     try:
-        pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts)
+        pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts,
+                             speed=speed_from_args(args))
     except (ValueError, KeyError) as err:
         raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
     variants = [Variant("base")] + grid_variants(args.adapters, args.strengths or [args.strength or 1.0])

@@ -9,7 +9,9 @@ Backends, chosen once per process with `set_attention_backend`:
     sdpa, except at lengths where sdpa's cuDNN kernel fails: there PyTorch's own FlashAttention-2 kernel.
     Not flash-attention 2 by default: on an H100 at the A14B shape (32,760 tokens, 40 heads of 128, bf16)
     sdpa's cuDNN kernel ran the forward in 38 ms against 60 ms for its FlashAttention-2 kernel
-    (forward+backward 133 ms against 233 ms), so FA2 is used only when asked for by name or as fallback.
+    (forward+backward 133 ms against 233 ms), so FA2 is used only when asked for by name or as fallback;
+  * "fp8" (sampling only, no backward): self-attention on FP8 tensor cores (`fp8_attention.py`; it changes
+    the numbers, see its docstring), cross-attention as "auto". Set for a render with `attention_backend`.
 `prepare_attention` tries cuDNN forward+backward once per (batch, lengths, heads) and caches the answer;
 the DiT calls it before its blocks, so compiled blocks only read the cache.
 No mask: Wan attends over every video token and over all text_len text tokens (padded rows included).
@@ -17,13 +19,16 @@ No mask: Wan attends over every video token and over all text_len text tokens (p
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("sdpa", "flash", "auto")
+from .fp8_attention import fp8_attention
+
+BACKENDS = ("sdpa", "flash", "auto", "fp8")
 _backend = "auto"
 
 
@@ -40,7 +45,7 @@ _flash_attn_func = _flash3_func or _find_flash_attn("flash_attn")
 
 
 def set_attention_backend(name: str) -> None:
-    """Select the kernel every later `attention` call uses: "sdpa" | "flash" | "auto"."""
+    """Select the kernel every later `attention` call uses: "sdpa" | "flash" | "auto" | "fp8"."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
@@ -52,6 +57,18 @@ def set_attention_backend(name: str) -> None:
 
 def get_attention_backend() -> str:
     return _backend
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """`set_attention_backend(name)` for the duration of a `with` block (a render), then the previous one."""
+    global _backend
+    previous = _backend
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
 
 
 # (batch, q_len, kv_len, heads, head_dim) -> whether the cuDNN kernel ran forward and backward there.
@@ -77,7 +94,7 @@ def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, d
 def prepare_attention(batch: int, q_len: int, kv_lens: tuple[int, ...], heads: int, head_dim: int,
                       device: torch.device) -> None:
     """Decide, once per shape, whether `attention` may use the cuDNN kernel for these lengths (CUDA, "auto")."""
-    if _backend != "auto" or device.type != "cuda" or _flash3_func is not None:
+    if _backend not in ("auto", "fp8") or device.type != "cuda" or _flash3_func is not None:
         return
     for kv_len in kv_lens:
         key = (batch, q_len, kv_len, heads, head_dim)
@@ -89,22 +106,25 @@ def prepare_attention(batch: int, q_len: int, kv_lens: tuple[int, ...], heads: i
 def _use_flash(q: Tensor) -> bool:
     if _backend == "flash":
         return True
-    return (_backend == "auto" and _flash3_func is not None and q.is_cuda
+    return (_backend in ("auto", "fp8") and _flash3_func is not None and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, self_attention: bool = False) -> Tensor:
     """softmax(q k^T / sqrt(head_dim)) v per head.
 
-    q: [B, Lq, heads, head_dim]; k, v: [B, Lk, heads, head_dim]; all one dtype.
+    q: [B, Lq, heads, head_dim]; k, v: [B, Lk, heads, head_dim]; all one dtype. self_attention: k and v
+    come from the video tokens (the "fp8" backend applies to those only).
     Returns [B, Lq, heads, head_dim] in q's dtype.
     """
+    if self_attention and _backend == "fp8":
+        return fp8_attention(q, k, v)
     if _use_flash(q):
         out = _flash_attn_func(q, k, v)
         # flash-attention 3 returns (out, softmax_lse) in some releases.
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _backend == "auto" and not _cudnn_works.get((q.shape[0], q.shape[2], k.shape[2], q.shape[1], q.shape[3]),
+    if _backend in ("auto", "fp8") and not _cudnn_works.get((q.shape[0], q.shape[2], k.shape[2], q.shape[1], q.shape[3]),
                                                    True):
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
     else:

@@ -5,7 +5,7 @@ Merged (`merge_loras`): for each targeted Linear, once, in float32 then cast to 
 Inference then costs nothing extra. The touched weights are first copied (to the CPU by default), so
 `unmerge()` restores them bit for bit; subtracting the delta again would not (bf16 rounding).
 
-Attached (`LoraSet.attach`): forward hooks add the update to each targeted Linear's output,
+Attached (`LoraSet.attach`): forward hooks add the update to each targeted block Linear's output,
     y <- y + ((x @ D^T) * c) @ U^T,   D = [down_1; down_2; ...]: [R, in], U = [up_1, up_2, ...]: [out, R],
     c: [R] float32 = strength_j * alpha_j / r_j on the rank columns of LoRA j,
 so several LoRAs on one Linear cost two matmuls, and `set_strength` only rewrites c in place: switching
@@ -120,10 +120,44 @@ class _Target:
     active: bool = True
 
 
-def _output_hook(target: _Target):
-    """Forward hook: y + ((x @ D^T) * c) @ U^T; the base output itself when every strength is 0."""
+class _LoraSlot:
+    """What a block Linear's LoRA hook adds now: a `_Target`, or None. One slot and one hook per Linear
+    for the module's life; attaching and detaching only fill and empty the slot. Why: torch.compile does
+    not guard on module hooks, so a hook added after a block was compiled would be ignored silently,
+    while a changed slot is seen (its contents are guarded: None or not, `active`, the factor shapes)."""
+
+    def __init__(self):
+        self.target: _Target | None = None
+
+
+def install_lora_slots(model: nn.Module) -> int:
+    """Give every block Linear of `model` its LoRA slot and hook now (before compiling its blocks);
+    returns how many were added. Idempotent."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    count = 0
+    for name, module in model.named_modules():
+        module = getattr(module, "base_layer", module)
+        if name.startswith("blocks.") and isinstance(module, nn.Linear) and not hasattr(module, "_lora_slot"):
+            _slot(module)
+            count += 1
+    return count
+
+
+def _slot(linear: nn.Linear) -> _LoraSlot:
+    slot = linear.__dict__.get("_lora_slot")
+    if slot is None:
+        slot = linear.__dict__["_lora_slot"] = _LoraSlot()
+        linear.register_forward_hook(_output_hook(slot))
+    return slot
+
+
+def _output_hook(slot: _LoraSlot):
+    """Forward hook: y + ((x @ D^T) * c) @ U^T; the base output itself when the slot is empty or every
+    strength is 0."""
     def add_lora(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        if not target.active:
+        target = slot.target
+        if target is None or not target.active:
             return out
         h = (F.linear(args[0].to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
         if out.dtype != target.up.dtype:
@@ -172,7 +206,11 @@ class LoraSet:
         for name, linear in linears.items():
             target = self._targets[name] = self._stack(name, linear)
             if name.startswith("blocks."):
-                self._undo.append(linear.register_forward_hook(_output_hook(target)).remove)
+                slot = _slot(linear)
+                if slot.target is not None:
+                    raise RuntimeError(f"{name} already has a LoraSet attached; detach it first")
+                slot.target = target
+                self._undo.append(lambda slot=slot: setattr(slot, "target", None))
             else:  # called through linear_fp32 (reads .weight, skips forward hooks): see the module docstring
                 parametrize.register_parametrization(linear, "weight", _WeightDelta(target))
                 self._undo.append(lambda linear=linear: parametrize.remove_parametrizations(
@@ -181,7 +219,9 @@ class LoraSet:
         return missing
 
     def _stack(self, name: str, linear: nn.Linear) -> _Target:
-        dtype, device = linear.weight.dtype, linear.weight.device
+        # An fp8 Linear's `weight` dequantises a copy: read its compute dtype and device instead.
+        dtype = getattr(linear, "compute_dtype", None) or linear.weight.dtype
+        device = linear.bias.device if linear.bias is not None else next(linear.buffers(), linear.weight).device
         downs, ups, columns, start = [], [], {}, 0
         for lora, weights in self.loras.items():
             if name in weights:

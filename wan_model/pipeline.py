@@ -15,6 +15,7 @@ Classifier-free guidance runs the conditional and unconditional branch in one ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -25,9 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attention_backend
 from .conditioning import i2v_mask, token_timesteps
 from .config import ModelPreset
 from .lora_apply import LoraSet, merge_loras
+from .sampling_speed import SamplingSpeed, prepare_expert
 from .solvers import make_solver
 
 
@@ -80,11 +83,14 @@ class WanPipeline:
     experts: {'high_noise': model, 'low_noise': model} for A14B presets, {'dense': model} for TI2V-5B.
     offload_experts: keep only the running expert on `device`, the other in host memory (swapped at the
     boundary, once per video). text_encoder_device: where prompts are encoded ('cpu' saves ~11 GB).
+    speed: compiled blocks, fp8 weights, fp8 attention (`sampling_speed.py`); applied here to every
+    expert that is not `resident`.
     """
 
     def __init__(self, preset: ModelPreset, experts: dict[str, nn.Module], vae: nn.Module, text_encoder,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 offload_experts: bool = False, resident: set[str] | frozenset[str] = frozenset()):
+                 offload_experts: bool = False, resident: set[str] | frozenset[str] = frozenset(),
+                 speed: SamplingSpeed | None = None):
         expected = {"high_noise", "low_noise"} if preset.is_moe else {"dense"}
         if set(experts) != expected:
             raise ValueError(f"{preset.name} needs experts {sorted(expected)}, got {sorted(experts)}")
@@ -93,10 +99,13 @@ class WanPipeline:
         # Experts that stay where they are, never swapped (training previews: the experts being trained,
         # whose placement the trainer owns).
         self.resident = frozenset(resident)
+        self.speed = speed or SamplingSpeed()
         for name, model in experts.items():
             model.eval()  # generate() runs under no_grad; trainable flags stay as they are (training previews)
             if not offload_experts and name not in self.resident:
                 model.to(self.device)
+            if name not in self.resident:
+                prepare_expert(model, self.speed)
         self.vae.eval().requires_grad_(False)
         self._attached: dict[str, dict[str, tuple]] = {}  # expert -> {lora path: (weights, strength)}
         self._lora_sets: dict[str, LoraSet] = {}
@@ -152,6 +161,9 @@ class WanPipeline:
         if unknown:
             raise ValueError(f"{path}: LoRA is for expert {unknown[0]!r}, but {self.preset.name} has experts "
                              f"{sorted(self.experts)}; pass @EXPERT to choose one")
+        if merge and self.speed.fp8_weights != "none":
+            raise ValueError(f"{path}: merging a LoRA needs the base weights in bf16, but they are in fp8 "
+                             f"({self.speed.fp8_weights}); drop --merge (attached LoRAs cost ~1%) or the fp8 option")
         for name in targets:
             if merge:
                 merge_loras(self.experts[name], [(weights, strength)], backup_device=None)
@@ -239,6 +251,7 @@ class WanPipeline:
 
         solver = make_solver(request.solver, steps=steps, shift=shift,
                              num_train_timesteps=preset.num_train_timesteps)
+        kernels = attention_backend("fp8") if self.speed.fp8_attention else contextlib.nullcontext()
         start = time.perf_counter()
         timesteps = solver.timesteps.tolist()
         iterator = enumerate(timesteps)
@@ -259,7 +272,7 @@ class WanPipeline:
             if preset.task == "ti2v":
                 t_batch = token_timesteps(t_batch, torch.full((branches,), clean_first is not None, device=self.device),
                                           grid)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            with kernels, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 pred = model(x, t_batch, context[:branches]).float()
             velocity = pred[0] if branches == 1 else pred[1] + guide * (pred[0] - pred[1])
             latents = solver.step(velocity, index, latents)
@@ -286,7 +299,7 @@ def expected_tokens(preset: ModelPreset, height: int, width: int, frames: int) -
 
 def load_pipeline(root: str | Path, preset: str | None = None, device: str = "cuda", dtype=torch.bfloat16,
                   offload_experts: bool = False, text_encoder_device: str | None = None,
-                  vae_tiling: bool = False) -> WanPipeline:
+                  vae_tiling: bool = False, speed: SamplingSpeed | None = None) -> WanPipeline:
     """Build a pipeline from an official release folder (see `wan_model.release.load_release`)."""
     from .checkpoint import load_transformer
     from .release import load_release
@@ -303,4 +316,4 @@ def load_pipeline(root: str | Path, preset: str | None = None, device: str = "cu
     text_encoder = TextEncoder.from_release(release.t5_path, release.tokenizer_path, release.preset.text_encoder,
                                             dtype=dtype, device=text_encoder_device or device)
     return WanPipeline(release.preset, experts, vae, text_encoder, device=device, dtype=dtype,
-                       offload_experts=offload_experts)
+                       offload_experts=offload_experts, speed=speed)

@@ -130,7 +130,7 @@ class Attention(nn.Module):
         if self.sequence_parallel is not None:
             out = self.sequence_parallel.attention(q, k, v, attention)
         else:
-            out = attention(q, k, v)
+            out = attention(q, k, v, self_attention=context is None)
         return self.o(out.flatten(2))
 
 

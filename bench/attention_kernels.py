@@ -1,0 +1,99 @@
+"""Self-attention kernels at the released models' shapes: bf16 SDPA against the int8/FP8 kernel.
+
+    python bench/attention_kernels.py            # A14B 480p (2 x 32,760 tokens, 40 heads) and 5B 720p
+
+Per shape: milliseconds per call (CUDA events, median of 10 after warm-up and Triton's autotuning; the
+kernel alone and with its eager quantisation passes, which torch.compile fuses into the ops before it),
+TFLOP/s (4 L^2 d per batch item), and the kernel's error on RMS-normed random q, k (as Wan's are) and
+random v: relative error against bf16 SDPA, and against `reference_fp8_attention` (the same quantisation
+emulated in float32; a kernel bug shows here, quantisation error in the first figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.sample_step import git_commit  # noqa: E402
+from wan_model.fp8_attention import (_fp8_attention_kernel_op, fp8_attention, quantize_qkv,  # noqa: E402
+                                     reference_fp8_attention)
+
+SHAPES = {"a14b-480p": (2, 32760, 40, 128), "5b-720p": (2, 27280, 24, 128), "small-odd": (1, 1000, 2, 128),
+          "tiny-d32": (2, 300, 2, 32)}
+
+
+def time_ms(fn, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rms_normed(shape, gen, device) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen, device=device)
+    x = x / x.flatten(2).pow(2).mean(-1).sqrt()[..., None, None]  # RMSNorm over all heads, as Wan's q/k norm
+    return x.to(torch.bfloat16)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name in args.shapes:
+        b, n, h, d = SHAPES[name]
+        q, k = rms_normed((b, n, h, d), gen, device), rms_normed((b, n, h, d), gen, device)
+        v = torch.randn((b, n, h, d), generator=gen, device=device, dtype=torch.bfloat16)
+        flops = 4 * b * n * n * h * d
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+        def fp8():
+            return fp8_attention(q, k, v)
+
+        with torch.no_grad():
+            exact, out = sdpa(), fp8()
+            row = dict(shape=name, b_l_h_d=[b, n, h, d], err_vs_bf16=round(rel(out, exact), 5))
+            if n <= 4096:
+                row["err_vs_emulation"] = round(rel(out, reference_fp8_attention(q, k, v)), 5)
+                row["emulation_err_vs_bf16"] = round(rel(reference_fp8_attention(q, k, v), exact), 5)
+            sdpa_ms, fp8_ms = time_ms(sdpa), time_ms(fp8)
+            quantised = quantize_qkv(q, k, v)
+            kernel_ms = time_ms(lambda: _fp8_attention_kernel_op(*quantised, n))
+        row.update(sdpa_ms=round(sdpa_ms, 2), fp8_ms=round(fp8_ms, 2), kernel_only_ms=round(kernel_ms, 2),
+                   kernel_tflops=round(flops / kernel_ms / 1e9, 1), sdpa_tflops=round(flops / sdpa_ms / 1e9, 1),
+                   fp8_tflops=round(flops / fp8_ms / 1e9, 1), speedup=round(sdpa_ms / fp8_ms, 3))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = dict(commit=git_commit(), device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

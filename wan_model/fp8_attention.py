@@ -1,0 +1,173 @@
+"""Self-attention on 8-bit tensor cores for sampling (Hopper): q k^T in int8, P v in FP8 (e4m3).
+
+At T2V-A14B 480x832x81 (32,760 tokens) self-attention is half a forward's FLOPs (4 L^2 d = 879 TFLOP of
+1.66 PFLOP); in bf16 it runs near 580 TFLOP/s, and Hopper's 8-bit tensor cores have twice bf16's rate.
+This is an inference kernel (no backward): the sampler's opt-in `--fp8-attention`.
+
+Quantisation (after SageAttention, Zhang et al. 2024/25), per batch b and head h:
+    q:  one scale per token,  sq_i = max_d |q_id| / 127,     Q8 = round(q / sq)   int8
+    k:  smoothed first, k' = k - mean_tokens(k)  (exact: it adds q_i . mean(k) to every score of row i,
+        which softmax cancels), then one scale per head, sk = max |k'| / 127, K8 = round(k' / sk)  int8
+    v:  one scale per channel, sv_d = max_tokens |v_d| / 448, V8 = e4m3(v / sv), stored transposed
+        [B, H, D, L] (the FP8 matmul wants its reduced dimension contiguous)
+    scores  s_ij = (Q8 K8^T)_ij * sq_i * sk * log2(e) / sqrt(D)            (int8 matmul, exact int32 sums)
+    p'_ij   = exp2(s_ij - m_i + log2 448)   in [0, 448]: P scaled to e4m3's range by the exponent's offset
+    out_i   = (e4m3(p') V8)_i * sv / sum_j p'_ij                             (FP8 matmul)
+The 448 of p' cancels in the division. Why int8 for q k^T: an error in a score is an error in an
+exponent; on Gaussian rows int8's 8 bits gave the scores 3-4x less error than e4m3's 3 mantissa bits
+(attention output 1.1% vs 3.8% from q, k alone). Wan's q and k pass an RMSNorm over the full dim before
+RoPE, so per-token norms are even and one k scale per head loses little; v has no norm, hence
+per-channel scales.
+
+Error: P and v keep e4m3's 3 mantissa bits (2^-4 relative); the docs' fidelity table measures what that
+does to a whole render. `reference_fp8_attention` emulates the same quantisation in float32 (CPU
+tests; the kernel is checked against it on the GPU). The Triton kernel runs where Triton and an sm_89+
+GPU are present; elsewhere `fp8_attention` uses the emulation, so the option runs (slowly) anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+LOG2E = 1.4426950408889634
+K_PAD = 256  # k and v rows are padded to a multiple of the largest key block the kernel tries
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the emulation below serves
+    triton = None
+
+
+def quantize_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v: [B, L, H, D] -> (q8 [B, Lq, H, D], k8 [B, Lk_pad, H, D] int8, vt8 [B, H, D, Lk_pad] e4m3;
+    q_scale [B, Lq, H] with log2(e)/sqrt(D) folded in, k_scale [B, H], v_scale [B, H, D], float32).
+
+    Plain tensor ops, so that under torch.compile they fuse with the RoPE and norms before them."""
+    head_dim, lk = q.shape[-1], k.shape[1]
+    pad = (-lk) % K_PAD
+    qf = q.float()
+    q_scale = (qf.abs().amax(-1) / INT8_MAX).clamp_min(1e-12)                    # [B, Lq, H]
+    q8 = (qf / q_scale[..., None]).round().to(torch.int8)
+    kf = k.float()
+    kf = kf - kf.mean(dim=1, keepdim=True)                                       # smoothing (exact)
+    k_scale = (kf.abs().amax(dim=(1, 3)) / INT8_MAX).clamp_min(1e-12)            # [B, H]
+    k8 = F.pad(kf / k_scale[:, None, :, None], (0, 0, 0, 0, 0, pad)).round().to(torch.int8)
+    vf = v.float()
+    v_scale = (vf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)                  # [B, H, D]
+    vt8 = F.pad((vf / v_scale[:, None]).permute(0, 2, 3, 1), (0, pad)).to(FP8).contiguous()
+    return q8, k8, vt8, q_scale * (LOG2E / math.sqrt(head_dim)), k_scale, v_scale
+
+
+def reference_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The kernel's arithmetic in float32 on whole rows (any device): quantised q, k, v and P, exact
+    softmax normalisation. [B, L, H, D] -> [B, Lq, H, D] in q's dtype."""
+    lk = k.shape[1]
+    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v)
+    s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8[:, :lk].float())
+    s = s * (q_scale.permute(0, 2, 1)[..., None] * k_scale[:, :, None, None])   # log2 units
+    p = torch.exp2(s - s.amax(-1, keepdim=True) + math.log2(FP8_MAX))
+    out = torch.einsum("bhqk,bhdk->bqhd", p.to(FP8).float(), vt8[..., :lk].float())
+    out = out / p.sum(-1).permute(0, 2, 1)[..., None] * v_scale[:, None]
+    return out.to(q.dtype)
+
+
+if triton is not None:
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n, w, s in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                                   (64, 128, 4, 3), (128, 256, 8, 2)]]
+
+    @triton.autotune(configs=_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
+    @triton.jit
+    def _fp8_attention_kernel(Q, K, VT, QS, KS, VS, O,
+                              sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_h, sv_d, sqs_b, sqs_l,
+                              so_b, so_l, so_h, H, Lq, Lk,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < Lq
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        row_scale = tl.load(QS + b * sqs_b + h + offs_m * sqs_l, mask=row_ok, other=0.0) * tl.load(KS + b * H + h)
+        kt_ptrs = K + b * sk_b + h * sk_h + offs_n[None, :] * sk_l + offs_d[:, None]       # [D, BN]: K^T
+        v_ptrs = VT + b * sv_b + h * sv_h + offs_n[:, None] + offs_d[None, :] * sv_d       # [BN, D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        p_offset = 8.807354922057604  # log2(448): p' = 448 p fills e4m3's range
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            s = tl.dot(q, tl.load(kt_ptrs + start_n * sk_l)).to(tl.float32)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+            p = tl.math.exp2(s * row_scale[:, None] - (m_new - p_offset)[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(tl.float8e4nv), tl.load(v_ptrs + start_n), acc * alpha[:, None])
+            m_i = m_new
+        if n_full < Lk:  # the last, partial key block: columns past Lk get no weight
+            s = tl.dot(q, tl.load(kt_ptrs + n_full * sk_l)).to(tl.float32)
+            s = tl.where((n_full + offs_n < Lk)[None, :], s * row_scale[:, None], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - (m_new - p_offset)[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(tl.float8e4nv), tl.load(v_ptrs + n_full), acc * alpha[:, None])
+        v_scale = tl.load(VS + (b * H + h) * HEAD_DIM + offs_d)
+        out = acc / l_i[:, None] * v_scale[None, :]
+        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@torch.library.custom_op("wanlora::fp8_attention_kernel", mutates_args=())
+def _fp8_attention_kernel_op(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor,
+                             v_scale: Tensor, kv_len: int) -> Tensor:
+    """The Triton kernel on quantised operands (see `quantize_qkv`) -> [B, Lq, H, D] bf16."""
+    batch, q_len, heads, head_dim = q8.shape
+    out = torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    _fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out,
+                                q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+                                vt8.stride(0), vt8.stride(1), vt8.stride(2), q_scale.stride(0), q_scale.stride(1),
+                                out.stride(0), out.stride(1), out.stride(2), heads, q_len, kv_len,
+                                HEAD_DIM=head_dim)
+    return out
+
+
+@_fp8_attention_kernel_op.register_fake
+def _(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len):
+    return torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Triton is installed and the GPU has FP8 tensor cores (sm_89 and later)."""
+    return (triton is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v with q k^T in int8 and P v in e4m3 (module docstring); no gradient.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; D a power of two >= 32. Returns [B, Lq, H, D] in q's dtype."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("fp8 attention is for sampling only (it has no backward); train with the "
+                           "'auto', 'sdpa' or 'flash' attention backend")
+    if not kernel_available(q.device) or q.shape[-1] not in (32, 64, 128, 256):
+        return reference_fp8_attention(q, k, v)
+    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v)
+    return _fp8_attention_kernel_op(q8.contiguous(), k8.contiguous(), vt8.contiguous(), q_scale.contiguous(),
+                                    k_scale.contiguous(), v_scale.contiguous(), k.shape[1]).to(q.dtype)

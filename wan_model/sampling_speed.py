@@ -1,0 +1,66 @@
+"""Speed options of the sampler, as one typed record applied to each expert once, when a pipeline is built.
+
+    speed = SamplingSpeed(compile=True, fp8_weights="matmul", fp8_attention=True)   # sample.py --fast
+    pipe = WanPipeline(preset, experts, vae, text_encoder, device="cuda", speed=speed)
+
+Levers (measured one by one in docs/benchmarks.md, "Sampling speed"):
+  * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE work). Exact up to
+    float reassociation. The first step of each new clip shape compiles (about a minute at A14B).
+  * fp8_weights: the frozen block linears in e4m3 with per-output-channel scales (`fp8.py`): "storage"
+    halves their memory, "matmul" also runs them on FP8 tensor cores (inputs quantised per token).
+    Changes the numbers.
+  * fp8_attention: self-attention with q k^T in int8 and P v in e4m3 (`fp8_attention.py`). Changes
+    the numbers.
+Which of them may be on by default is decided by the fidelity table in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn as nn
+
+from .fp8 import quantize_linears_
+from .lora_apply import install_lora_slots
+from .speed import block_linear_names
+
+FP8_WEIGHT_MODES = ("none", "storage", "matmul")
+
+
+@dataclass(frozen=True)
+class SamplingSpeed:
+    compile: bool = False
+    fp8_weights: Literal["none", "storage", "matmul"] = "none"
+    fp8_attention: bool = False
+
+    def __post_init__(self):
+        if self.fp8_weights not in FP8_WEIGHT_MODES:
+            raise ValueError(f"fp8_weights: expected one of {FP8_WEIGHT_MODES}, got {self.fp8_weights!r}")
+
+    @classmethod
+    def fast(cls) -> "SamplingSpeed":
+        """Every lever on (sample.py --fast)."""
+        return cls(compile=True, fp8_weights="matmul", fp8_attention=True)
+
+    @property
+    def attention_backend(self) -> str:
+        return "fp8" if self.fp8_attention else "auto"
+
+    def describe(self) -> str:
+        return (f"compile {'on' if self.compile else 'off'}, fp8 weights {self.fp8_weights}, "
+                f"fp8 attention {'on' if self.fp8_attention else 'off'}")
+
+
+def prepare_expert(model: nn.Module, speed: SamplingSpeed) -> nn.Module:
+    """Apply the weight-side levers to one expert in place: fp8 block linears, then compiled blocks.
+
+    The expert's parameters are frozen first (sampling never trains them); LoRA attaches afterwards as
+    forward hooks, which read the fp8 linear's output like any other."""
+    if speed.fp8_weights != "none":
+        model.requires_grad_(False)
+        quantize_linears_(model, block_linear_names(model), speed.fp8_weights)
+    if speed.compile:
+        install_lora_slots(model)  # LoRA hooks must exist before compiling (lora_apply._LoraSlot says why)
+        model.compile_blocks()
+    return model
