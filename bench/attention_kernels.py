@@ -23,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sample_step import git_commit  # noqa: E402
-from wan_model.fp8_attention import (_fp8_attention_kernel_op, fp8_attention, quantize_qkv,  # noqa: E402
-                                     reference_fp8_attention)
+from wan_model.fp8_attention import (_fp8_attention_kernel, _fp8_attention_kernel_op, fp8_attention,  # noqa: E402
+                                     quantize_qkv, reference_fp8_attention)
 
 SHAPES = {"a14b-480p": (2, 32760, 40, 128), "5b-720p": (2, 27280, 24, 128), "small-odd": (1, 1000, 2, 128),
           "tiny-d32": (2, 300, 2, 32)}
@@ -83,6 +83,11 @@ def main(argv=None) -> None:
             sdpa_ms, fp8_ms = time_ms(sdpa), time_ms(fp8)
             quantised = quantize_qkv(q, k, v)
             kernel_ms = time_ms(lambda: _fp8_attention_kernel_op(*quantised, n))
+            f16 = _fp8_attention_kernel_op(*quantised, n, True)
+            kernel_f16_ms = time_ms(lambda: _fp8_attention_kernel_op(*quantised, n, True))
+            row.update(kernel_exp_f16_ms=round(kernel_f16_ms, 2), exp_f16_err_vs_bf16=round(rel(f16, exact), 5),
+                       kernel_exp_f16_tflops=round(flops / kernel_f16_ms / 1e9, 1),
+                       best_config=str(getattr(_fp8_attention_kernel, "best_config", None)))
         row.update(sdpa_ms=round(sdpa_ms, 2), fp8_ms=round(fp8_ms, 2), kernel_only_ms=round(kernel_ms, 2),
                    kernel_tflops=round(flops / kernel_ms / 1e9, 1), sdpa_tflops=round(flops / sdpa_ms / 1e9, 1),
                    fp8_tflops=round(flops / fp8_ms / 1e9, 1), speedup=round(sdpa_ms / fp8_ms, 3))

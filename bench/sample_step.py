@@ -61,6 +61,11 @@ def build_ours(cfg, device):
 
 
 def git_commit() -> str:
+    """BENCH_COMMIT when set (the device machine's copy of the tree may carry an older .git), else git's HEAD."""
+    import os
+
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
