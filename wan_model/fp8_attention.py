@@ -89,9 +89,11 @@ if triton is not None:
         """2^x; with EXP_F16 in half precision, two per instruction (ex2.approx.f16x2): the exponential
         unit is the kernel's bottleneck beside the tensor cores, and p' goes to e4m3 (3 mantissa bits) next."""
         if EXP_F16:
-            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                             dtype=tl.float16, is_pure=True, pack=2)
-        return tl.math.exp2(x)
+            y = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            y = tl.math.exp2(x)
+        return y
 
     @triton.autotune(configs=_CONFIGS, key=["Lq", "Lk", "HEAD_DIM", "EXP_F16"])
     @triton.jit
