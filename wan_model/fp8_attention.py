@@ -81,8 +81,8 @@ def reference_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 if triton is not None:
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 3),
-                                   (128, 64, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 256, 8, 2)]]
+                for m, n, w, s in [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4), (64, 64, 4, 3),
+                                   (64, 256, 4, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3)]]
 
     @triton.jit
     def _exp2(x, EXP_F16: tl.constexpr):

@@ -251,7 +251,7 @@ class WanPipeline:
 
         solver = make_solver(request.solver, steps=steps, shift=shift,
                              num_train_timesteps=preset.num_train_timesteps)
-        kernels = attention_backend("fp8") if self.speed.fp8_attention else contextlib.nullcontext()
+        kernels = (lambda: attention_backend("fp8")) if self.speed.fp8_attention else contextlib.nullcontext
         start = time.perf_counter()
         timesteps = solver.timesteps.tolist()
         iterator = enumerate(timesteps)
@@ -272,7 +272,7 @@ class WanPipeline:
             if preset.task == "ti2v":
                 t_batch = token_timesteps(t_batch, torch.full((branches,), clean_first is not None, device=self.device),
                                           grid)
-            with kernels, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            with kernels(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 pred = model(x, t_batch, context[:branches]).float()
             velocity = pred[0] if branches == 1 else pred[1] + guide * (pred[0] - pred[1])
             latents = solver.step(velocity, index, latents)
