@@ -302,5 +302,10 @@ def recipe_hash(recipe: Recipe) -> str:
     raw = dataclasses.asdict(recipe)
     for key in _RESUME_FREE:
         raw["training"].pop(key)
+    # Of the validation section only the held-out split changes what is trained on (the training set);
+    # how often and how it is scored may change on a resume. No split: no key, as before the section existed.
+    validation = raw.pop("validation")
+    if recipe.validation.enabled:
+        raw["validation_split"] = {k: validation[k] for k in ("root", "fraction", "seed")}
     text = json.dumps(raw, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

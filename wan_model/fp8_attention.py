@@ -6,8 +6,8 @@ This is an inference kernel (no backward): the sampler's opt-in `--fp8-attention
 
 Quantisation (after SageAttention, Zhang et al. 2024/25), per batch b and head h:
     q:  one scale per token,  sq_i = max_d |q_id| / 127,     Q8 = round(q / sq)   int8
-    k:  smoothed first, k' = k - mean_tokens(k)  (exact: it adds q_i . mean(k) to every score of row i,
-        which softmax cancels), then one scale per head, sk = max |k'| / 127, K8 = round(k' / sk)  int8
+    k:  smoothed first, k' = k - mean_tokens(k)  (exact in real arithmetic: it adds q_i . mean(k) to every
+        score of row i, which softmax cancels; it takes a shared offset out of k's int8 range), then one scale per head, sk = max |k'| / 127, K8 = round(k' / sk)  int8
     v:  one scale per channel, sv_d = max_tokens |v_d| / 448, V8 = e4m3(v / sv), stored transposed
         [B, H, D, L] (the FP8 matmul wants its reduced dimension contiguous)
     scores  s_ij = (Q8 K8^T)_ij * sq_i * sk * log2(e) / sqrt(D)            (int8 matmul, exact int32 sums)
@@ -22,7 +22,8 @@ per-channel scales.
 Error: P and v keep e4m3's 3 mantissa bits (2^-4 relative); the docs' fidelity table measures what that
 does to a whole render. `reference_fp8_attention` emulates the same quantisation in float32 (CPU
 tests; the kernel is checked against it on the GPU). The Triton kernel runs where Triton and an sm_89+
-GPU are present; elsewhere `fp8_attention` uses the emulation, so the option runs (slowly) anywhere.
+GPU are present; on the CPU `fp8_attention` uses the emulation (tiny models, tests); a GPU without the
+kernel is refused (the emulation's full score matrix would not fit at real sizes).
 """
 
 from __future__ import annotations
@@ -185,8 +186,16 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("fp8 attention is for sampling only (it has no backward); train with the "
                            "'auto', 'sdpa' or 'flash' attention backend")
-    if not kernel_available(q.device) or q.shape[-1] not in (32, 64, 128, 256):
+    if q.device.type == "cpu":
         return reference_fp8_attention(q, k, v)
+    if not kernel_available(q.device) or q.shape[-1] not in (32, 64, 128, 256):
+        raise RuntimeError(f"fp8 attention needs Triton and a GPU with FP8 tensor cores (sm_89+: Ada, Hopper) "
+                           f"and a head size of 32, 64, 128 or 256 (here {q.shape[-1]}); sample without "
+                           f"--fp8-attention")
+    return _kernel_attention(q, k, v)
+
+
+def _kernel_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v)
     return _fp8_attention_kernel_op(q8.contiguous(), k8.contiguous(), vt8.contiguous(), q_scale.contiguous(),
                                     k_scale.contiguous(), v_scale.contiguous(), k.shape[1], EXP_F16).to(q.dtype)

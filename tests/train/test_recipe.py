@@ -133,3 +133,20 @@ def test_speed_section_defaults_to_the_plain_path_and_is_typed(tmp_path):
     body["training"]["deepspeed"] = "zero2"
     fails(tmp_path, body, "not combined with DeepSpeed")
 
+
+def test_validation_schedule_may_change_on_resume_but_not_the_split(tmp_path):
+    """recipe_hash: validation.every / timesteps / max_items do not define what is trained; the held-out
+    split does (it changes the training set); no validation section hashes as before the section existed."""
+    import dataclasses
+
+    from data.config import ValidationSettings
+    from tests.train.test_loop import tiny_recipe
+    from train.recipe import recipe_hash
+
+    base = tiny_recipe(tmp_path)
+    split = dataclasses.replace(base, validation=ValidationSettings(fraction=0.1, every=50))
+    assert recipe_hash(dataclasses.replace(split, validation=ValidationSettings(fraction=0.1, every=10,
+                                                                                timesteps=8))) == recipe_hash(split)
+    assert recipe_hash(dataclasses.replace(split, validation=ValidationSettings(fraction=0.2, every=50))) \
+        != recipe_hash(split)
+    assert recipe_hash(split) != recipe_hash(base)
