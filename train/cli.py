@@ -33,8 +33,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return 2
 
 
-SPEED_HELP = """Speed (docs/benchmarks.md, "Sampling speed"): --compile is exact; --fp8-weights and --fp8-attention
-change the numbers (bounds measured in the docs' fidelity table) and are opt-in; --fast turns all three on."""
+SPEED_HELP = """Speed (docs/benchmarks.md, "Sampling speed"): --compile keeps the maths (fused kernels round in
+another order); --fp8-weights and --fp8-attention change the numbers and are opt-in; --fast turns all three on."""
 
 
 def add_speed_arguments(ap) -> None:
@@ -51,8 +51,20 @@ def add_speed_arguments(ap) -> None:
 
 
 def speed_from_args(args):
+    """The SamplingSpeed of the flags; refuses, before anything loads, what cannot run: --merge with fp8
+    weights, --fp8-attention on a device without the kernel."""
+    import torch
+
+    from wan_model.fp8_attention import kernel_available
     from wan_model.sampling_speed import SamplingSpeed
 
-    if args.fast:
-        return SamplingSpeed.fast()
-    return SamplingSpeed(compile=args.compile, fp8_weights=args.fp8_weights, fp8_attention=args.fp8_attention)
+    speed = SamplingSpeed.fast() if args.fast else SamplingSpeed(
+        compile=args.compile, fp8_weights=args.fp8_weights, fp8_attention=args.fp8_attention)
+    if getattr(args, "merge", False) and speed.fp8_weights != "none":
+        raise UsageError("--merge needs the base weights in bf16; drop --merge (attached LoRAs cost ~1%) or "
+                         "--fp8-weights / --fast")
+    device = torch.device(getattr(args, "device", "cpu"))
+    if speed.fp8_attention and device.type == "cuda" and not kernel_available(device):
+        raise UsageError(f"--fp8-attention needs Triton and a GPU with FP8 tensor cores (sm_89+), not "
+                         f"{torch.cuda.get_device_name(device)}; drop --fp8-attention (or --fast)")
+    return speed

@@ -207,15 +207,16 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
             "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
             "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,
             "adapters": adapter_fingerprint(variant.adapters), "strength": variant.strength,
-            "dtype": str(pipe.dtype), "device": str(pipe.device), "numerics": _numerics(pipe), **(identity or {})}
+            "dtype": str(pipe.dtype), "device": str(pipe.device), **_numerics(pipe), **(identity or {})}
 
 
 def _numerics(pipe) -> dict:
-    """The speed options that change numbers (fp8 weights, fp8 attention); compile does not count."""
+    """The speed options that change numbers (fp8 weights, fp8 attention) when any is on; compile does
+    not count. Empty for the default path, so renders made before these options existed are reused."""
     speed = getattr(pipe, "speed", None)
-    if speed is None:
+    if speed is None or (speed.fp8_weights == "none" and not speed.fp8_attention):
         return {}
-    return {"fp8_weights": speed.fp8_weights, "fp8_attention": speed.fp8_attention}
+    return {"numerics": {"fp8_weights": speed.fp8_weights, "fp8_attention": speed.fp8_attention}}
 
 
 def render_file_name(key: str, variant: str) -> str:

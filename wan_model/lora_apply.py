@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from .fp8 import FP8Linear
 from .lora_formats import LoraModule, LoraWeights, describe_fit
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ def merge_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float]],
         for name, mod in weights.items():
             if name in linears:
                 _check_shape(name, linears[name], mod, weights)
+    quantised = [n for n, linear in linears.items() if isinstance(linear, FP8Linear)]
+    if quantised:  # its `weight` is a dequantised copy: writing into it would change nothing
+        raise ValueError(f"cannot merge a LoRA into {quantised[0]}: its weight is stored in fp8; attach the LoRA "
+                         "instead (LoraSet) or load the model in bf16")
     handle = MergedLoras(model=model, merged=sorted(linears), missing=missing,
                          kept_originals=backup_device is not None)
     for name, linear in linears.items():
@@ -148,23 +153,21 @@ def _slot(linear: nn.Linear) -> _LoraSlot:
     slot = linear.__dict__.get("_lora_slot")
     if slot is None:
         slot = linear.__dict__["_lora_slot"] = _LoraSlot()
-        linear.register_forward_hook(_output_hook(slot))
+        linear.register_forward_hook(_add_lora)
     return slot
 
 
-def _output_hook(slot: _LoraSlot):
-    """Forward hook: y + ((x @ D^T) * c) @ U^T; the base output itself when the slot is empty or every
-    strength is 0."""
-    def add_lora(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        target = slot.target
-        if target is None or not target.active:
-            return out
-        h = (F.linear(args[0].to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
-        if out.dtype != target.up.dtype:
-            return out + F.linear(h, target.up).to(out.dtype)
-        # addmm adds y in the GEMM epilogue: one pass over the [*, out] output instead of two.
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), target.up.t()).view_as(out)
-    return add_lora
+def _add_lora(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    """Forward hook: y + ((x @ D^T) * c) @ U^T; the base output itself when the module's slot is empty or
+    every strength is 0. The slot is read from the module, so a copied model uses its own."""
+    target = module._lora_slot.target
+    if target is None or not target.active:
+        return out
+    h = (F.linear(args[0].to(target.down.dtype), target.down).float() * target.coef).to(target.up.dtype)
+    if out.dtype != target.up.dtype:
+        return out + F.linear(h, target.up).to(out.dtype)
+    # addmm adds y in the GEMM epilogue: one pass over the [*, out] output instead of two.
+    return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), target.up.t()).view_as(out)
 
 
 class _WeightDelta(nn.Module):
@@ -182,7 +185,8 @@ class _WeightDelta(nn.Module):
 
 
 class LoraSet:
-    """Named LoRAs with a strength each, attached to a model as forward hooks (unmerged).
+    """Named LoRAs with a strength each, attached to a model as forward hooks (unmerged). One set per model
+    at a time: LoRAs that should act together stack inside one set (two matmuls per Linear for all).
 
         lora_set = LoraSet({"style": (style_weights, 1.0), "motion": (motion_weights, 0.6)})
         missing = lora_set.attach(model)
@@ -203,20 +207,30 @@ class LoraSet:
         if self._undo:
             raise RuntimeError("LoraSet is already attached; call detach() first")
         linears, missing = _linears(model, {n for weights in self.loras.values() for n in weights})
+        taken = [n for n, linear in linears.items() if n.startswith("blocks.")
+                 and getattr(linear.__dict__.get("_lora_slot"), "target", None) is not None]
+        if taken:  # checked before anything is attached, so a refusal leaves the model as it was
+            raise RuntimeError(f"{taken[0]} already has a LoraSet attached: one set per model (stack LoRAs "
+                               "inside one LoraSet); detach the other first")
+        try:
+            self._attach(linears)
+        except BaseException:
+            self.detach()
+            raise
+        self._refresh()
+        return missing
+
+    def _attach(self, linears: dict[str, nn.Linear]) -> None:
         for name, linear in linears.items():
             target = self._targets[name] = self._stack(name, linear)
             if name.startswith("blocks."):
                 slot = _slot(linear)
-                if slot.target is not None:
-                    raise RuntimeError(f"{name} already has a LoraSet attached; detach it first")
                 slot.target = target
                 self._undo.append(lambda slot=slot: setattr(slot, "target", None))
             else:  # called through linear_fp32 (reads .weight, skips forward hooks): see the module docstring
                 parametrize.register_parametrization(linear, "weight", _WeightDelta(target))
                 self._undo.append(lambda linear=linear: parametrize.remove_parametrizations(
                     linear, "weight", leave_parametrized=False))
-        self._refresh()
-        return missing
 
     def _stack(self, name: str, linear: nn.Linear) -> _Target:
         # An fp8 Linear's `weight` dequantises a copy: read its compute dtype and device instead.

@@ -182,6 +182,8 @@ class WanPipeline:
             lora_set = LoraSet(self._attached[name])
             missing = lora_set.attach(self.experts[name])
             if missing:
+                lora_set.detach()
+                self._attached.pop(name)
                 raise ValueError(f"LoRA targets missing in the {name} expert: {missing[:5]}")
             self._lora_sets[name] = lora_set
 

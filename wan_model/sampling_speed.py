@@ -4,14 +4,16 @@
     pipe = WanPipeline(preset, experts, vae, text_encoder, device="cuda", speed=speed)
 
 Levers (measured one by one in docs/benchmarks.md, "Sampling speed"):
-  * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE work). Exact up to
-    float reassociation. The first step of each new clip shape compiles (about a minute at A14B).
+  * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE work). The same
+    maths; fused kernels round bf16 intermediates in another order, so not bit for bit. The first step of each new clip shape compiles (about a minute at A14B).
   * fp8_weights: the frozen block linears in e4m3 with per-output-channel scales (`fp8.py`): "storage"
     halves their memory, "matmul" also runs them on FP8 tensor cores (inputs quantised per token).
     Changes the numbers.
   * fp8_attention: self-attention with q k^T in int8 and P v in e4m3 (`fp8_attention.py`). Changes
     the numbers.
-Which of them may be on by default is decided by the fidelity table in docs/benchmarks.md.
+Which of them may be on by default is to be decided by a fidelity table at the real shape in
+docs/benchmarks.md ("Sampling speed"; measured so far on the tiny model only): until then both fp8 levers
+are opt-in.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def prepare_expert(model: nn.Module, speed: SamplingSpeed) -> nn.Module:
 
     The expert's parameters are frozen first (sampling never trains them); LoRA attaches afterwards as
     forward hooks, which read the fp8 linear's output like any other."""
+    if speed == SamplingSpeed():
+        return model
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError("sampling speed options apply to frozen release experts, not to one carrying trainable "
+                         "LoRA layers (a training run's): they would freeze and quantise it")
     if speed.fp8_weights != "none":
         model.requires_grad_(False)
         quantize_linears_(model, block_linear_names(model), speed.fp8_weights)

@@ -177,3 +177,33 @@ def test_lora_spec_at_sign_inside_an_existing_path(tmp_path):
     assert parse_lora_spec(str(f)) == (f, 1.0, None)
     assert parse_lora_spec(f"{f}:0.5") == (f, 0.5, None)
     assert parse_lora_spec(f"{tmp_path / 'x.safetensors'}:0.5@low_noise") == (tmp_path / "x.safetensors", 0.5, "low_noise")
+
+
+def test_a_second_set_is_refused_without_touching_the_model():
+    """One LoraSet per model: a second attach fails before it fills any slot, so the first set's output
+    stays exact, and after detaching it a third set attaches cleanly."""
+    model = tiny_model("tiny-t2v")
+    first = LoraSet({"ffn": (small_lora([n for n in BLOCK_MODULES if "ffn" in n], seed=1), 1.0)})
+    first.attach(model)
+    with_first = run(model)
+    second = LoraSet({"all": (small_lora(BLOCK_MODULES, seed=2), 1.0)})
+    with pytest.raises(RuntimeError, match="one set per model"):
+        second.attach(model)
+    assert torch.equal(run(model), with_first)
+    first.detach()
+    base = run(model)
+    third = LoraSet({"all": (small_lora(BLOCK_MODULES, seed=3), 1.0)})
+    third.attach(model)
+    assert not torch.allclose(run(model), base)
+    third.detach()
+    assert torch.equal(run(model), base)
+
+
+def test_merging_into_fp8_weights_is_refused():
+    """An fp8 Linear's `weight` is a dequantised copy: a merge would silently change nothing."""
+    from wan_model.fp8 import quantize_linears_
+
+    model = tiny_model("tiny-t2v").requires_grad_(False)
+    quantize_linears_(model, ["blocks.0.ffn.0"], "storage")
+    with pytest.raises(ValueError, match="fp8"):
+        merge_loras(model, [(small_lora(["blocks.0.ffn.0"]), 1.0)])

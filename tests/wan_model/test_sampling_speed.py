@@ -106,6 +106,7 @@ def test_render_cache_key_includes_the_numerics():
         return render_settings(Pipe(SamplingSpeed(**speed)), SuiteEntry("a fox", [0], 32, 32), 0, Variant("base"))
 
     plain = settings()
+    assert "numerics" not in plain  # the default path keys as before: earlier evaluations stay reusable
     assert settings(fp8_weights="storage") != plain
     assert settings(fp8_attention=True) != plain
     assert settings(fp8_weights="storage") != settings(fp8_weights="matmul")
@@ -124,3 +125,29 @@ def test_sample_cli_speed_flags():
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(base + ["--fp8-weights", "bogus"])
     assert exit_info.value.code == 2  # argparse's usage error, not a traceback
+
+
+def test_cli_refuses_merge_with_fp8_weights_before_loading():
+    """Refused from the flags alone (a UsageError: one `error:` line), not after loading 28 GB of experts."""
+    from sample import build_parser
+    from train.cli import UsageError, speed_from_args
+
+    args = build_parser().parse_args(["--release", "r", "--prompt", "p", "--fast", "--merge", "--device", "cpu"])
+    with pytest.raises(UsageError, match="--merge"):
+        speed_from_args(args)
+
+
+def test_speed_options_refuse_an_expert_that_is_training():
+    """Training previews pass the experts being trained; fp8 or compile there would freeze and quantise the
+    LoRA under training, so prepare_expert refuses such a model (the default speed leaves it alone)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from wan_model.sampling_speed import prepare_expert
+    from wan_model.transformer import WanTransformer
+
+    model = WanTransformer(PRESETS["tiny-t2v"].transformer)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["ffn.0"]), model)
+    assert prepare_expert(model, SamplingSpeed()) is model
+    with pytest.raises(ValueError, match="trainable"):
+        prepare_expert(model, SamplingSpeed(fp8_weights="storage"))
+    assert any(p.requires_grad for p in model.parameters())
