@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from wan_model.fp8_attention import (_fp8_attention_kernel, _fp8_attention_kernel_op, fp8_attention,  # noqa: E402
                                      quantize_qkv, reference_fp8_attention)
@@ -98,10 +99,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     summary = dict(commit=git_commit(), device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sample import RandomTextEncoder, build_expert  # noqa: E402
+from bench.report import emit  # noqa: E402
+from bench.sample import RandomTextEncoder, random_experts  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from bench.vae import build_random as build_random_vae  # noqa: E402
 from train.evaluate import SuiteEntry, Variant, evaluate  # noqa: E402
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     adapters = [write_random_adapter(work / f"adapter-{i}", preset.transformer, names, args.rank, seed=i)
                 for i in range(args.adapters)]
     start = time.perf_counter()
-    experts = {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+    experts = random_experts(preset, device, dtype)
     pipe = WanPipeline(preset, experts, build_random_vae(preset.vae, device, dtype),
                        RandomTextEncoder(preset.transformer.text_dim, device, dtype), device=device, dtype=dtype,
                        speed=SamplingSpeed.fast() if args.fast else SamplingSpeed())
@@ -85,10 +86,7 @@ def main(argv=None) -> None:
     summary = dict(preset=args.preset, size=args.size, frames=args.frames, steps=args.steps, prompts=args.prompts,
                    variants=[v.name for v in variants], fast=args.fast, build_s=round(build_s, 1), passes=passes,
                    commit=git_commit(), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":

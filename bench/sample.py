@@ -52,6 +52,12 @@ def build_expert(cfg, device, seed: int) -> WanTransformer:
     return model.eval().requires_grad_(False)
 
 
+def random_experts(preset, device, dtype) -> dict[str, WanTransformer]:
+    """The preset's experts (high_noise / low_noise, or dense) with random weights, seeds 0 and 1."""
+    names = ["high_noise", "low_noise"] if preset.is_moe else ["dense"]
+    return {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="t2v-A14B", choices=sorted(PRESETS))
@@ -66,8 +72,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     preset = PRESETS[args.preset]
-    names = ["high_noise", "low_noise"] if preset.is_moe else ["dense"]
-    experts = {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+    experts = random_experts(preset, device, dtype)
     if args.compile:
         for model in experts.values():
             model.compile_blocks()

@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sample import build_expert  # noqa: E402
+from bench.report import emit  # noqa: E402
+from bench.sample import random_experts  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from bench.vae import build_random as build_random_vae  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
@@ -53,8 +54,7 @@ class SeededTextEncoder:
 
 
 def render(preset, speed: SamplingSpeed, compile_: bool, request: GenerationRequest, device, dtype):
-    names = ["high_noise", "low_noise"] if preset.is_moe else ["dense"]
-    experts = {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+    experts = random_experts(preset, device, dtype)
     torch.manual_seed(123)
     vae = build_random_vae(preset.vae, device, dtype)
     speed = SamplingSpeed(compile=compile_, fp8_weights=speed.fp8_weights, fp8_attention=speed.fp8_attention)
@@ -111,10 +111,7 @@ def main(argv=None) -> None:
     summary = dict(preset=args.preset, size=args.size, frames=args.frames, steps=request.steps, compile=args.compile,
                    commit=git_commit(), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, rows=rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":

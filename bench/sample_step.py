@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from bench.train_step import build_diffusers, init_random_  # noqa: E402
 from wan_model.attention import attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
@@ -117,7 +118,7 @@ def run_variant(name: str, preset, latent_shape, device, warmup: int, steps: int
                   step_times=[round(x, 3) for x in times], weights_gib=round(weights_gib, 2),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                   speed=None if kernels is None else vars(kernels))
-    del model
+    model = None  # the closures above hold it too; drop the weights before the next row
     gc.collect()
     return result
 
@@ -153,10 +154,7 @@ def main(argv=None) -> None:
             r["vs_diffusers"] = round(base / r["s_per_cfg_step"], 3)
     summary = dict(preset=args.preset, size=args.size, frames=args.frames, latent_shape=latent_shape,
                    commit=git_commit(), device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":
