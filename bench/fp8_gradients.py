@@ -1,0 +1,177 @@
+"""What FP8 base weights do to LoRA training (issue 16's FP8 table): gradients, then loss curves.
+
+    python bench/fp8_gradients.py --preset t2v-A14B --size 480x832 --frames 81                 # GPU, real shape
+    python bench/fp8_gradients.py --preset tiny-t2v --size 64x64 --frames 9 --loss-steps 20    # CPU: the script only
+
+Part 1, gradients at the real shape: one random expert (official init, random head) with rank-32 LoRA on the
+ten block linears, its B factors random (PEFT's zero B would give A no gradient), checkpointing on every
+block as in training. For each timestep (spread over the high-noise range [875, 1000) and the low-noise
+range [0, 875)) and each `fp8_base` mode, the LoRA gradient of the flow-matching loss on one fixed sample
+(x_t = (1 - s) x_0 + s n, target n - x_0) against the bf16 model's: cosine similarity and relative error
+||g - g_bf16|| / ||g_bf16|| over all LoRA parameters, and over each kind of linear.
+
+Part 2, loss curves: the same LoRA trained with AdamW for --loss-steps steps on a fixed synthetic target
+(one clip's latents, timesteps and noise drawn from one seed, so every mode sees the same sequence), per
+mode; reported every --loss-every steps, and the final loss relative to bf16's. --loss-blocks and
+--loss-size shrink the model and clip for this part (the real shape costs ~9 s a step).
+
+FP8 matmul modes run their FP8 kernels on CUDA only; on the CPU every mode dequantises (storage numerics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import emit  # noqa: E402
+from bench.sample_step import git_commit  # noqa: E402
+from bench.train_step import OUR_TARGETS, add_lora  # noqa: E402
+from wan_model.config import PRESETS  # noqa: E402
+from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
+from wan_model.transformer import WanTransformer  # noqa: E402
+
+MODES = ("none", "storage", "matmul", "matmul_dgrad")
+KINDS = {"self_attn": "self_attn.", "cross_attn": "cross_attn.", "ffn": "ffn."}
+
+
+def build(cfg, device, dtype, mode: str, rank: int) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+    """The same random expert and LoRA for every mode (seeded), then `mode`'s fp8 base weights."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = WanTransformer(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    model.init_weights()
+    nn.init.normal_(model.head.head.weight, std=0.02)  # the official init zeroes it
+    add_lora(model, OUR_TARGETS, rank)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    model.enable_gradient_checkpointing(True)
+    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=mode))
+    return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def sample(cfg, latent_shape, device, dtype, t: float, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x0 = torch.randn(latent_shape, generator=gen)
+    noise = torch.randn(latent_shape, generator=gen)
+    context = torch.randn((1, cfg.text_len, cfg.text_dim), generator=gen)
+    s = t / 1000.0
+    xt = (1 - s) * x0 + s * noise
+    return (xt.to(device, dtype), torch.tensor([t], device=device), context.to(device, dtype),
+            (noise - x0).to(device, torch.float32))
+
+
+def loss_of(model, batch, device, dtype):
+    xt, t, context, target = batch
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        pred = model(xt, t, context)
+    return torch.nn.functional.mse_loss(pred.float(), target)
+
+
+def gradients(cfg, latent_shape, device, dtype, mode, rank, timesteps) -> dict[float, dict[str, torch.Tensor]]:
+    model, params = build(cfg, device, dtype, mode, rank)
+    out = {}
+    for t in timesteps:
+        model.zero_grad(set_to_none=True)
+        loss_of(model, sample(cfg, latent_shape, device, dtype, t, seed=2), device, dtype).backward()
+        out[t] = {n: p.grad.detach().float().flatten().cpu() for n, p in params}
+    del model
+    return out
+
+
+def compare(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    row = {}
+    for kind, marker in [("all", "")] + list(KINDS.items()):
+        names = [n for n in reference if marker in n]
+        g = torch.cat([grads[n] for n in names])
+        r = torch.cat([reference[n] for n in names])
+        row[f"{kind}_cosine"] = round(float(torch.nn.functional.cosine_similarity(g, r, dim=0)), 6)
+        row[f"{kind}_rel_err"] = round(float((g - r).norm() / r.norm()), 6)
+    return row
+
+
+def loss_curve(cfg, latent_shape, device, dtype, mode, rank, steps, every, lr) -> list[float]:
+    model, params = build(cfg, device, dtype, mode, rank)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=lr)
+    draw = torch.Generator(device="cpu").manual_seed(3)
+    curve = []
+    for step in range(steps):
+        t = float(torch.rand((), generator=draw)) * 1000.0
+        loss = loss_of(model, sample(cfg, latent_shape, device, dtype, t, seed=4 + step % 8), device, dtype)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % every == 0 or step == steps - 1:
+            curve.append(round(float(loss.detach()), 6))
+    del model
+    return curve
+
+
+def latent_shape_of(preset, size: str, frames: int):
+    h, w = (int(v) for v in size.split("x"))
+    vt, vh, vw = preset.vae.stride
+    return (1, preset.transformer.in_dim, (frames - 1) // vt + 1, h // vh, w // vw)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="t2v-A14B", choices=sorted(PRESETS))
+    ap.add_argument("--size", default="480x832")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--modes", nargs="+", default=list(MODES[1:]), choices=MODES[1:])
+    ap.add_argument("--timesteps", type=float, nargs="+", default=[990.0, 930.0, 880.0, 700.0, 400.0, 100.0])
+    ap.add_argument("--loss-steps", type=int, default=300)
+    ap.add_argument("--loss-every", type=int, default=10)
+    ap.add_argument("--loss-blocks", type=int, default=8, help="blocks of the model in the loss-curve part")
+    ap.add_argument("--loss-size", default="240x416")
+    ap.add_argument("--loss-frames", type=int, default=21)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--skip-gradients", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset = PRESETS[args.preset]
+    cfg = preset.transformer
+    summary = dict(preset=args.preset, size=args.size, frames=args.frames, rank=args.rank, modes=args.modes,
+                   commit=git_commit(), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    if not args.skip_gradients:
+        shape = latent_shape_of(preset, args.size, args.frames)
+        start = time.perf_counter()
+        reference = gradients(cfg, shape, device, dtype, "none", args.rank, args.timesteps)
+        rows = []
+        for mode in args.modes:
+            grads = gradients(cfg, shape, device, dtype, mode, args.rank, args.timesteps)
+            for t in args.timesteps:
+                rows.append(dict(mode=mode, t=t, expert="high_noise" if t >= preset.boundary_timestep else "low_noise",
+                                 **compare(grads[t], reference[t])))
+                print(rows[-1], flush=True)
+        summary.update(gradients=rows, gradient_seconds=round(time.perf_counter() - start, 1))
+    small = dataclasses.replace(cfg, num_layers=min(args.loss_blocks, cfg.num_layers))
+    shape = latent_shape_of(preset, args.loss_size, args.loss_frames)
+    curves = {mode: loss_curve(small, shape, device, dtype, mode, args.rank, args.loss_steps, args.loss_every, args.lr)
+              for mode in ["none", *args.modes]}
+    final = {mode: curve[-1] for mode, curve in curves.items()}
+    summary.update(loss=dict(blocks=small.num_layers, size=args.loss_size, frames=args.loss_frames,
+                             steps=args.loss_steps, every=args.loss_every, lr=args.lr, curves=curves,
+                             final=final, final_vs_bf16={m: round(v / final["none"], 4) for m, v in final.items()},
+                             mean_abs_gap_vs_bf16={m: round(sum(abs(a - b) for a, b in zip(c, curves["none"]))
+                                                         / len(c), 6) for m, c in curves.items()}))
+    emit(summary, args.json)
+
+
+if __name__ == "__main__":
+    main()
