@@ -64,6 +64,10 @@ def speed_from_args(args):
         raise UsageError("--merge needs the base weights in bf16; drop --merge (attached LoRAs cost ~1%) or "
                          "--fp8-weights / --fast")
     device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         "pick another or use --device cpu")
     if speed.fp8_attention and device.type == "cuda" and not kernel_available(device):
         raise UsageError(f"--fp8-attention needs Triton and a GPU with FP8 tensor cores (sm_89+), not "
                          f"{torch.cuda.get_device_name(device)}; drop --fp8-attention (or --fast)")

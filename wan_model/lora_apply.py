@@ -103,6 +103,10 @@ def merge_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float]],
     if quantised:  # its `weight` is a dequantised copy: writing into it would change nothing
         raise ValueError(f"cannot merge a LoRA into {quantised[0]}: its weight is stored in fp8; attach the LoRA "
                          "instead (LoraSet) or load the model in bf16")
+    computed = [n for n, linear in linears.items() if parametrize.is_parametrized(linear, "weight")]
+    if computed:  # an attached set's parametrization computes `weight`: a merge would write into a copy
+        raise ValueError(f"cannot merge a LoRA into {computed[0]} while a LoraSet is attached to it; merge "
+                         "before attaching, or detach first")
     handle = MergedLoras(model=model, merged=sorted(linears), missing=missing,
                          kept_originals=backup_device is not None)
     for name, linear in linears.items():
@@ -133,6 +137,11 @@ class _LoraSlot:
 
     def __init__(self):
         self.target: _Target | None = None
+
+    def __deepcopy__(self, memo) -> "_LoraSlot":
+        # A copied model gets an empty slot: the attached set belongs to the original (detach before
+        # copying to copy a model without LoRA; attach a set to the copy to give it one).
+        return _LoraSlot()
 
 
 def install_lora_slots(model: nn.Module) -> int:
@@ -207,8 +216,9 @@ class LoraSet:
         if self._undo:
             raise RuntimeError("LoraSet is already attached; call detach() first")
         linears, missing = _linears(model, {n for weights in self.loras.values() for n in weights})
-        taken = [n for n, linear in linears.items() if n.startswith("blocks.")
-                 and getattr(linear.__dict__.get("_lora_slot"), "target", None) is not None]
+        taken = [n for n, linear in linears.items()
+                 if (getattr(linear.__dict__.get("_lora_slot"), "target", None) is not None if n.startswith("blocks.")
+                     else parametrize.is_parametrized(linear, "weight"))]
         if taken:  # checked before anything is attached, so a refusal leaves the model as it was
             raise RuntimeError(f"{taken[0]} already has a LoraSet attached: one set per model (stack LoRAs "
                                "inside one LoraSet); detach the other first")

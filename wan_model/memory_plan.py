@@ -18,9 +18,11 @@ bytes, for L tokens (x batch), width d, FFN width f, n blocks, H heads, LoRA ran
 a and b are fitted on two measured runs with no saved attention (A14B expert 1280x720x81, compile + fp8
 matmul: 66.37 GiB, H100, 3694217; TI2V-5B 704x1280x121, compile + fp8 storage: 17.01 GiB, H100,
 3694217): a = 15.5, b = 5.4. Checked on two runs that save attention in every block, not used in the fit
-(A14B 480x832x81: 49.87 GiB measured, 50.40 predicted; TI2V-5B: 21.44 measured, 21.74 predicted, both
-fp8 matmul, H200, 017da45): the model errs on the safe side by up to 1.1%. c = 1.5 from the same two
-shapes with `matmul_dgrad` (101edab: 51.1 and 22.53 GiB, 1.2 and 1.1 GiB above `matmul`). `plan_saved_attention` keeps MARGIN of the budget free.
+(A14B 480x832x81, fp8 matmul, H100, 3694217: 49.87 GiB measured, 50.40 predicted; TI2V-5B, fp8 matmul,
+H200, 017da45: 21.44 measured, 21.74 predicted): the model errs on the safe side by up to 1.4%. c = 1.5
+from the same two shapes with `matmul_dgrad` (H200, 101edab: 51.1 and 22.53 GiB). The figures are
+`max_memory_allocated`; a cap limits what the allocator reserves, and MARGIN is the allowance for that
+difference (not yet measured). `plan_saved_attention` keeps MARGIN of the budget free.
 Block streaming (`offload: blocks`) and host checkpoints change the terms and are not planned here.
 """
 
@@ -50,8 +52,8 @@ class ActivationPlan:
 
     @property
     def save_attention_every(self) -> int | None:
-        """The `save_attention_every` k of SpeedOptions' "every_k" that saves at most the planned count
-        (blocks 0, k, 2k, ...); None when no block saves."""
+        """The `save_attention_every` k of SpeedOptions' "every_k" (blocks 0, k, 2k, ... save): the plan's
+        count is already one that every_k can give exactly; None when no block saves."""
         if self.saved_attention_blocks == 0:
             return None
         return -(-self.blocks // self.saved_attention_blocks)
@@ -103,6 +105,8 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
 
     tokens: video tokens of the largest bucket times the batch size. Raises ValueError when even no saved
     block fits, naming what would (fp8 weights, block streaming, host checkpoints)."""
+    if tokens <= 0:
+        raise ValueError(f"plan_saved_attention: tokens must be positive, got {tokens}")
     usable = budget_gib * (1 - MARGIN)
     n = cfg.num_layers
     options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad)
@@ -113,7 +117,10 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
                          f"{'set fp8_base: storage, ' if not fp8_weights else ''}use offload: blocks with "
                          "host_checkpoints: true, or a smaller bucket")
     per_block = predicted_peak(cfg, tokens, 1, **options)["total"] - base["total"]
-    saved = min(n, int((usable - base["total"]) // per_block))
+    fits = min(n, int((usable - base["total"]) // per_block))
+    # Saving follows "every_k" (blocks 0, k, 2k, ...), which gives ceil(n / k) blocks: the most of those
+    # counts that fits (for 40 blocks a fit of 21-39 saves 20, of 15-19 saves 14).
+    saved = len(range(0, n, -(-n // fits))) if fits else 0
     parts = predicted_peak(cfg, tokens, saved, **options)
     total = parts.pop("total")
     return ActivationPlan(blocks=n, saved_attention_blocks=saved, predicted_peak_gib=total, budget_gib=budget_gib,

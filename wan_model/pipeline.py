@@ -169,7 +169,12 @@ class WanPipeline:
                 merge_loras(self.experts[name], [(weights, strength)], backup_device=None)
             else:
                 self._attached.setdefault(name, {})[str(path)] = (weights, strength)
-                self._reattach(name)
+                try:
+                    self._reattach(name)
+                except Exception:
+                    self._attached[name].pop(str(path))  # the expert keeps the LoRAs it had
+                    self._reattach(name)
+                    raise
         lines = [f"LoRA {path} ({report.format}, {len(weights)} modules, strength {strength}) -> "
                  f"{', '.join(targets)}{' (merged)' if merge else ''}"]
         lines += [f"  not used: {key}: {why}" for key, why in report.unmatched.items()]
@@ -183,7 +188,6 @@ class WanPipeline:
             missing = lora_set.attach(self.experts[name])
             if missing:
                 lora_set.detach()
-                self._attached.pop(name)
                 raise ValueError(f"LoRA targets missing in the {name} expert: {missing[:5]}")
             self._lora_sets[name] = lora_set
 

@@ -207,3 +207,17 @@ def test_merging_into_fp8_weights_is_refused():
     quantize_linears_(model, ["blocks.0.ffn.0"], "storage")
     with pytest.raises(ValueError, match="fp8"):
         merge_loras(model, [(small_lora(["blocks.0.ffn.0"]), 1.0)])
+
+
+def test_a_second_set_on_the_non_block_linears_is_refused_too_and_merge_into_them_as_well():
+    """Outside the blocks LoRA is a weight parametrization: a second set there would stack on it and one
+    detach would remove both; a merge would write into the computed weight and change nothing."""
+    model = tiny_model("tiny-t2v")
+    first = LoraSet({"head": (small_lora(["head.head"], seed=1), 1.0)})
+    first.attach(model)
+    with pytest.raises(RuntimeError, match="one set per model"):
+        LoraSet({"head": (small_lora(["head.head"], seed=2), 1.0)}).attach(model)
+    with pytest.raises(ValueError, match="while a LoraSet is attached"):
+        merge_loras(model, [(small_lora(["head.head"], seed=3), 1.0)])
+    first.detach()
+    assert "head.head.weight" in model.state_dict()

@@ -46,3 +46,17 @@ def test_480p_saves_every_block_and_more_budget_never_saves_fewer():
 def test_a_budget_too_small_for_any_plan_names_the_fix():
     with pytest.raises(ValueError, match="offload: blocks"):
         plan_saved_attention(A14B, 75600, 24.0)
+
+
+def test_the_planned_count_is_one_every_k_saves_exactly():
+    """SpeedOptions' every_k saves blocks 0, k, 2k, ...: ceil(n / k) of them. A plan of 17 of 40 would
+    save only 14 that way, so the plan itself rounds down to a count every_k can give."""
+    for cap in range(70, 141, 2):
+        plan = plan_saved_attention(A14B, 75600, float(cap))
+        k = plan.save_attention_every
+        assert plan.saved_attention_blocks == (len(range(0, 40, k)) if k else 0), cap
+
+
+def test_no_tokens_is_refused():
+    with pytest.raises(ValueError, match="tokens"):
+        plan_saved_attention(A14B, 0, 80.0)

@@ -151,3 +151,12 @@ def test_speed_options_refuse_an_expert_that_is_training():
     with pytest.raises(ValueError, match="trainable"):
         prepare_expert(model, SamplingSpeed(fp8_weights="storage"))
     assert any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a CUDA device that is absent")
+def test_cli_names_a_missing_cuda_device():
+    from sample import build_parser
+    from train.cli import UsageError, speed_from_args
+
+    with pytest.raises(UsageError, match="--device cuda"):
+        speed_from_args(build_parser().parse_args(["--release", "r", "--prompt", "p", "--device", "cuda"]))
