@@ -24,13 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
-from bench.sample import RandomTextEncoder, random_experts  # noqa: E402
+from bench.sample import bench_device, random_pipeline  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
-from bench.vae import build_random as build_random_vae  # noqa: E402
 from train.evaluate import SuiteEntry, Variant, evaluate  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.lora_formats import META_EXPERT, LoraModule, lora_targets, save_lora  # noqa: E402
-from wan_model.pipeline import WanPipeline  # noqa: E402
 from wan_model.sampling_speed import SamplingSpeed  # noqa: E402
 
 
@@ -57,18 +55,14 @@ def main(argv=None) -> None:
     ap.add_argument("--fast", action="store_true", help="sample.py --fast (compile, fp8 weights, fp8 attention)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device()
     preset = PRESETS[args.preset]
     names = ["high_noise", "low_noise"] if preset.is_moe else ["dense"]
     work = Path(tempfile.mkdtemp(prefix="eval_grid_"))
     adapters = [write_random_adapter(work / f"adapter-{i}", preset.transformer, names, args.rank, seed=i)
                 for i in range(args.adapters)]
     start = time.perf_counter()
-    experts = random_experts(preset, device, dtype)
-    pipe = WanPipeline(preset, experts, build_random_vae(preset.vae, device, dtype),
-                       RandomTextEncoder(preset.transformer.text_dim, device, dtype), device=device, dtype=dtype,
-                       speed=SamplingSpeed.fast() if args.fast else SamplingSpeed())
+    pipe = random_pipeline(preset, device, dtype, SamplingSpeed.fast() if args.fast else SamplingSpeed())
     build_s = time.perf_counter() - start
     h, w = (int(v) for v in args.size.split("x"))
     suite = [SuiteEntry(prompt=f"prompt {i}: a lighthouse at dusk", seeds=[0], height=h, width=w, frames=args.frames,

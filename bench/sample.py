@@ -27,6 +27,7 @@ from bench.report import device_fields, emit  # noqa: E402
 from bench.vae import build_random as build_random_vae  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.pipeline import GenerationRequest, WanPipeline  # noqa: E402
+from wan_model.sampling_speed import SamplingSpeed  # noqa: E402
 from wan_model.transformer import WanTransformer  # noqa: E402
 
 
@@ -52,10 +53,21 @@ def build_expert(cfg, device, seed: int) -> WanTransformer:
     return model.eval().requires_grad_(False)
 
 
-def random_experts(preset, device, dtype) -> dict[str, WanTransformer]:
-    """The preset's experts (high_noise / low_noise, or dense) with random weights, seeds 0 and 1."""
+def bench_device() -> tuple[torch.device, torch.dtype]:
+    """The GPU in bf16 when there is one, else the CPU in float32 (a CPU run checks a script only)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def random_pipeline(preset, device, dtype, speed: SamplingSpeed | None = None, text_encoder=None) -> WanPipeline:
+    """A pipeline of the preset with random weights: experts of seeds 0 and 1 (official init, random head),
+    a random VAE of seed 123, RandomTextEncoder unless another is given; `speed` applied to the experts."""
     names = ["high_noise", "low_noise"] if preset.is_moe else ["dense"]
-    return {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+    experts = {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+    torch.manual_seed(123)
+    vae = build_random_vae(preset.vae, device, dtype)
+    text_encoder = text_encoder or RandomTextEncoder(preset.transformer.text_dim, device, dtype)
+    return WanPipeline(preset, experts, vae, text_encoder, device=device, dtype=dtype, speed=speed)
 
 
 def main(argv=None) -> None:
@@ -69,18 +81,11 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device()
     preset = PRESETS[args.preset]
-    experts = random_experts(preset, device, dtype)
-    if args.compile:
-        for model in experts.values():
-            model.compile_blocks()
-    vae = build_random_vae(preset.vae, device, dtype)
-    pipe = WanPipeline(preset, experts, vae, RandomTextEncoder(preset.transformer.text_dim, device, dtype),
-                       device=device, dtype=dtype)
+    pipe = random_pipeline(preset, device, dtype, SamplingSpeed(compile=args.compile))
     step_times, seen = [], []
-    for name, model in experts.items():
+    for name, model in pipe.experts.items():
         def hook(mod, args_, name=name):
             if device.type == "cuda":
                 torch.cuda.synchronize()

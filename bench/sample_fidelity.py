@@ -15,6 +15,7 @@ video against the bf16 video (pixels in [-1, 1], peak-to-peak 2), and seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -26,11 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
-from bench.sample import random_experts  # noqa: E402
+from bench.sample import random_pipeline  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
-from bench.vae import build_random as build_random_vae  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
-from wan_model.pipeline import GenerationRequest, WanPipeline  # noqa: E402
+from wan_model.pipeline import GenerationRequest  # noqa: E402
 from wan_model.sampling_speed import SamplingSpeed  # noqa: E402
 
 VARIANTS = {"bf16": SamplingSpeed(), "fp8w": SamplingSpeed(fp8_weights="matmul"),
@@ -54,16 +54,12 @@ class SeededTextEncoder:
 
 
 def render(preset, speed: SamplingSpeed, compile_: bool, request: GenerationRequest, device, dtype):
-    experts = random_experts(preset, device, dtype)
-    torch.manual_seed(123)
-    vae = build_random_vae(preset.vae, device, dtype)
-    speed = SamplingSpeed(compile=compile_, fp8_weights=speed.fp8_weights, fp8_attention=speed.fp8_attention)
-    pipe = WanPipeline(preset, experts, vae, SeededTextEncoder(preset.transformer.text_dim, device, dtype),
-                       device=device, dtype=dtype, speed=speed)
+    pipe = random_pipeline(preset, device, dtype, dataclasses.replace(speed, compile=compile_),
+                           SeededTextEncoder(preset.transformer.text_dim, device, dtype))
     start = time.perf_counter()
     result = pipe.generate(request)
     seconds = time.perf_counter() - start
-    del pipe, experts, vae
+    del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result.latents.float(), result.video.float(), seconds

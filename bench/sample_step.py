@@ -93,11 +93,10 @@ def run_variant(name: str, preset, latent_shape, device, warmup: int, steps: int
         def cfg_step():
             return [model(hidden_states=latents[i:i + 1], timestep=t[i:i + 1], encoder_hidden_states=context[i:i + 1],
                           return_dict=False)[0] for i in range(2)]
-        kernels = None
+        speed = None
     else:
         speed, passes = VARIANTS[name]
         model = prepare_expert(build_ours(cfg, device), speed)
-        kernels = speed
 
         def cfg_step():
             with attention_backend(speed.attention_backend):
@@ -117,7 +116,7 @@ def run_variant(name: str, preset, latent_shape, device, warmup: int, steps: int
     result = dict(variant=name, s_per_cfg_step=round(statistics.median(times[warmup:]), 3),
                   step_times=[round(x, 3) for x in times], weights_gib=round(weights_gib, 2),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  speed=None if kernels is None else vars(kernels))
+                  speed=None if speed is None else vars(speed))
     model = None  # the closures above hold it too; drop the weights before the next row
     gc.collect()
     return result

@@ -41,7 +41,7 @@ def add_speed_arguments(ap) -> None:
     """The sampler's speed flags (wan_model/sampling_speed.py), shared by `sample.py` and `sample.py evaluate`."""
     group = ap.add_argument_group("speed", SPEED_HELP)
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the DiT blocks (exact; the first step compiles, ~1 min at A14B)")
+                       help="torch.compile the DiT blocks (same maths; the first step compiles, ~1 min at A14B)")
     group.add_argument("--fp8-weights", default="none", choices=["none", "storage", "matmul"],
                        help="block linears in e4m3: storage halves their memory, matmul also runs them on FP8 "
                             "tensor cores (Hopper/Ada). Changes numbers")

@@ -213,8 +213,8 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
 def _numerics(pipe) -> dict:
     """The speed options that change numbers (fp8 weights, fp8 attention) when any is on; compile does
     not count. Empty for the default path, so renders made before these options existed are reused."""
-    speed = getattr(pipe, "speed", None)
-    if speed is None or (speed.fp8_weights == "none" and not speed.fp8_attention):
+    speed = pipe.speed
+    if speed.fp8_weights == "none" and not speed.fp8_attention:
         return {}
     return {"numerics": {"fp8_weights": speed.fp8_weights, "fp8_attention": speed.fp8_attention}}
 

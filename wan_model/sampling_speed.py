@@ -5,7 +5,8 @@
 
 Levers (measured one by one in docs/benchmarks.md, "Sampling speed"):
   * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE work). The same
-    maths; fused kernels round bf16 intermediates in another order, so not bit for bit. The first step of each new clip shape compiles (about a minute at A14B).
+    maths; fused kernels round bf16 intermediates in another order, so not bit for bit. The first step
+    of each new clip shape compiles (about a minute at A14B).
   * fp8_weights: the frozen block linears in e4m3 with per-output-channel scales (`fp8.py`): "storage"
     halves their memory, "matmul" also runs them on FP8 tensor cores (inputs quantised per token).
     Changes the numbers.
