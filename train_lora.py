@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop after this step (the LR schedule still spans training.steps)")
     args = parser.parse_args(argv)
 
+    from data.buckets import bucket_size
     from data.dataset import CachedDataset, make_dataloader
     from train.checkpoints import resolve_resume
     from train.batches import LoaderSource
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     # Sequence-parallel processes all read the same batches (each takes a share of its tokens).
     sp = s.sequence_parallel > 1
     source = LoaderSource(loader, 0 if sp else accelerator.process_index, 1 if sp else accelerator.num_processes)
-    trainer = Trainer(recipe, models, source, accelerator, total_steps=args.max_steps)
+    # The largest sample a step can draw: what speed.save_attention: auto plans the memory for.
+    max_tokens = max(recipe.preset.video_tokens(h, w, f) for w, h, f in map(bucket_size, set(dataset.buckets)))
+    trainer = Trainer(recipe, models, source, accelerator, total_steps=args.max_steps, max_video_tokens=max_tokens)
     validator = None
     if recipe.validation.every:
         from train.validation import Validator, held_out_batches

@@ -80,7 +80,8 @@ def main(argv=None) -> None:
                                    offload_inactive_expert=args.offload or recipe.training.offload_inactive_expert,
                                    output_dir=str(args.output), deepspeed=None, sample_every=0,
                                    sample_prompts=())
-    recipe = dataclasses.replace(recipe, training=training)
+    speed = recipe.speed if args.memory_gib is None else dataclasses.replace(recipe.speed, memory_gib=args.memory_gib)
+    recipe = dataclasses.replace(recipe, training=training, speed=speed)
     preset = recipe.preset
     cuda = torch.cuda.is_available()  # CPU (with the quickstart recipe) only checks the script
     device = torch.device("cuda" if cuda else "cpu")
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
         torch.cuda.reset_peak_memory_stats()
         if args.memory_gib:
             torch.cuda.set_per_process_memory_fraction(memory_fraction_for(args.memory_gib, device))
-    trainer = Trainer(recipe, models, source)
+    trainer = Trainer(recipe, models, source, max_video_tokens=preset.video_tokens(h, w, args.frames))
     records: list[tuple[dict, float]] = []
     step_fn = trainer.train_step
 
@@ -141,6 +142,8 @@ def main(argv=None) -> None:
     out = dict(recipe=str(args.recipe), preset=preset.name, latent_shape=latent_shape, steps=args.steps,
                grad_accum=args.grad_accum, memory_gib=args.memory_gib, speed=dataclasses.asdict(recipe.speed),
                offload_inactive_expert=trainer.offload,
+               memory_plan={k: dataclasses.asdict(p) for k, p in trainer.activation_plans.items()},
+               resolved_speed={k: dataclasses.asdict(v) for k, v in trainer.speeds.items()},
                step_s=[round(seconds, 2) for _, seconds in records],
                s_per_step={k: round(statistics.median(v[1:] or v), 3) for k, v in per_expert.items()},
                swap_s=[round(r["swap_s"], 2) for r, _ in records if r["swap_s"]],

@@ -31,6 +31,7 @@ f = ffn_dim, n = layers):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import memory_fraction_for  # noqa: E402
 from wan_model.config import PRESETS, TransformerConfig  # noqa: E402
-from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
+from wan_model.speed import SpeedOptions, apply_speed_options, plan_speed  # noqa: E402
 
 OUR_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
@@ -124,9 +125,28 @@ def add_lora(model: nn.Module, targets: list[str], rank: int) -> list[nn.Paramet
 
 
 def speed_options(args) -> SpeedOptions:
+    host = {"on": True, "off": False, "auto": "auto"}[args.host_checkpoints]
     return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
                         save_attention_every=args.save_every, fp8_base=args.fp8, attention_backend=args.attention,
-                        offload=args.offload, host_checkpoints=args.host_checkpoints)
+                        offload=args.offload, host_checkpoints=host, memory_gib=args.memory_gib)
+
+
+def planned_speed(args, cfg: TransformerConfig, tokens: int, device) -> tuple[SpeedOptions, dict | None]:
+    """The flags' speed options with "auto" resolved as the trainer does (train/loop.py): the plan's
+    budget is --memory-gib, else what the device has; returns the options and the plan as a dict."""
+    from train.loop import cuda_budget_bytes, host_available_gib
+
+    options = speed_options(args)
+    if not options.planned:
+        return options, None
+    if args.memory_gib:
+        budget = args.memory_gib
+    elif device.type == "cuda":
+        budget = (cuda_budget_bytes(device) + torch.cuda.memory_reserved(device)) / 2**30
+    else:
+        budget = host_available_gib()
+    options, plan = plan_speed(options, cfg, tokens, budget, rank=args.rank, host_available_gib=host_available_gib())
+    return options, dataclasses.asdict(plan)
 
 
 def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> dict:
@@ -134,10 +154,13 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    plan = None
     if impl == "ours":
         model = build_ours(cfg, device, args.checkpointing)
         params = add_lora(model, OUR_TARGETS, args.rank)
-        apply_speed_options(model, speed_options(args))
+        tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
+        options, plan = planned_speed(args, cfg, tokens, device)
+        apply_speed_options(model, options)
     else:
         model = build_diffusers(cfg, device)
         params = add_lora(model, DIFFUSERS_TARGETS, args.rank)
@@ -189,6 +212,8 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                   tokens_per_s=round(tokens / sec), tflops=round(flops / sec / 1e12, 1),
                   loss=float(loss), step_pflop=round(flops / 1e15, 3))
+    if plan is not None:
+        result.update(memory_plan=plan, speed=dataclasses.asdict(options))
     return result
 
 
@@ -217,8 +242,9 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpointing", default="full", choices=["full", "none"])
     # Speed options of our model (wan_model/speed.py's SpeedOptions); the defaults here are the plain path.
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (ours)")
-    ap.add_argument("--save-attention", default="none", choices=["none", "all", "every_k"],
-                    help="keep self-attention outputs through checkpointing (ours)")
+    ap.add_argument("--save-attention", default="none", choices=["none", "all", "every_k", "auto"],
+                    help="keep self-attention outputs through checkpointing (ours); auto: the memory plan's choice "
+                         "within --memory-gib (else the device's memory)")
     ap.add_argument("--save-every", type=int, default=2, help="k of --save-attention every_k")
     ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul", "matmul_dgrad"],
                     help="frozen block linears in e4m3 (ours)")
@@ -232,8 +258,9 @@ def main(argv=None) -> None:
                     help="cap this process's GPU memory during the training steps (24 GiB mode: 24/79.1)")
     ap.add_argument("--memory-gib", type=float, default=None,
                     help="cap the training steps at this many GiB (sets --memory-fraction from the card's size)")
-    ap.add_argument("--host-checkpoints", action="store_true",
-                    help="keep checkpointed block inputs in pinned host memory (ours)")
+    ap.add_argument("--host-checkpoints", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
+                    help="keep checkpointed block inputs in pinned host memory (ours); auto: the plan chooses "
+                         "(with --save-attention auto)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -257,7 +284,7 @@ def main(argv=None) -> None:
             r["utilisation"] = round(r["tflops"] / ceiling, 3)
         results.append(r)
         print(json.dumps(r), flush=True)
-    summary = dict(label=args.label, preset=args.preset, speed=vars(speed_options(args)), size=args.size,
+    summary = dict(label=args.label, preset=args.preset, speed=dataclasses.asdict(speed_options(args)), size=args.size,
                    frames=args.frames, latent_shape=latent_shape,
                    rank=args.rank, checkpointing=args.checkpointing, memory_fraction=args.memory_fraction,
                    memory_gib=args.memory_gib,

@@ -40,6 +40,15 @@ class Bucket:
         return f"{self.width}x{self.height}x{self.frames}"
 
 
+def bucket_size(name: str) -> tuple[int, int, int]:
+    """(width, height, frames) of a bucket name such as '832x480x81' (`Bucket.name`)."""
+    try:
+        width, height, frames = (int(v) for v in name.split("x"))
+    except ValueError:
+        raise ValueError(f"bucket name {name!r} is not WIDTHxHEIGHTxFRAMES (e.g. '832x480x81')") from None
+    return width, height, frames
+
+
 def make_buckets(base_area: int, aspects: list[float], frame_counts: list[int], multiple: int) -> list[Bucket]:
     """One bucket per (aspect, frame count), each about `base_area` pixels.
 

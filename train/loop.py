@@ -15,6 +15,7 @@ Conditioning as the official pipelines:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from wan_model.offload import BlockOffloader
 from wan_model.sequence_parallel import SequenceParallel
-from wan_model.speed import apply_speed_options
+from wan_model.memory_plan import GIB, ActivationPlan, resident_gib
+from wan_model.speed import SpeedOptions, apply_speed_options, plan_speed
 
 from .batches import BatchSource
 from .checkpoints import checkpoint_root, list_checkpoints, load_checkpoint, save_checkpoint
@@ -109,6 +111,27 @@ def cuda_budget_bytes(device: torch.device) -> int:
     return int(min(free, cap - torch.cuda.memory_reserved(index)))
 
 
+def cap_device_memory(device: torch.device, gib: float) -> None:
+    """Limit this process's allocator to `gib` GiB on `device` (speed.memory_gib: a 141 GB card trains as
+    the 80 GB one the plan was made for); more than the card has leaves it uncapped."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), index)
+
+
+def host_available_gib() -> float:
+    """Host memory the kernel reports available (Linux MemAvailable); 0 where unknown, so that no memory
+    plan counts on pinning host memory it cannot see."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return 0.0
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 
 @dataclass
@@ -133,10 +156,12 @@ class Trainer:
     """Builds per-expert LoRA training from a recipe and already loaded base models, then runs steps.
 
     models: expert name -> WanTransformer (base weights, any device); experts that do not train may be
-    absent. accelerator: an `accelerate.Accelerator` (None: a plain single-process one is made)."""
+    absent. accelerator: an `accelerate.Accelerator` (None: a plain single-process one is made).
+    max_video_tokens: video tokens of the largest sample the source can give (its largest bucket), which
+    `speed.save_attention: auto` plans the memory for; train_lora.py takes it from the cache."""
 
     def __init__(self, recipe: Recipe, models: dict[str, torch.nn.Module], source: BatchSource,
-                 accelerator=None, total_steps: int | None = None):
+                 accelerator=None, total_steps: int | None = None, max_video_tokens: int | None = None):
         from accelerate import Accelerator
 
         self.recipe = recipe
@@ -170,6 +195,8 @@ class Trainer:
         if missing:
             raise ValueError(f"no base model given for training expert(s) {missing}")
         sizes = [sum(p.numel() * self.base_dtype.itemsize for p in models[e.name].parameters()) for e in active]
+        if recipe.speed.memory_gib is not None and self.device.type == "cuda":
+            cap_device_memory(self.device, recipe.speed.memory_gib)
         free = None
         if self.device.type == "cuda":  # what is free once the experts' own weights are counted out
             on_device = sum(p.numel() * p.element_size() for e in active for p in models[e.name].parameters()
@@ -184,9 +211,49 @@ class Trainer:
             raise ValueError(f"the experts ({sum(sizes) / 2**30:.0f} GiB) would be offloaded, which a multi-process "
                              f"run cannot do (DDP keeps each model on its GPU); set training.deepspeed: zero3 to "
                              f"partition them, or training.offload_inactive_expert: never")
+        # Each expert's speed options, save_attention / host_checkpoints "auto" resolved by the memory plan.
+        self.activation_plans: dict[str, ActivationPlan] = {}
+        self.speeds: dict[str, SpeedOptions] = {e.name: recipe.speed for e in active}
+        if recipe.speed.planned:
+            self._plan_memory(active, models, max_video_tokens)
         for i, expert in enumerate(active):
             self.states[expert.name] = self._build(expert, models[expert.name], i, updates[expert.name])
         self.active_name: str | None = None
+
+    def memory_budget_gib(self) -> float:
+        """What this process may allocate in all: speed.memory_gib (the allocator is capped to it) within
+        what the device has free plus what this process already holds; on the CPU the memory available."""
+        cap = self.recipe.speed.memory_gib
+        if self.device.type != "cuda":
+            return cap if cap is not None else host_available_gib()
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return (cuda_budget_bytes(self.device) + torch.cuda.memory_reserved(index)) / GIB
+
+    def _plan_memory(self, active: list[Expert], models: dict[str, torch.nn.Module],
+                     max_video_tokens: int | None) -> None:
+        """Resolve speed "auto" per expert for the largest micro-batch (batch_size samples of the largest
+        bucket, a 1/N share of its tokens under sequence parallelism) within the memory budget, less what
+        the other experts keep on the device when they are not parked."""
+        speed = self.recipe.speed
+        if max_video_tokens is None:
+            raise ValueError("speed.save_attention: auto plans memory for the largest bucket, but the trainer was "
+                             "given no max_video_tokens (train_lora.py passes the cache's largest)")
+        tokens = math.ceil(max_video_tokens * self.settings.batch_size / self.sequence_parallel)
+        budget = self.memory_budget_gib()
+        fp8 = speed.fp8_base != "none"
+        together = not (self.offload or self.stream_blocks)
+        for expert in active:
+            others = sum(resident_gib(models[o.name].config, o.lora.rank, fp8_weights=fp8) for o in active
+                         if together and o is not expert)
+            try:
+                self.speeds[expert.name], plan = plan_speed(
+                    speed, models[expert.name].config, tokens, budget - others, rank=expert.lora.rank,
+                    host_available_gib=host_available_gib())
+            except ValueError as err:
+                raise ValueError(f"speed.save_attention: auto, expert {expert.name}: {err} (budget: "
+                                 f"{'speed.memory_gib' if speed.memory_gib else 'free device memory'} "
+                                 f"{budget:.1f} GiB{f' less {others:.1f} for the other experts' if others else ''})") from None
+            self.activation_plans[expert.name] = plan
 
     def _build(self, expert: Expert, model: torch.nn.Module, index: int, total_updates: int) -> ExpertState:
         model.to(self.base_dtype)
@@ -198,14 +265,14 @@ class Trainer:
         optimizer = make_optimizer(params, expert.optimizer)
         scheduler = make_scheduler(optimizer, expert.lr_schedule, total_updates)
         if self.deepspeed:  # check_recipe allows only speed.save_attention here
-            apply_speed_options(model, self.recipe.speed)
+            apply_speed_options(model, self.speeds[expert.name])
             engine, _ = self.accelerator.prepare(model, optimizer)
             return ExpertState(expert, engine, params, optimizer, scheduler, engine=engine)
         if not self.stream_blocks:
             # Also an expert that will be parked: its speed options (fp8 quantisation) then run on the
             # device, so a parked run computes bit for bit what a kept one does; one expert at a time.
             model.to(self.device)
-        self.offloaders[expert.name] = apply_speed_options(model, self.recipe.speed, self.device)
+        self.offloaders[expert.name] = apply_speed_options(model, self.speeds[expert.name], self.device)
         # Placement is ours (above): the idle expert waits on the host, streamed block weights stay there.
         wrapped = self.accelerator.prepare_model(model, device_placement=False)
         parking = None
@@ -352,6 +419,8 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
                               f"--resume latest, or set another training.output_dir (or delete that folder)")
     logger = MetricsLogger(s.output_dir, trainer.total_steps, trainer.step, s.log_every,
                            enabled=log and trainer.accelerator.is_main_process)
+    for name, plan in trainer.activation_plans.items():
+        logger.message(f"{name}: {plan.describe()}")
     if trainer.offload:
         logger.message("idle experts wait in host memory (offload_inactive_expert); each expert change swaps "
                        "weights: prefer routing: phased")
@@ -417,7 +486,8 @@ def write_summary(trainer: Trainer) -> None:
         if not record["skipped"]:
             last[record["expert"]] = record["loss"]
     summary = {"steps": trainer.step, "last_loss": last, "validation": trainer.validation_history,
-               "best_validation": best_steps(trainer.validation_history)}
+               "best_validation": best_steps(trainer.validation_history),
+               "memory_plan": {name: dataclasses.asdict(plan) for name, plan in trainer.activation_plans.items()}}
     atomic_write_text(Path(trainer.settings.output_dir) / "summary.json", json.dumps(summary, indent=1))
 
 

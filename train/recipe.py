@@ -222,7 +222,7 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
             plain.compile, plain.fp8_base, plain.offload, plain.host_checkpoints):
         raise ConfigError(f"{where}: speed: compile, fp8_base, offload and host_checkpoints are not combined with "
                           f"DeepSpeed yet; "
-                          f"keep only speed.save_attention under training.deepspeed")
+                          f"keep only speed.save_attention (and memory_gib) under training.deepspeed")
     valid = list(expert_names(preset))
     for name in recipe.experts:
         if name not in valid:

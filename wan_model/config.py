@@ -11,6 +11,7 @@ at a size that runs on a CPU in milliseconds; tests and the embedded demo use th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # wan/configs/shared_config.py: the default negative prompt of every official pipeline.
@@ -144,6 +145,13 @@ class ModelPreset:
         """Pixels per transformer token: VAE stride times patch size (4x16x16 for A14B, 4x32x32 for 5B)."""
         v, p = self.vae.stride, self.transformer.patch_size
         return (v[0] * p[0], v[1] * p[1], v[2] * p[2])
+
+    def video_tokens(self, height: int, width: int, frames: int) -> int:
+        """Transformer tokens of one clip: 480x832x81 on A14B -> 21 x 30 x 52 = 32,760 (the VAE keeps frame
+        0 and folds each following stride[0] frames into one latent frame)."""
+        v, p = self.vae.stride, self.transformer.patch_size
+        latent = ((frames - 1) // v[0] + 1, height // v[1], width // v[2])
+        return math.prod(n // k for n, k in zip(latent, p))
 
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)

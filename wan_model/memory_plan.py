@@ -1,15 +1,15 @@
-"""How many blocks may keep their self-attention outputs through checkpointing, from a memory budget.
+"""How many blocks keep their self-attention outputs through checkpointing, and where the checkpointed
+block inputs wait, from a memory budget: the arithmetic behind `speed.save_attention: auto`.
 
-Issue 16's `speed.save: auto`, first half: the arithmetic, fitted to measured peaks. Not yet wired into
-the trainer (that, and the GPU check of the peak it predicts, is the next step); `bench`/tests use it.
-
-Peak memory of one LoRA training step with every block checkpointed and the block weights resident, in
-bytes, for L tokens (x batch), width d, FFN width f, n blocks, H heads, LoRA rank r:
+Peak memory of one LoRA training step with every block checkpointed, in bytes, for L tokens (x batch),
+width d, FFN width f, n blocks, H heads, LoRA rank r:
 
     setup      = block linears (1 byte per weight in fp8, 2 in bf16) + the rest of the model in bf16
                  + LoRA weights in fp32                               (what is allocated before the step)
+                 (`offload: blocks`: only the STREAMED_BLOCKS in flight hold block linears on the device)
     lora_state = 3 x 4 x P_lora          gradients and AdamW's two moments, fp32 (P_lora = LoRA parameters)
     inputs     = n x L d x 2             each block's checkpointed input, bf16
+                 (`host_checkpoints`: they wait in pinned host memory; one is back on the device at a time)
     saved      = k x (L d x 2 + H L x 4) k blocks keep self-attention's output and log-sum-exp
     transient  = a x L d x 2 + b x L f x 2   one block's recompute and backward in flight
                  (+ c x L f x 2 with fp8 input gradients, `matmul_dgrad`: the FFN's float32 dy copy)
@@ -17,13 +17,17 @@ bytes, for L tokens (x batch), width d, FFN width f, n blocks, H heads, LoRA ran
 
 a and b are fitted on two measured runs with no saved attention (A14B expert 1280x720x81, compile + fp8
 matmul: 66.37 GiB, H100, 3694217; TI2V-5B 704x1280x121, compile + fp8 storage: 17.01 GiB, H100,
-3694217): a = 15.5, b = 5.4. Checked on two runs that save attention in every block, not used in the fit
-(A14B 480x832x81, fp8 matmul, H100, 3694217: 49.87 GiB measured, 50.40 predicted; TI2V-5B, fp8 matmul,
-H200, 017da45: 21.44 measured, 21.74 predicted): the model errs on the safe side by up to 1.4%. c = 1.5
-from the same two shapes with `matmul_dgrad` (H200, 101edab: 51.1 and 22.53 GiB). The figures are
-`max_memory_allocated`; a cap limits what the allocator reserves, and MARGIN is the allowance for that
-difference (not yet measured). `plan_saved_attention` keeps MARGIN of the budget free.
-Block streaming (`offload: blocks`) and host checkpoints change the terms and are not planned here.
+3694217): a = 15.5, b = 5.4. Checked on runs not used in the fit (tests/wan_model/test_memory_plan.py):
+A14B 480x832x81 saving attention in every block (49.87 GiB measured, 50.40 predicted), TI2V-5B likewise
+(21.44 vs 21.74). The 24 GiB mode (block streaming + host checkpoints: 13.82 GiB) fits STREAMED_BLOCKS. c = 1.5 from
+the same two shapes with `matmul_dgrad` (H200, 101edab: 51.1 and 22.53 GiB). The figures are
+`max_memory_allocated`; a cap limits what the allocator reserves, and MARGIN is kept free of the budget
+for that difference.
+
+When not every block can keep its attention on the device, moving the checkpointed inputs to the host
+frees n x L d x 2 bytes for more saved blocks. That trades host copies (2 x L d x 2 bytes per block per
+step, on the compute stream) for attention forwards not recomputed (4 L^2 d FLOPs per saved block): the
+plan takes it when the second is predicted larger, at the rates below, and the host has the memory.
 """
 
 from __future__ import annotations
@@ -37,15 +41,24 @@ TRANSIENT_PER_TOKEN_DIM = 15.5   # a: transient memory in units of one L x d bf1
 TRANSIENT_PER_TOKEN_FFN = 5.4    # b: in units of one L x f bf16 tensor
 TRANSIENT_DGRAD_PER_TOKEN_FFN = 1.5  # c: fp8 input gradients' extra, in units of one L x f bf16 tensor
 MARGIN = 0.04                    # fraction of the budget kept free beyond the prediction
+# offload: blocks holds the computing block and the one being fetched; the 24 GiB mode's measured peak
+# (13.82 GiB, H200, bench/train_step.py) needs two blocks' linears more: fitted, not derived.
+STREAMED_BLOCKS = 4
+# Rates that weigh host checkpoints against recomputed attention (H200, docs/benchmarks.md): cuDNN's bf16
+# attention forward at the A14B shape (563 TFLOP/s, e954e35) and a pinned copy on the compute stream.
+ATTENTION_FORWARD_FLOPS_PER_S = 560e12
+HOST_COPY_BYTES_PER_S = 25e9
+HOST_SHARE = 0.5                 # at most this share of the host's available memory is pinned for inputs
 
 
 @dataclass(frozen=True)
 class ActivationPlan:
-    """`saved_attention_blocks` of `blocks` keep their self-attention outputs; the predicted peak and
-    its parts in GiB."""
+    """`saved_attention_blocks` of `blocks` keep their self-attention outputs; `host_checkpoints`: the
+    checkpointed block inputs wait in host memory. The predicted peak and its parts in GiB."""
 
     blocks: int
     saved_attention_blocks: int
+    host_checkpoints: bool
     predicted_peak_gib: float
     budget_gib: float
     parts_gib: dict[str, float]
@@ -60,9 +73,10 @@ class ActivationPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in self.parts_gib.items())
-        return (f"memory plan: {self.saved_attention_blocks} of {self.blocks} blocks keep self-attention; "
-                f"predicted peak {self.predicted_peak_gib:.1f} GiB of a {self.budget_gib:.1f} GiB budget "
-                f"({MARGIN:.0%} kept free; {parts})")
+        where = "host memory" if self.host_checkpoints else "device memory"
+        return (f"memory plan: {self.saved_attention_blocks} of {self.blocks} blocks keep self-attention, "
+                f"checkpointed block inputs in {where}; predicted peak {self.predicted_peak_gib:.1f} GiB of a "
+                f"{self.budget_gib:.1f} GiB budget ({MARGIN:.0%} kept free; GiB: {parts})")
 
 
 def lora_parameters(cfg: TransformerConfig, rank: int) -> int:
@@ -71,26 +85,29 @@ def lora_parameters(cfg: TransformerConfig, rank: int) -> int:
     return cfg.num_layers * rank * (8 * (d + d) + 2 * (d + f))
 
 
-def model_bytes(cfg: TransformerConfig, fp8_weights: bool) -> int:
-    """The expert's weights as the trainer holds them: block linears in e4m3 or bf16, everything else bf16."""
+def model_bytes(cfg: TransformerConfig, fp8_weights: bool, streamed_blocks: bool = False) -> int:
+    """The expert's weights on the device as the trainer holds them: block linears in e4m3 or bf16 (with
+    streaming, only STREAMED_BLOCKS blocks' worth), everything else bf16."""
     d, f = cfg.dim, cfg.ffn_dim
     block_linear = 8 * d * d + 2 * d * f
     block_other = 8 * d + d + f + 6 * d + 4 * d + 2 * d   # biases, modulation, q/k norms, cross-attn norm
     rest = (cfg.in_dim * d * 4 + cfg.text_dim * d + d * d + cfg.freq_dim * d + d * d + d * 6 * d
             + d * cfg.out_dim * 4 + 2 * d)
     per_weight = 1 if fp8_weights else 2
-    return cfg.num_layers * (block_linear * per_weight + block_other * 2) + rest * 2
+    resident = min(STREAMED_BLOCKS, cfg.num_layers) if streamed_blocks else cfg.num_layers
+    return resident * block_linear * per_weight + cfg.num_layers * block_other * 2 + rest * 2
 
 
 def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, rank: int = 32,
-                   fp8_weights: bool = True, fp8_dgrad: bool = False) -> dict[str, float]:
+                   fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
+                   host_inputs: bool = False) -> dict[str, float]:
     """The peak's parts in GiB (module docstring) with `saved_blocks` blocks keeping self-attention."""
     d, f, n, h = cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads
     lora = lora_parameters(cfg, rank)
     parts = {
-        "setup": (model_bytes(cfg, fp8_weights) + 4 * lora) / GIB,
+        "setup": (model_bytes(cfg, fp8_weights, streamed_blocks) + 4 * lora) / GIB,
         "lora_state": 12 * lora / GIB,
-        "inputs": n * tokens * d * 2 / GIB,
+        "inputs": (1 if host_inputs else n) * tokens * d * 2 / GIB,
         "saved_attention": saved_blocks * (tokens * d * 2 + h * tokens * 4) / GIB,
         "transient": (TRANSIENT_PER_TOKEN_DIM * tokens * d * 2
                       + (TRANSIENT_PER_TOKEN_FFN + TRANSIENT_DGRAD_PER_TOKEN_FFN * fp8_dgrad) * tokens * f * 2) / GIB,
@@ -99,9 +116,33 @@ def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, ra
     return parts
 
 
+def resident_gib(cfg: TransformerConfig, rank: int = 32, *, fp8_weights: bool = True) -> float:
+    """What an expert keeps on the device between its steps: weights, LoRA weights, gradients and moments."""
+    parts = predicted_peak(cfg, 1, 0, rank=rank, fp8_weights=fp8_weights)
+    return parts["setup"] + parts["lora_state"]
+
+
+def pinned_input_bytes(cfg: TransformerConfig, tokens: int) -> int:
+    """Host memory the checkpointed inputs take: PyTorch's pinned allocator rounds each up to a power of two."""
+    one = tokens * cfg.dim * 2
+    return cfg.num_layers * (1 << (one - 1).bit_length())
+
+
+def host_copy_seconds(cfg: TransformerConfig, tokens: int) -> float:
+    """Predicted cost of host checkpoints per step: every block's input out in forward, back in backward."""
+    return cfg.num_layers * 2 * tokens * cfg.dim * 2 / HOST_COPY_BYTES_PER_S
+
+
+def attention_forward_seconds(cfg: TransformerConfig, tokens: int) -> float:
+    """Predicted time of one block's self-attention forward (what a saved block does not recompute)."""
+    return 4 * tokens * tokens * cfg.dim / ATTENTION_FORWARD_FLOPS_PER_S
+
+
 def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int = 32,
-                         fp8_weights: bool = True, fp8_dgrad: bool = False) -> ActivationPlan:
-    """The most blocks that may keep self-attention with the predicted peak within (1 - MARGIN) x budget.
+                         fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
+                         host_inputs: bool = False) -> ActivationPlan:
+    """The most blocks that may keep self-attention with the predicted peak within (1 - MARGIN) x budget,
+    the block inputs on the device or (host_inputs) in host memory.
 
     tokens: video tokens of the largest bucket times the batch size. Raises ValueError when even no saved
     block fits, naming what would (fp8 weights, block streaming, host checkpoints)."""
@@ -109,13 +150,15 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
         raise ValueError(f"plan_saved_attention: tokens must be positive, got {tokens}")
     usable = budget_gib * (1 - MARGIN)
     n = cfg.num_layers
-    options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad)
+    options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad, streamed_blocks=streamed_blocks,
+                   host_inputs=host_inputs)
     base = predicted_peak(cfg, tokens, 0, **options)
     if base["total"] > usable:
+        fixes = [fix for fix, on in (("fp8_base: storage", fp8_weights), ("offload: blocks", streamed_blocks),
+                                     ("host_checkpoints: true", host_inputs)) if not on]
         raise ValueError(f"a step at {tokens} tokens is predicted at {base['total']:.1f} GiB without saving any "
                          f"attention, over {usable:.1f} GiB ({budget_gib:.1f} GiB less {MARGIN:.0%}); "
-                         f"{'set fp8_base: storage, ' if not fp8_weights else ''}use offload: blocks with "
-                         "host_checkpoints: true, or a smaller bucket")
+                         f"use {', '.join(fixes) + ' or ' if fixes else ''}a smaller bucket or batch")
     per_block = predicted_peak(cfg, tokens, 1, **options)["total"] - base["total"]
     fits = min(n, int((usable - base["total"]) // per_block))
     # Saving follows "every_k" (blocks 0, k, 2k, ...), which gives ceil(n / k) blocks: the most of those
@@ -123,5 +166,29 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
     saved = len(range(0, n, -(-n // fits))) if fits else 0
     parts = predicted_peak(cfg, tokens, saved, **options)
     total = parts.pop("total")
-    return ActivationPlan(blocks=n, saved_attention_blocks=saved, predicted_peak_gib=total, budget_gib=budget_gib,
+    return ActivationPlan(blocks=n, saved_attention_blocks=saved, host_checkpoints=host_inputs,
+                          predicted_peak_gib=total, budget_gib=budget_gib,
                           parts_gib={k: round(v, 2) for k, v in parts.items()})
+
+
+def plan_activations(cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int = 32,
+                     fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
+                     host_inputs: bool | None = False, host_available_gib: float = 0.0) -> ActivationPlan:
+    """`plan_saved_attention`, choosing also where the block inputs wait when host_inputs is None: on the
+    device while that saves every block; else in host memory when that is predicted faster (module
+    docstring) and HOST_SHARE of `host_available_gib` holds them."""
+    options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad, streamed_blocks=streamed_blocks)
+    if host_inputs is not None:
+        return plan_saved_attention(cfg, tokens, budget_gib, host_inputs=host_inputs, **options)
+    host_fits = pinned_input_bytes(cfg, tokens) <= HOST_SHARE * host_available_gib * GIB
+    try:
+        on_device = plan_saved_attention(cfg, tokens, budget_gib, **options)
+    except ValueError:
+        if not host_fits:
+            raise
+        return plan_saved_attention(cfg, tokens, budget_gib, host_inputs=True, **options)
+    if on_device.saved_attention_blocks == cfg.num_layers or not host_fits:
+        return on_device
+    on_host = plan_saved_attention(cfg, tokens, budget_gib, host_inputs=True, **options)
+    gained = (on_host.saved_attention_blocks - on_device.saved_attention_blocks) * attention_forward_seconds(cfg, tokens)
+    return on_host if gained > host_copy_seconds(cfg, tokens) else on_device

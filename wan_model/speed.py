@@ -17,13 +17,15 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
   * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
     (`offload.HostCheckpointInputs`); with offload: blocks, the 24 GiB mode of an A14B expert.
+  * save_attention / host_checkpoints "auto": `plan_speed` chooses both from the memory budget
+    (`memory_gib`, else the device's free memory) and the largest micro-batch (`memory_plan.py`).
 Order inside `apply_speed_options`: fp8 (needs frozen weights; works on PEFT-wrapped linears), attention
 backend, checkpoint policy, offload (moves weights to the host), compile last.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Literal
 
 import torch
@@ -31,7 +33,9 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
 
 from .attention import set_attention_backend
+from .config import TransformerConfig
 from .fp8 import FP8_MODES, quantize_linears_
+from .memory_plan import ActivationPlan, plan_activations
 from .offload import BlockOffloader, HostCheckpointInputs
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -52,22 +56,55 @@ class SpeedOptions:
     Hopper set fp8_base: matmul for 9.69 s / 49.9 GiB (1.52x diffusers); offload: blocks for small GPUs."""
 
     compile: bool = True                                   # torch.compile each block (first step +~1 min)
-    save_attention: Literal["none", "all", "every_k"] = "all"  # keep self-attention outputs in checkpoints
+    # keep self-attention outputs in checkpoints; "auto": as many blocks as the memory budget allows
+    save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
-    host_checkpoints: bool = False                         # checkpointed block inputs in host memory (small GPUs)
+    # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
+    # lets more blocks keep attention and is predicted faster
+    host_checkpoints: bool | Literal["auto"] = False
+    memory_gib: float | None = None                        # GPU memory cap of this process; the auto plan's budget
 
     def __post_init__(self):
-        choices = {"save_attention": ("none", "all", "every_k"),
+        choices = {"save_attention": ("none", "all", "every_k", "auto"),
                    "fp8_base": ("none", *FP8_MODES),
-                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks")}
+                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
+                   "host_checkpoints": (False, True, "auto")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
         if self.save_attention_every < 1:
             raise ValueError(f"speed.save_attention_every: expected an integer >= 1, got {self.save_attention_every}")
+        if self.host_checkpoints == "auto" and self.save_attention != "auto":
+            raise ValueError("speed.host_checkpoints: auto is chosen by the memory plan; set save_attention: auto "
+                             "too, or host_checkpoints: true / false")
+        if self.memory_gib is not None and self.memory_gib <= 0:
+            raise ValueError(f"speed.memory_gib: expected a positive number of GiB, got {self.memory_gib}")
+
+    @property
+    def planned(self) -> bool:
+        """Whether `plan_speed` must resolve these options before `apply_speed_options` takes them."""
+        return self.save_attention == "auto"
+
+
+def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int,
+               host_available_gib: float) -> tuple[SpeedOptions, ActivationPlan | None]:
+    """Resolve save_attention / host_checkpoints "auto" into settings `apply_speed_options` takes, from
+    the memory plan for `tokens` (the largest micro-batch) within `budget_gib`; other options pass through
+    (plan None). Raises ValueError (naming the fixes) when no setting is predicted to fit."""
+    if not options.planned:
+        return options, None
+    plan = plan_activations(cfg, tokens, budget_gib, rank=rank, fp8_weights=options.fp8_base != "none",
+                            fp8_dgrad=options.fp8_base == "matmul_dgrad", streamed_blocks=options.offload == "blocks",
+                            host_inputs=None if options.host_checkpoints == "auto" else options.host_checkpoints,
+                            host_available_gib=host_available_gib)
+    k = plan.saved_attention_blocks
+    save = "none" if k == 0 else "all" if k == plan.blocks else "every_k"
+    resolved = replace(options, save_attention=save, host_checkpoints=plan.host_checkpoints,
+                       save_attention_every=plan.save_attention_every or options.save_attention_every)
+    return resolved, plan
 
 
 def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -117,6 +154,8 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
     part and the LoRA weights move there, the blocks' frozen weights to pinned host memory).
 
     Returns the `BlockOffloader` when offload == "blocks" (it owns the host copies), else None."""
+    if options.planned:
+        raise ValueError("speed.save_attention: auto must be resolved into a setting first (plan_speed)")
     if options.fp8_base != "none":
         quantize_linears_(model, block_linear_names(model), options.fp8_base)
     set_attention_backend(options.attention_backend)

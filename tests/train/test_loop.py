@@ -317,3 +317,40 @@ def test_ti2v_validation_scores_both_modes(tmp_path, monkeypatch):
     result = validation.Validator([source.batch(i) for i in range(2)], ValidationSettings(fraction=0.1, timesteps=2)).run(trainer)
     assert set(result) == {"dense"} and set(result["dense"]["bands"]) == {"250", "750"}
     assert seen == [(250.0, False), (750.0, False), (250.0, True), (750.0, True)]
+
+
+def test_save_attention_auto_plans_per_expert_and_logs_the_plan(tmp_path, capsys):
+    """speed.save_attention: auto on the CPU within speed.memory_gib: each expert's options resolved from
+    the plan for the largest sample, the plan logged at the start and written to summary.json."""
+    import dataclasses
+    import json
+
+    from wan_model.speed import SpeedOptions
+
+    recipe = tiny_recipe(tmp_path, steps=2, gradient_checkpointing=True)
+    speed = SpeedOptions(compile=False, save_attention="auto", host_checkpoints="auto", fp8_base="none", memory_gib=2.0)
+    recipe = dataclasses.replace(recipe, speed=speed)
+    trainer = make_trainer(recipe, max_video_tokens=16)
+    assert set(trainer.activation_plans) == {"high_noise", "low_noise"}
+    for name, state in trainer.states.items():
+        assert trainer.speeds[name].save_attention == "all" and trainer.speeds[name].host_checkpoints is False
+        assert state.model.checkpoint_context_fn is not None
+    run(trainer)
+    out = capsys.readouterr()
+    assert "high_noise: memory plan: 2 of 2 blocks keep self-attention" in out.out + out.err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["memory_plan"]["high_noise"]["saved_attention_blocks"] == recipe.preset.transformer.num_layers
+
+
+def test_save_attention_auto_needs_the_largest_sample_and_a_budget_that_fits(tmp_path):
+    import dataclasses
+
+    from wan_model.speed import SpeedOptions
+
+    recipe = tiny_recipe(tmp_path, steps=2)
+    recipe = dataclasses.replace(recipe, speed=SpeedOptions(compile=False, save_attention="auto", fp8_base="none",
+                                                            memory_gib=1e-4))
+    with pytest.raises(ValueError, match="max_video_tokens"):
+        make_trainer(recipe)
+    with pytest.raises(ValueError, match=r"expert high_noise.*speed.memory_gib"):
+        make_trainer(recipe, max_video_tokens=16)

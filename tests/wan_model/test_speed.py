@@ -172,6 +172,24 @@ def test_host_checkpoints_same_loss_and_grads_and_stash_block_inputs():
         assert torch.equal(grads1[name], grads0[name]), name
 
 
+def test_host_checkpoints_with_saved_attention_same_grads_and_no_attention_recompute():
+    """The memory plan's 720p choice: inputs in host memory and every block keeping its self-attention.
+    Both act together: the block inputs go through the host, attention runs once per block, and the
+    gradients are the plain path's."""
+    ref = lora_model("cpu", torch.float32)
+    data = batch(ref, "cpu")
+    loss0, grads0 = loss_and_grads(ref, data)
+    model = lora_model("cpu", torch.float32)
+    apply_speed_options(model, dataclasses.replace(PLAIN, host_checkpoints=True, save_attention="all"))
+    with AttentionCounter() as counter:
+        loss1, grads1 = loss_and_grads(model, data)
+    assert model.host_checkpoints.stashed == len(model.blocks)
+    assert counter.self_attention == len(model.blocks)  # forward only: backward reused the saved outputs
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name in grads0:
+        assert rel(grads1[name], grads0[name]) < 1e-5, name
+
+
 def test_host_checkpoints_release_the_block_inputs_after_forward():
     """Between forward and backward nothing may hold a stashed block input (on a GPU that memory is the
     point of the option). A pack hook that closed over the input kept all of them alive: autograd keeps
@@ -252,3 +270,32 @@ def test_flash_fallback_where_cudnn_fails():
     finally:
         del attn_mod._cudnn_works[(1, 300, 300, 4, 64)]
     assert rel(out, ref) < 1e-2
+
+
+def test_auto_is_resolved_by_the_memory_plan_before_it_is_applied():
+    """save_attention / host_checkpoints "auto" become concrete settings from the plan (720p on 80 GiB:
+    inputs to the host, every block saves); apply_speed_options refuses an unresolved "auto"."""
+    from wan_model.speed import plan_speed
+
+    a14b = PRESETS["t2v-A14B"].transformer
+    auto = SpeedOptions(save_attention="auto", host_checkpoints="auto", fp8_base="matmul", memory_gib=80.0)
+    resolved, plan = plan_speed(auto, a14b, 75600, 80.0, rank=32, host_available_gib=100.0)
+    assert (resolved.save_attention, resolved.host_checkpoints) == ("all", True) and plan.saved_attention_blocks == 40
+    resolved, plan = plan_speed(auto, a14b, 75600, 80.0, rank=32, host_available_gib=0.0)
+    assert (resolved.save_attention, resolved.host_checkpoints) == ("every_k", False)
+    assert len(range(0, 40, resolved.save_attention_every)) == plan.saved_attention_blocks == 14
+    device_only = dataclasses.replace(auto, host_checkpoints=False)
+    resolved, _ = plan_speed(device_only, a14b, 32760, 75.0, rank=32, host_available_gib=100.0)
+    assert (resolved.save_attention, resolved.host_checkpoints) == ("all", False)
+    fixed = SpeedOptions(save_attention="all")
+    assert plan_speed(fixed, a14b, 75600, 10.0, rank=32, host_available_gib=0.0) == (fixed, None)
+    model = WanTransformer(PRESETS["tiny-t2v"].transformer)
+    with pytest.raises(ValueError, match="plan_speed"):
+        apply_speed_options(model, auto)
+
+
+def test_auto_options_validated():
+    with pytest.raises(ValueError, match="host_checkpoints: auto"):
+        SpeedOptions(save_attention="all", host_checkpoints="auto")
+    with pytest.raises(ValueError, match="memory_gib"):
+        SpeedOptions(memory_gib=0.0)
