@@ -156,3 +156,48 @@ def test_resume_keeps_the_validation_set_and_noise(world, trained):
     straight = json.loads((trained.parents[1] / "summary.json").read_text())["validation"]
     resumed = json.loads((world / "resumed" / "summary.json").read_text())["validation"]
     assert resumed == straight
+
+
+def test_train_lora_plans_memory_for_the_caches_largest_bucket(world, capsys):
+    """speed.save_attention: auto through train_lora.py: the plan is made for the largest cached bucket
+    (its tokens from the preset's strides), logged, and written to summary.json."""
+    import json
+
+    import train_lora
+    from data.buckets import bucket_size
+    from data.dataset import CachedDataset
+    from wan_model.config import get_preset
+
+    recipe = yaml.safe_load((world / "base.yaml").read_text())
+    recipe["training"]["output_dir"] = str(world / "auto")
+    recipe["speed"] = dict(compile=False, save_attention="auto", host_checkpoints="auto", fp8_base="none",
+                           memory_gib=4.0)
+    path = world / "auto.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert train_lora.main([str(path), "--max-steps", "2"]) == 0
+    plans = json.loads((world / "auto" / "summary.json").read_text())["memory_plan"]
+    assert set(plans) == {"high_noise", "low_noise"}
+    # Both experts stay resident on a CPU run: each plans within 4 GiB less what the other one keeps.
+    assert all(4.0 - 0.01 < p["budget_gib"] < 4.0 for p in plans.values())
+    preset = get_preset("tiny-t2v")
+    buckets = set(CachedDataset(recipe["dataset"]["cache_dir"]).buckets)
+    tokens = max(preset.video_tokens(h, w, f) for w, h, f in map(bucket_size, buckets))
+    batch = recipe["training"].get("batch_size", 1)
+    inputs_gib = preset.transformer.num_layers * tokens * batch * preset.transformer.dim * 2 / 2**30
+    assert plans["high_noise"]["parts_gib"]["inputs"] == round(inputs_gib, 2)
+    out = capsys.readouterr()
+    assert "memory plan:" in out.out + out.err
+
+
+def test_train_lora_asks_for_expandable_cuda_segments_and_keeps_a_users_setting():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, train_lora; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "expandable_segments:True"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "max_split_size_mb:128"
