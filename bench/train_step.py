@@ -139,12 +139,15 @@ def planned_speed(args, cfg: TransformerConfig, tokens: int, device) -> tuple[Sp
     options = speed_options(args)
     if not options.planned:
         return options, None
-    if args.memory_gib:
-        budget = args.memory_gib
-    elif device.type == "cuda":
+    if device.type == "cuda":
         budget = (cuda_budget_bytes(device) + torch.cuda.memory_reserved(device)) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if args.memory_gib:  # the cap the steps run under (run_one applies it after the model is built)
+            budget = min(budget, args.memory_gib)
+        elif args.memory_fraction:
+            budget = min(budget, args.memory_fraction * total)
     else:
-        budget = host_available_gib()
+        budget = args.memory_gib or host_available_gib()
     options, plan = plan_speed(options, cfg, tokens, budget, rank=args.rank, host_available_gib=host_available_gib())
     return options, dataclasses.asdict(plan)
 

@@ -238,20 +238,26 @@ class Trainer:
         if max_video_tokens is None:
             raise ValueError("speed.save_attention: auto plans memory for the largest bucket, but the trainer was "
                              "given no max_video_tokens (train_lora.py passes the cache's largest)")
-        tokens = math.ceil(max_video_tokens * self.settings.batch_size / self.sequence_parallel)
+        batch = self.settings.batch_size
+        tokens = math.ceil(max_video_tokens * batch / self.sequence_parallel)
         budget = self.memory_budget_gib()
         fp8 = speed.fp8_base != "none"
-        together = not (self.offload or self.stream_blocks)
+        # Processes on one host share its memory: each may pin its share (torchrun / accelerate set this).
+        host = host_available_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        source = ("host memory available" if self.device.type != "cuda" and speed.memory_gib is None
+                  else "speed.memory_gib within the device's memory" if speed.memory_gib is not None
+                  else "the device's free memory")
         for expert in active:
-            others = sum(resident_gib(models[o.name].config, o.lora.rank, fp8_weights=fp8) for o in active
-                         if together and o is not expert)
+            # Parked experts wait on the host; streamed ones keep their non-block part on the device.
+            others = 0.0 if self.offload else sum(
+                resident_gib(models[o.name].config, o.lora.rank, fp8_weights=fp8, streamed_blocks=self.stream_blocks)
+                for o in active if o is not expert)
             try:
                 self.speeds[expert.name], plan = plan_speed(
                     speed, models[expert.name].config, tokens, budget - others, rank=expert.lora.rank,
-                    host_available_gib=host_available_gib())
+                    host_available_gib=host, samples=batch, shards=self.sequence_parallel)
             except ValueError as err:
-                raise ValueError(f"speed.save_attention: auto, expert {expert.name}: {err} (budget: "
-                                 f"{'speed.memory_gib' if speed.memory_gib else 'free device memory'} "
+                raise ValueError(f"speed.save_attention: auto, expert {expert.name}: {err} (budget: {source}, "
                                  f"{budget:.1f} GiB{f' less {others:.1f} for the other experts' if others else ''})") from None
             self.activation_plans[expert.name] = plan
 

@@ -223,6 +223,14 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
         raise ConfigError(f"{where}: speed: compile, fp8_base, offload and host_checkpoints are not combined with "
                           f"DeepSpeed yet; "
                           f"keep only speed.save_attention (and memory_gib) under training.deepspeed")
+    if speed.planned and recipe.training.deepspeed:
+        raise ConfigError(f"{where}: speed.save_attention: auto plans one GPU's memory and does not yet count what "
+                          f"ZeRO partitions; under training.deepspeed set save_attention: all, every_k or none "
+                          f"(and host_checkpoints: false)")
+    if (speed.planned or speed.host_checkpoints) and not recipe.training.gradient_checkpointing:
+        raise ConfigError(f"{where}: speed.save_attention: auto and host_checkpoints plan what gradient checkpointing "
+                          f"keeps; set training.gradient_checkpointing: true, or save_attention: none and "
+                          f"host_checkpoints: false")
     valid = list(expert_names(preset))
     for name in recipe.experts:
         if name not in valid:
@@ -302,6 +310,9 @@ def recipe_hash(recipe: Recipe) -> str:
     raw = dataclasses.asdict(recipe)
     for key in _RESUME_FREE:
         raw["training"].pop(key)
+    # The memory cap belongs to the machine, not the trajectory (a resume may move to another card); and
+    # popped, hashes of recipes from before the key existed stay what they were.
+    raw["speed"].pop("memory_gib")
     # Of the validation section only the held-out split changes what is trained on (the training set);
     # how often and how it is scored may change on a resume. No split: no key, as before the section existed.
     validation = raw.pop("validation")

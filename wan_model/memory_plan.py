@@ -116,9 +116,11 @@ def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, ra
     return parts
 
 
-def resident_gib(cfg: TransformerConfig, rank: int = 32, *, fp8_weights: bool = True) -> float:
-    """What an expert keeps on the device between its steps: weights, LoRA weights, gradients and moments."""
-    parts = predicted_peak(cfg, 1, 0, rank=rank, fp8_weights=fp8_weights)
+def resident_gib(cfg: TransformerConfig, rank: int = 32, *, fp8_weights: bool = True,
+                 streamed_blocks: bool = False) -> float:
+    """What an expert keeps on the device between its steps: weights (with streaming, the part that is not
+    streamed, counted with the blocks in flight: an upper bound), LoRA weights, gradients and moments."""
+    parts = predicted_peak(cfg, 1, 0, rank=rank, fp8_weights=fp8_weights, streamed_blocks=streamed_blocks)
     return parts["setup"] + parts["lora_state"]
 
 
@@ -133,9 +135,12 @@ def host_copy_seconds(cfg: TransformerConfig, tokens: int) -> float:
     return cfg.num_layers * 2 * tokens * cfg.dim * 2 / HOST_COPY_BYTES_PER_S
 
 
-def attention_forward_seconds(cfg: TransformerConfig, tokens: int) -> float:
-    """Predicted time of one block's self-attention forward (what a saved block does not recompute)."""
-    return 4 * tokens * tokens * cfg.dim / ATTENTION_FORWARD_FLOPS_PER_S
+def attention_forward_seconds(cfg: TransformerConfig, tokens: int, samples: int = 1, shards: int = 1) -> float:
+    """Predicted time of one block's self-attention forward (what a saved block does not recompute) for
+    `tokens` on this process: `samples` sequences of L = tokens x shards / samples tokens each, each
+    process doing 1/shards of their attention (sequence parallelism: a share of the heads over all L)."""
+    length = tokens * shards / samples
+    return samples * 4 * length * length * cfg.dim / shards / ATTENTION_FORWARD_FLOPS_PER_S
 
 
 def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int = 32,
@@ -173,10 +178,12 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
 
 def plan_activations(cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int = 32,
                      fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
-                     host_inputs: bool | None = False, host_available_gib: float = 0.0) -> ActivationPlan:
+                     host_inputs: bool | None = False, host_available_gib: float = 0.0, samples: int = 1,
+                     shards: int = 1) -> ActivationPlan:
     """`plan_saved_attention`, choosing also where the block inputs wait when host_inputs is None: on the
     device while that saves every block; else in host memory when that is predicted faster (module
-    docstring) and HOST_SHARE of `host_available_gib` holds them."""
+    docstring) and HOST_SHARE of `host_available_gib` (this process's share of the host) holds them.
+    samples, shards: how `tokens` is made (`attention_forward_seconds`)."""
     options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad, streamed_blocks=streamed_blocks)
     if host_inputs is not None:
         return plan_saved_attention(cfg, tokens, budget_gib, host_inputs=host_inputs, **options)
@@ -190,5 +197,6 @@ def plan_activations(cfg: TransformerConfig, tokens: int, budget_gib: float, *, 
     if on_device.saved_attention_blocks == cfg.num_layers or not host_fits:
         return on_device
     on_host = plan_saved_attention(cfg, tokens, budget_gib, host_inputs=True, **options)
-    gained = (on_host.saved_attention_blocks - on_device.saved_attention_blocks) * attention_forward_seconds(cfg, tokens)
+    gained = ((on_host.saved_attention_blocks - on_device.saved_attention_blocks)
+              * attention_forward_seconds(cfg, tokens, samples, shards))
     return on_host if gained > host_copy_seconds(cfg, tokens) else on_device

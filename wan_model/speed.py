@@ -25,6 +25,7 @@ backend, checkpoint policy, offload (moves weights to the host), compile last.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Literal
 
@@ -80,7 +81,7 @@ class SpeedOptions:
         if self.host_checkpoints == "auto" and self.save_attention != "auto":
             raise ValueError("speed.host_checkpoints: auto is chosen by the memory plan; set save_attention: auto "
                              "too, or host_checkpoints: true / false")
-        if self.memory_gib is not None and self.memory_gib <= 0:
+        if self.memory_gib is not None and not (math.isfinite(self.memory_gib) and self.memory_gib > 0):
             raise ValueError(f"speed.memory_gib: expected a positive number of GiB, got {self.memory_gib}")
 
     @property
@@ -90,16 +91,17 @@ class SpeedOptions:
 
 
 def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int,
-               host_available_gib: float) -> tuple[SpeedOptions, ActivationPlan | None]:
+               host_available_gib: float, samples: int = 1, shards: int = 1) -> tuple[SpeedOptions, ActivationPlan | None]:
     """Resolve save_attention / host_checkpoints "auto" into settings `apply_speed_options` takes, from
     the memory plan for `tokens` (the largest micro-batch) within `budget_gib`; other options pass through
-    (plan None). Raises ValueError (naming the fixes) when no setting is predicted to fit."""
+    (plan None). samples / shards: the micro-batch size and sequence-parallel degree that `tokens` (this
+    process's) comes from. Raises ValueError (naming the fixes) when no setting is predicted to fit."""
     if not options.planned:
         return options, None
     plan = plan_activations(cfg, tokens, budget_gib, rank=rank, fp8_weights=options.fp8_base != "none",
                             fp8_dgrad=options.fp8_base == "matmul_dgrad", streamed_blocks=options.offload == "blocks",
                             host_inputs=None if options.host_checkpoints == "auto" else options.host_checkpoints,
-                            host_available_gib=host_available_gib)
+                            host_available_gib=host_available_gib, samples=samples, shards=shards)
     k = plan.saved_attention_blocks
     save = "none" if k == 0 else "all" if k == plan.blocks else "every_k"
     resolved = replace(options, save_attention=save, host_checkpoints=plan.host_checkpoints,

@@ -150,3 +150,40 @@ def test_validation_schedule_may_change_on_resume_but_not_the_split(tmp_path):
     assert recipe_hash(dataclasses.replace(split, validation=ValidationSettings(fraction=0.2, every=50))) \
         != recipe_hash(split)
     assert recipe_hash(split) != recipe_hash(base)
+
+
+def test_recipe_hash_ignores_the_memory_cap_and_keeps_hashes_from_before_it(tmp_path):
+    """speed.memory_gib belongs to the machine: a resume on another card keeps the hash, and a recipe
+    written before the key existed hashes as it did then (fe63a9a2ca4cb2a7, computed at 2ea22a4)."""
+    import dataclasses
+
+    from data.config import DatasetConfig, ModelSource
+    from train.recipe import Recipe, recipe_hash
+    from wan_model.speed import SpeedOptions
+
+    recipe = Recipe(model=ModelSource(preset="tiny-t2v"), dataset=DatasetConfig(root="clips"),
+                    speed=SpeedOptions(compile=True, save_attention="all", fp8_base="matmul"))
+    assert recipe_hash(recipe) == "fe63a9a2ca4cb2a7"
+    capped = dataclasses.replace(recipe, speed=dataclasses.replace(recipe.speed, memory_gib=80.0))
+    assert recipe_hash(capped) == recipe_hash(recipe)
+
+
+def test_auto_memory_plan_refused_where_it_cannot_plan(tmp_path):
+    """Under DeepSpeed (ZeRO partitions what the plan counts) and without gradient checkpointing (nothing
+    to plan) save_attention: auto fails at load with the key and the fix."""
+    import dataclasses
+
+    from data.config import DatasetConfig, ModelSource
+    from data.typed_config import ConfigError
+    from train.recipe import Recipe, TrainingSettings, check_recipe
+    from wan_model.speed import SpeedOptions
+
+    auto = SpeedOptions(compile=False, save_attention="auto", fp8_base="none")
+    base = Recipe(model=ModelSource(preset="tiny-t2v"), dataset=DatasetConfig(root="clips"), speed=auto)
+    zero = dataclasses.replace(base, training=TrainingSettings(deepspeed="zero2"))
+    with pytest.raises(ConfigError, match="save_attention: all, every_k or none"):
+        check_recipe(zero, "r.yaml", check_release=False)
+    plain = dataclasses.replace(base, training=TrainingSettings(gradient_checkpointing=False))
+    with pytest.raises(ConfigError, match="gradient_checkpointing: true"):
+        check_recipe(plain, "r.yaml", check_release=False)
+    check_recipe(base, "r.yaml", check_release=False)

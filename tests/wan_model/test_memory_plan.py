@@ -124,3 +124,10 @@ def test_resident_memory_of_an_idle_expert():
     parts = predicted_peak(A14B, 1, 0)
     assert gib == pytest.approx(parts["setup"] + parts["lora_state"])
     assert 15.0 < gib < 16.5
+
+
+def test_attention_time_counts_every_sample_and_each_shard_of_the_heads():
+    """tokens = samples x L / shards: the attention forward is samples x 4 L^2 d / shards, not 4 tokens^2 d."""
+    one = attention_forward_seconds(A14B, 32760)
+    assert attention_forward_seconds(A14B, 2 * 32760, samples=2) == pytest.approx(2 * one)
+    assert attention_forward_seconds(A14B, 32760 // 4, shards=4) == pytest.approx(one / 4)

@@ -297,5 +297,6 @@ def test_auto_is_resolved_by_the_memory_plan_before_it_is_applied():
 def test_auto_options_validated():
     with pytest.raises(ValueError, match="host_checkpoints: auto"):
         SpeedOptions(save_attention="all", host_checkpoints="auto")
-    with pytest.raises(ValueError, match="memory_gib"):
-        SpeedOptions(memory_gib=0.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="memory_gib"):
+            SpeedOptions(memory_gib=bad)
