@@ -119,17 +119,33 @@ def cap_device_memory(device: torch.device, gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), index)
 
 
-def host_available_gib() -> float:
-    """Host memory the kernel reports available (Linux MemAvailable); 0 where unknown, so that no memory
-    plan counts on pinning host memory it cannot see."""
+# A container's memory limit and use (cgroup v2, then v1); MemAvailable sees the whole machine.
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def host_available_gib(meminfo: str = "/proc/meminfo", cgroup_files=CGROUP_MEMORY_FILES) -> float:
+    """Host memory available to this process: the kernel's MemAvailable, within the container's limit less
+    its use where a limit is set; 0 where unknown, so that no memory plan counts on pinning host memory
+    it cannot see."""
+    available = 0.0
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
+        with open(meminfo) as lines:
+            for line in lines:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GIB
+                    available = int(line.split()[1]) * 1024 / GIB
     except OSError:
-        pass
-    return 0.0
+        return 0.0
+    for limit_file, usage_file in cgroup_files:
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text.isdigit() and int(limit_text) < 2**60:  # "max" / a huge number: no limit
+            available = min(available, max(0, int(limit_text) - usage) / GIB)
+        break
+    return available
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

@@ -354,3 +354,17 @@ def test_save_attention_auto_needs_the_largest_sample_and_a_budget_that_fits(tmp
         make_trainer(recipe)
     with pytest.raises(ValueError, match=r"expert high_noise.*speed.memory_gib"):
         make_trainer(recipe, max_video_tokens=16)
+
+
+def test_host_memory_for_the_plan_respects_a_container_limit(tmp_path):
+    from train.loop import host_available_gib
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemAvailable:   104857600 kB\n")  # 100 GiB available
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("max\n")
+    usage.write_text(str(2 * 2**30))
+    assert host_available_gib(str(meminfo), [(str(limit), str(usage))]) == pytest.approx(100.0)
+    limit.write_text(str(32 * 2**30))
+    assert host_available_gib(str(meminfo), [(str(limit), str(usage))]) == pytest.approx(30.0)
+    assert host_available_gib(str(tmp_path / "missing"), []) == 0.0
