@@ -169,7 +169,7 @@ def test_train_lora_plans_memory_for_the_caches_largest_bucket(world, capsys):
     from wan_model.config import get_preset
 
     recipe = yaml.safe_load((world / "base.yaml").read_text())
-    recipe["training"]["output_dir"] = str(world / "auto")
+    recipe["training"].update(output_dir=str(world / "auto"), gradient_checkpointing=True)
     recipe["speed"] = dict(compile=False, save_attention="auto", host_checkpoints="auto", fp8_base="none",
                            memory_gib=4.0)
     path = world / "auto.yaml"
