@@ -126,8 +126,7 @@ def loss_curve(cfg, latent_shape, device, dtype, mode, rank, steps, every, lr) -
 
 def latent_shape_of(preset, size: str, frames: int):
     h, w = (int(v) for v in size.split("x"))
-    vt, vh, vw = preset.vae.stride
-    return (1, preset.transformer.in_dim, (frames - 1) // vt + 1, h // vh, w // vw)
+    return (1, preset.transformer.in_dim, *preset.latent_size(h, w, frames))
 
 
 def main(argv=None) -> None:

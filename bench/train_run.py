@@ -98,8 +98,7 @@ def main(argv=None) -> None:
         if i > 0:  # the trainer keeps the idle expert in host memory when both do not fit
             models[name].to("cpu")
     h, w = (int(v) for v in args.size.split("x"))
-    vs = preset.vae.stride
-    latent_shape = (1, preset.vae.z_dim, (args.frames - 1) // vs[0] + 1, h // vs[1], w // vs[2])
+    latent_shape = (1, preset.vae.z_dim, *preset.latent_size(h, w, args.frames))
     source = SyntheticSource(latent_shape, preset.transformer.text_dim, preset.task == "i2v")
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -158,10 +158,10 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     plan = None
+    tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
     if impl == "ours":
         model = build_ours(cfg, device, args.checkpointing)
         params = add_lora(model, OUR_TARGETS, args.rank)
-        tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
         options, plan = planned_speed(args, cfg, tokens, device)
         apply_speed_options(model, options)
     else:
@@ -206,7 +206,6 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     sec = statistics.median(times)
-    tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
     flops = step_flops(cfg, tokens, args.rank, args.checkpointing != "none")
     if cuda and args.memory_fraction:
         torch.cuda.set_per_process_memory_fraction(1.0)

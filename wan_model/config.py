@@ -146,12 +146,16 @@ class ModelPreset:
         v, p = self.vae.stride, self.transformer.patch_size
         return (v[0] * p[0], v[1] * p[1], v[2] * p[2])
 
+    def latent_size(self, height: int, width: int, frames: int) -> tuple[int, int, int]:
+        """(frames, height, width) of a clip's VAE latent: the VAE keeps frame 0 and folds each following
+        stride[0] frames into one latent frame; 480x832x81 through the 2.1 VAE -> (21, 60, 104)."""
+        v = self.vae.stride
+        return ((frames - 1) // v[0] + 1, height // v[1], width // v[2])
+
     def video_tokens(self, height: int, width: int, frames: int) -> int:
-        """Transformer tokens of one clip: 480x832x81 on A14B -> 21 x 30 x 52 = 32,760 (the VAE keeps frame
-        0 and folds each following stride[0] frames into one latent frame)."""
-        v, p = self.vae.stride, self.transformer.patch_size
-        latent = ((frames - 1) // v[0] + 1, height // v[1], width // v[2])
-        return math.prod(n // k for n, k in zip(latent, p))
+        """Transformer tokens of one clip: 480x832x81 on A14B -> 21 x 30 x 52 = 32,760."""
+        latent = self.latent_size(height, width, frames)
+        return math.prod(n // k for n, k in zip(latent, self.transformer.patch_size))
 
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)

@@ -237,9 +237,8 @@ class WanPipeline:
         context, _ = self.encode_prompts([request.prompt, negative])  # [2, 512, D]: cond, uncond
         clock["text"] = time.perf_counter() - start
 
-        vt, vh, vw = preset.vae.stride
         pt, ph, pw = preset.transformer.patch_size
-        shape = (preset.vae.z_dim, (frames - 1) // vt + 1, height // vh, width // vw)
+        shape = (preset.vae.z_dim, *preset.latent_size(height, width, frames))
         grid = (shape[1] // pt, shape[2] // ph, shape[3] // pw)
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
         latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)

@@ -131,3 +131,10 @@ def test_attention_time_counts_every_sample_and_each_shard_of_the_heads():
     one = attention_forward_seconds(A14B, 32760)
     assert attention_forward_seconds(A14B, 2 * 32760, samples=2) == pytest.approx(2 * one)
     assert attention_forward_seconds(A14B, 32760 // 4, shards=4) == pytest.approx(one / 4)
+
+
+def test_latent_size_and_tokens_of_the_presets_shapes():
+    a14b, ti2v = PRESETS["t2v-A14B"], PRESETS["ti2v-5B"]
+    assert a14b.latent_size(480, 832, 81) == (21, 60, 104) and a14b.video_tokens(480, 832, 81) == 32760
+    assert a14b.video_tokens(720, 1280, 81) == 75600
+    assert ti2v.latent_size(704, 1280, 121) == (31, 44, 80) and ti2v.video_tokens(704, 1280, 121) == 27280
