@@ -1,7 +1,11 @@
 """What FP8 base weights do to LoRA training (issue 16's FP8 table): gradients, then loss curves.
 
-    python bench/fp8_gradients.py --preset t2v-A14B --size 480x832 --frames 81                 # GPU, real shape
+    python bench/fp8_gradients.py --preset t2v-A14B --size 480x832 --frames 81 --loss-steps 0  # GPU: gradients
+    python bench/fp8_gradients.py --preset t2v-A14B --skip-gradients                           # GPU: loss curves
     python bench/fp8_gradients.py --preset tiny-t2v --size 64x64 --frames 9 --loss-steps 20    # CPU: the script only
+
+On the H200 one gradient pass (a mode at four timesteps) of the real A14B shape takes ~115 s, and the
+bf16 reference and repeat are two of them: give each call at most two modes, or `--skip-repeat`.
 
 Part 1, gradients at the real shape: one random expert (official init, random head) with rank-32 LoRA on the
 ten block linears, its B factors random (PEFT's zero B would give A no gradient), checkpointing on every
@@ -10,7 +14,8 @@ range [0, 875)) and each `fp8_base` mode, the LoRA gradient of the flow-matching
 (x_t = (1 - s) x_0 + s n, target n - x_0) against the bf16 model's: cosine similarity and relative error
 ||g - g_bf16|| / ||g_bf16|| over all LoRA parameters, and over each kind of linear.
 
-A second bf16 run ("none-repeat") gives the floor: what the GPU's own nondeterminism changes. Random
+A second bf16 run ("none-repeat", left out by --skip-repeat) gives the floor: what the GPU's own
+nondeterminism changes. Random
 weights lack real checkpoints' activation outliers, so the FP8 matmul modes' per-token quantisation error
 is probably understated here; one random expert serves both timestep ranges (the expert column labels t).
 T2V-A14B (boundary 875) and TI2V-5B (one expert) are supported; I2V's conditioning channels are not built.
@@ -18,7 +23,9 @@ T2V-A14B (boundary 875) and TI2V-5B (one expert) are supported; I2V's conditioni
 Part 2, loss curves: the same LoRA trained with AdamW for --loss-steps steps on a fixed synthetic target
 (eight fixed samples cycled, timesteps drawn from one seed, so every mode sees the same sequence), per
 mode; reported every --loss-every steps, and the final loss relative to bf16's. --loss-blocks and
---loss-size shrink the model and clip for this part (the real shape costs ~9 s a step).
+--loss-size shrink the model and clip for this part (the real shape costs ~9 s a step; two blocks at
+240x416x21 run the four curves in under 140 s, eight did not finish them in 260 s). --loss-steps 0 skips
+it. The JSON is rewritten after each part and each curve, so a run cut by a time limit keeps what finished.
 
 FP8 matmul modes run their FP8 kernels on CUDA only; on the CPU every mode dequantises (storage numerics).
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -124,6 +132,22 @@ def loss_curve(cfg, latent_shape, device, dtype, mode, rank, steps, every, lr) -
     return curve
 
 
+def keep(summary: dict, json_path: Path | None) -> None:
+    """The results so far on disk (emit prints them too, once, at the end)."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=2))
+
+
+def compare_curves(curves: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Each curve against bf16's ("none", the first): final loss, its ratio, and the mean absolute gap."""
+    final = {mode: curve[-1] for mode, curve in curves.items()}
+    reference = curves["none"]
+    return dict(final=final, final_vs_bf16={m: round(v / final["none"], 4) for m, v in final.items()},
+                mean_abs_gap_vs_bf16={m: round(sum(abs(a - b) for a, b in zip(c, reference)) / len(c), 6)
+                                      for m, c in curves.items()})
+
+
 def latent_shape_of(preset, size: str, frames: int):
     h, w = (int(v) for v in size.split("x"))
     return (1, preset.transformer.in_dim, *preset.latent_size(h, w, frames))
@@ -139,11 +163,12 @@ def main(argv=None) -> None:
     ap.add_argument("--timesteps", type=float, nargs="+", default=[990.0, 930.0, 880.0, 700.0, 400.0, 100.0])
     ap.add_argument("--loss-steps", type=int, default=300)
     ap.add_argument("--loss-every", type=int, default=10)
-    ap.add_argument("--loss-blocks", type=int, default=8, help="blocks of the model in the loss-curve part")
+    ap.add_argument("--loss-blocks", type=int, default=2, help="blocks of the model in the loss-curve part")
     ap.add_argument("--loss-size", default="240x416")
     ap.add_argument("--loss-frames", type=int, default=21)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--skip-gradients", action="store_true")
+    ap.add_argument("--skip-repeat", action="store_true", help="no second bf16 run (the noise floor)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,25 +182,27 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         reference = gradients(cfg, shape, device, dtype, "none", args.rank, args.timesteps)
         rows = []
-        for mode in ["none-repeat", *args.modes]:
+        for mode in (["none-repeat"] if not args.skip_repeat else []) + args.modes:
             grads = gradients(cfg, shape, device, dtype, mode.removesuffix("-repeat"), args.rank, args.timesteps)
             for t in args.timesteps:
                 expert = "dense" if not preset.is_moe else "high_noise" if t >= preset.boundary_timestep else "low_noise"
                 rows.append(dict(mode=mode, t=t, expert=expert, **compare(grads[t], reference[t])))
                 print(rows[-1], flush=True)
         summary.update(gradients=rows, gradient_seconds=round(time.perf_counter() - start, 1))
-        if args.json:  # kept if the loss-curve part is cut short
-            emit(summary, args.json)
+        keep(summary, args.json)  # kept if the loss-curve part is cut short
+    if args.loss_steps <= 0:
+        emit(summary, args.json)
+        return
     small = dataclasses.replace(cfg, num_layers=min(args.loss_blocks, cfg.num_layers))
     shape = latent_shape_of(preset, args.loss_size, args.loss_frames)
-    curves = {mode: loss_curve(small, shape, device, dtype, mode, args.rank, args.loss_steps, args.loss_every, args.lr)
-              for mode in ["none", *args.modes]}
-    final = {mode: curve[-1] for mode, curve in curves.items()}
-    summary.update(loss=dict(blocks=small.num_layers, size=args.loss_size, frames=args.loss_frames,
-                             steps=args.loss_steps, every=args.loss_every, lr=args.lr, curves=curves,
-                             final=final, final_vs_bf16={m: round(v / final["none"], 4) for m, v in final.items()},
-                             mean_abs_gap_vs_bf16={m: round(sum(abs(a - b) for a, b in zip(c, curves["none"]))
-                                                         / len(c), 6) for m, c in curves.items()}))
+    summary["loss"] = loss = dict(blocks=small.num_layers, size=args.loss_size, frames=args.loss_frames,
+                                  steps=args.loss_steps, every=args.loss_every, lr=args.lr, curves={})
+    for mode in ["none", *args.modes]:
+        loss["curves"][mode] = loss_curve(small, shape, device, dtype, mode, args.rank, args.loss_steps,
+                                          args.loss_every, args.lr)
+        print(f"loss curve {mode}: final {loss['curves'][mode][-1]}", flush=True)
+        loss.update(compare_curves(loss["curves"]))
+        keep(summary, args.json)  # kept if a later curve is cut short
     emit(summary, args.json)
 
 
