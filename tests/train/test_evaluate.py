@@ -38,6 +38,24 @@ def test_bad_entry_names_its_line(tmp_path, entry, message):
         load_suite(suite)
 
 
+def test_palette_matches_its_definition_per_pixel():
+    """palette() works on channel planes for speed; here against the definition pixel by pixel (HSV
+    saturation (max - min) / max, 0 for black; Rec. 601 luma), on random frames with black and white pixels."""
+    frames = np.random.default_rng(0).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
+    frames[0, 0, 0] = 0
+    frames[1, 2, 3] = 255
+    pixels = frames.reshape(-1, 3).astype(np.float64)
+    high, low = pixels.max(axis=1), pixels.min(axis=1)
+    saturation = [(h - lo) / h if h > 0 else 0.0 for h, lo in zip(high, low)]
+    expected = {"r": pixels[:, 0].mean(), "g": pixels[:, 1].mean(), "b": pixels[:, 2].mean(),
+                "brightness": (pixels @ [0.299, 0.587, 0.114]).mean(), "saturation": np.mean(saturation) * 255,
+                "warmth": (pixels[:, 0] - pixels[:, 2]).mean()}
+    got = palette(frames)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
 def test_palette_warmth_and_flicker():
     warm = np.zeros((4, 8, 8, 3), np.uint8)
     warm[..., 0], warm[..., 2] = 200, 50
