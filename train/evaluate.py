@@ -149,7 +149,10 @@ def palette(frames: np.ndarray) -> dict[str, float]:
 
 def flicker(frames: np.ndarray) -> float:
     """Mean |change| of per-frame mean brightness between consecutive frames (0..255); 0 for one frame."""
-    luma = (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean(axis=(1, 2))
+    # per-frame channel means, then luma: the mean is linear, and a float copy of every pixel took 2.2 s
+    # at 81 frames of 480x832 on a 2-core CPU (this: 0.08 s)
+    means = np.stack([frames[..., c].mean(axis=(1, 2), dtype=np.float64) for c in range(3)], axis=1)
+    luma = means @ np.array([0.299, 0.587, 0.114])
     return float(np.abs(np.diff(luma)).mean()) if len(luma) > 1 else 0.0
 
 

@@ -38,7 +38,7 @@ def test_bad_entry_names_its_line(tmp_path, entry, message):
         load_suite(suite)
 
 
-def test_palette_matches_its_definition_per_pixel():
+def test_palette_and_flicker_match_their_definitions_per_pixel():
     """palette() works on channel planes for speed; here against the definition pixel by pixel (HSV
     saturation (max - min) / max, 0 for black; Rec. 601 luma), on random frames with black and white pixels."""
     frames = np.random.default_rng(0).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
@@ -54,6 +54,8 @@ def test_palette_matches_its_definition_per_pixel():
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    frame_luma = (frames.astype(np.float64) @ [0.299, 0.587, 0.114]).mean(axis=(1, 2))
+    assert flicker(frames) == pytest.approx(np.abs(np.diff(frame_luma)).mean(), rel=1e-9)
 
 
 def test_palette_warmth_and_flicker():
