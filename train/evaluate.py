@@ -246,7 +246,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     that stopped resumes where it was. A progress bar shows the renders left and the ETA."""
     from tqdm.auto import tqdm
 
-    from wan_model.media import read_image, save_png, save_video, to_uint8_frames
+    from wan_model.media import read_image, save_frames, save_png, to_uint8_frames
     from wan_model.pipeline import GenerationRequest
 
     started = time.perf_counter()
@@ -290,8 +290,8 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                     t0 = time.perf_counter()
                     video = pipe.generate(request).video
                     seconds = time.perf_counter() - t0
-                    save_video(video, stem, fps=pipe.preset.sample_fps)
                     all_frames = to_uint8_frames(video)
+                    save_frames(all_frames, stem, fps=pipe.preset.sample_fps)
                     idx = np.linspace(0, len(all_frames) - 1, num=min(5, len(all_frames))).round().astype(int)
                     frames = all_frames[idx]
                     np.save(file(".sheet.npy"), frames)

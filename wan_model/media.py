@@ -13,7 +13,9 @@ from .files import atomic_write
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    # clamp makes the one new tensor, the rest works in place on it: a fresh tensor per step took 1.5 s for
+    # 81 frames of 480x832 on a 2-core CPU (this: 0.55 s), with the same bytes
+    frames = video.float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
@@ -60,7 +62,11 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 def save_video(video: torch.Tensor, path: str | Path, fps: int) -> tuple[Path, Path]:
     """Save a [3, F, H, W] video in [-1, 1] as `path` (mp4) plus `path` with .png (a strip of frames)."""
-    frames = to_uint8_frames(video)
+    return save_frames(to_uint8_frames(video), path, fps)
+
+
+def save_frames(frames: np.ndarray, path: str | Path, fps: int) -> tuple[Path, Path]:
+    """`save_video` for frames already converted by `to_uint8_frames` ([F, H, W, 3] uint8)."""
     mp4 = write_mp4(frames, Path(path).with_suffix(".mp4"), fps)
     png = save_png(frame_strip(frames), Path(path).with_suffix(".png"))
     return mp4, png

@@ -23,6 +23,17 @@ def test_mp4_round_trip_through_decord(tmp_path):
     assert png.exists()
 
 
+def test_uint8_frames_map_the_range_and_leave_the_input_alone():
+    video = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 1, 7).expand(3, 2, 1, 7).contiguous()
+    before = video.clone()
+    frames = to_uint8_frames(video)
+    assert frames.shape == (2, 1, 7, 3) and frames.dtype == np.uint8 and frames.flags["C_CONTIGUOUS"]
+    # (x + 1) * 127.5 rounded half to even, clamped to [-1, 1] first
+    assert frames[0, 0, :, 0].tolist() == [0, 0, 64, 128, 191, 255, 255]
+    assert torch.equal(video, before)
+    assert np.array_equal(to_uint8_frames(video.bfloat16()), frames)
+
+
 def test_odd_sizes_are_padded_and_strip_has_five_frames(tmp_path):
     video = torch.zeros(3, 5, 15, 17)
     mp4, _ = save_video(video, tmp_path / "odd.mp4", fps=24)
