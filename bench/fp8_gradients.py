@@ -16,8 +16,9 @@ range [0, 875)) and each `fp8_base` mode, the LoRA gradient of the flow-matching
 
 A second bf16 run ("none-repeat", left out by --skip-repeat) gives the floor: what the GPU's own
 nondeterminism changes. Random weights lack real checkpoints' activation outliers, so the FP8 matmul modes'
-per-token quantisation error is probably understated here; one random expert serves both timestep ranges (the expert column labels t).
-T2V-A14B (boundary 875) and TI2V-5B (one expert) are supported; I2V's conditioning channels are not built.
+per-token quantisation error is probably understated here; one random expert serves both timestep ranges
+(the expert column labels t). T2V-A14B (boundary 875) and TI2V-5B (one expert) are supported; I2V's
+conditioning channels are not built.
 
 Part 2, loss curves: the same LoRA trained with AdamW for --loss-steps steps on a fixed synthetic target
 (eight fixed samples cycled, timesteps drawn from one seed, so every mode sees the same sequence), per
