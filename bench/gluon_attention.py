@@ -17,8 +17,10 @@ no handle on that. Gluon does: `warpgroup_mma(..., is_async=True)` returns at on
     4. wait for P_{j-1} v_{j-1}; start copying value tile j+1 into the stage it read
     5. acc *= alpha_j                                   (the rescale after the product: acc holds block j-1's
                                                          max until P_{j-1} v_{j-1} is in)
-Shared memory: two-stage key and value rings, two P buffers and q, 88 KiB, so two blocks of 64 query rows
-share an SM. Three things the compiler did that undid the overlap, each found in the SASS
+Shared memory: two-stage key and value rings, two P buffers and q, 88 KiB at 64 query rows per program
+(one warp group, 254 registers: two programs share an SM); `--block-m 128` gives two warp groups one
+program that share each key and value tile (112 KiB, 221 registers, one program per SM). `main` times
+both against the shipped kernel. Three things the compiler did that undid the overlap, each found in the SASS
 (`--compile-only`) and designed out: a product left in flight across the loop's back edge made ptxas
 serialise every wgmma (info C7514); P as a register operand let block j's exponentials take P_{j-1}'s
 registers, so ptxas waited for P_{j-1} v_{j-1} before them (hence P through shared memory); LLVM sank the
@@ -34,13 +36,14 @@ after the product rather than before, and the last partial block keeps the bias 
 rounding, differ (3-4e-3 apart from key blocks of 128 in a float32 emulation), so `main` prints its choice.
 
 Not wired into the sampler: nothing here has run on a GPU yet (written without device time). Shapes: head
-dim 128, key blocks of 128, query blocks of 64 (one warp group), k and v padded to a multiple of 256
-rows (what `quantize_qkv` gives), at least two key blocks.
+dim 128, key blocks of 128, query blocks of 64 or 128, k and v padded to a multiple of 256 rows (what
+`quantize_qkv` gives), at least two key blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -110,6 +113,7 @@ def _block(j, q_smem, k_ring, v_ring, p_smem, zero_s, acc, m_i, l_i, row_scale, 
                               is_async=True)
     s_int = warpgroup_mma_wait(1, deps=[s_token])  # q k^T_j done; P_{j-1} v_{j-1} runs on
     if j + 2 < n_blocks:
+        gl.thread_barrier()  # every warp group's q k^T_j is done before its key stage is refilled
         _copy_key_tile(k_ring, j + 2, k_tile_ptrs, sk_l, BLOCK_N)
     s = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
     if LAST:  # columns past Lk (the zero padding) get no weight
@@ -133,15 +137,16 @@ def gluon_fp8_attention_kernel(Q, K, VT, QS, KS, VS, O,
                                sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_h, sv_d, sqs_b, sqs_l,
                                so_b, so_l, so_h, H, Lq, Lk,
                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    WARPS: gl.constexpr = BLOCK_M // 16  # one warp group per 64 query rows
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, HEAD_DIM, 32])
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     # 16 bytes per thread, 8 threads along a 128-byte row, 4 rows per warp: what cp.async moves best
     tile_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8],
-                                                 warps_per_cta=[4, 1], order=[1, 0])
+                                                 warps_per_cta=[WARPS, 1], order=[1, 0])
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.int8)
     k_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gl.int8)
     v_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HEAD_DIM, BLOCK_N], gl.float8e4nv)
@@ -191,6 +196,7 @@ def gluon_fp8_attention_kernel(Q, K, VT, QS, KS, VS, O,
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
     s_int = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False)
     if n_blocks > 2:
+        gl.thread_barrier()  # every warp group's q k^T_0 is done before stage 0 is refilled
         _copy_key_tile(k_ring, 2, k_tile_ptrs, sk_l, BLOCK_N)
     async_copy.commit_group()
     s = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
@@ -225,17 +231,19 @@ def gluon_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return launch(*operands, k.shape[1]).to(q.dtype)
 
 
-def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int) -> torch.Tensor:
-    """The kernel on quantised operands (`quantize_qkv`'s, contiguous) -> [B, Lq, H, D] bf16."""
+def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, block_m: int = BLOCK_M) -> torch.Tensor:
+    """The kernel on quantised operands (`quantize_qkv`'s, contiguous) -> [B, Lq, H, D] bf16. block_m 64:
+    one warp group per program, two programs per SM; 128: two warp groups sharing each key and value tile."""
     batch, q_len, heads, _ = q8.shape
     assert k8.shape[1] % K_PAD == 0 and BLOCK_N < kv_len <= k8.shape[1], "at least two key blocks, padded keys"
     out = torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16)
-    grid = (triton_cdiv(q_len, BLOCK_M), batch * heads)
+    grid = (triton_cdiv(q_len, block_m), batch * heads)
     gluon_fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out,
                                      q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1),
                                      k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2), q_scale.stride(0),
                                      q_scale.stride(1), out.stride(0), out.stride(1), out.stride(2), heads, q_len,
-                                     kv_len, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+                                     kv_len, HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+                                     num_warps=block_m // 16)
     return out
 
 
@@ -243,9 +251,10 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def compile_only() -> None:
+def compile_only(block_m: int, show_sequence: bool) -> None:
     """Compile for sm_90a here (no GPU needed) and print the main loop's instruction mix and waits."""
     import collections
+    import subprocess
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -255,34 +264,45 @@ def compile_only() -> None:
 
     fn = gluon_fp8_attention_kernel
     names = fn.arg_names
-    constexprs = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    constexprs = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=BLOCK_N)
     signature = {n: "constexpr" if n in constexprs else (POINTERS[i] if i < len(POINTERS) else "i32")
                  for i, n in enumerate(names)}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in names}
     kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4))
-    import subprocess
+                            target=GPUTarget("cuda", 90, 128), options=dict(num_warps=block_m // 16))
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    cubin = Path("/tmp/wanlora_gluon_attention.cubin")
+    cubin = Path(f"/tmp/wanlora_gluon_attention_{block_m}.cubin")
     cubin.write_bytes(kernel.asm["cubin"])
     sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ptx = cubin.with_suffix(".ptx")
+    ptx.write_text(kernel.asm["ptx"])
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    report = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", str(ptx), "-o", "/dev/null"],
+                            capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
     loop = main_loop(sass)
     counts = collections.Counter(op for op, _ in loop)
-    print(f"shared memory {kernel.metadata.shared} bytes; main loop {len(loop)} instructions per thread per key block; "
-          f"tensor-core waits {[o for op, o in loop if op == 'WARPGROUP.DEPBAR.LE']}; "
+    print(f"BLOCK_M {block_m} ({block_m // 16} warps): {registers.group(1) if registers else '?'} registers per "
+          f"thread, shared memory {kernel.metadata.shared} bytes; main loop "
+          f"{len(loop)} instructions per thread per key block; tensor-core waits "
+          f"{[o for op, o in loop if op == 'WARPGROUP.DEPBAR.LE']}; "
           f"spills {sum(op.startswith(('LDL', 'STL')) for op, _ in loop)}")
-    print(", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
-    print(sequence(loop))
+    print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
+    if show_sequence:
+        print("  " + sequence(loop))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--sequence", action="store_true", help="with --compile-only: the loop's instruction sequence")
+    ap.add_argument("--block-m", type=int, nargs="+", default=[64, 128], choices=[64, 128])
     ap.add_argument("--shape", default="2,32760,40,128", help="B,L,H,D (default: T2V-A14B 480x832x81, CFG batch)")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
     if args.compile_only:
-        compile_only()
+        for block_m in args.block_m:
+            compile_only(block_m, args.sequence)
         return
     b, seq, h, d = (int(x) for x in args.shape.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -304,8 +324,13 @@ def main(argv=None) -> None:
           f"kernel's autotuned config: {_fp8_attention_kernel.best_config})", flush=True)
     flops = 4 * b * h * seq * seq * d
     operands = [t.contiguous() for t in quantize_qkv(q, k, v)]
-    for name, fn in [("shipped", lambda: _fp8_attention_kernel_op(*operands, seq)),
-                     ("gluon", lambda: launch(*operands, seq))]:
+    variants = [("shipped", lambda: _fp8_attention_kernel_op(*operands, seq))]
+    for block_m in args.block_m:
+        if block_m != BLOCK_M:
+            other = launch(*operands, seq, block_m=block_m)
+            print(f"gluon BLOCK_M {block_m} vs BLOCK_M {BLOCK_M}: {rel(other, ours):.2e}", flush=True)
+        variants.append((f"gluon BLOCK_M {block_m}", lambda block_m=block_m: launch(*operands, seq, block_m=block_m)))
+    for name, fn in variants:
         times = []
         for _ in range(args.iters + 2):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
