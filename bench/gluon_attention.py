@@ -43,8 +43,6 @@ dim 128, key blocks of 128, query blocks of 64 or 128, k and v padded to a multi
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared,  # noqa: E402
                                                                warpgroup_mma, warpgroup_mma_wait)
 
+from bench.attention_kernels import rel, rms_normed, time_ms  # noqa: E402
 from wan_model.fp8_attention import (K_PAD, _fp8_attention_kernel, _fp8_attention_kernel_op,  # noqa: E402
                                      quantize_qkv, reference_fp8_attention)
 
@@ -253,43 +252,13 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def compile_only(block_m: int, show_sequence: bool) -> None:
     """Compile for sm_90a here (no GPU needed) and print the main loop's instruction mix and waits."""
-    import collections
-    import subprocess
+    from bench.kernel_sass import compile_for_hopper, describe, main_loop, sequence
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from bench.kernel_sass import DIVISIBLE, POINTERS, main_loop, sequence
-
-    fn = gluon_fp8_attention_kernel
-    names = fn.arg_names
-    constexprs = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=BLOCK_N)
-    signature = {n: "constexpr" if n in constexprs else (POINTERS[i] if i < len(POINTERS) else "i32")
-                 for i, n in enumerate(names)}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in names}
-    kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 128), options=dict(num_warps=block_m // 16))
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    cubin = Path(f"/tmp/wanlora_gluon_attention_{block_m}.cubin")
-    cubin.write_bytes(kernel.asm["cubin"])
-    sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    ptx = cubin.with_suffix(".ptx")
-    ptx.write_text(kernel.asm["ptx"])
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    report = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", str(ptx), "-o", "/dev/null"],
-                            capture_output=True, text=True).stderr
-    registers = re.search(r"Used (\d+) registers", report)
-    loop = main_loop(sass)
-    counts = collections.Counter(op for op, _ in loop)
-    print(f"BLOCK_M {block_m} ({block_m // 16} warps): {registers.group(1) if registers else '?'} registers per "
-          f"thread, shared memory {kernel.metadata.shared} bytes; main loop "
-          f"{len(loop)} instructions per thread per key block; tensor-core waits "
-          f"{[o for op, o in loop if op == 'WARPGROUP.DEPBAR.LE']}; "
-          f"spills {sum(op.startswith(('LDL', 'STL')) for op, _ in loop)}")
-    print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
+    build = compile_for_hopper(gluon_fp8_attention_kernel, dict(HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=BLOCK_N),
+                               num_warps=block_m // 16, gluon=True)
+    print(f"BLOCK_M {block_m} ({block_m // 16} warps): " + describe(build, block_m * BLOCK_N // (32 * (block_m // 16))))
     if show_sequence:
-        print("  " + sequence(loop))
+        print("  " + sequence(main_loop(build.sass)))
 
 
 def main(argv=None) -> None:
@@ -306,9 +275,8 @@ def main(argv=None) -> None:
         return
     b, seq, h, d = (int(x) for x in args.shape.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, seq, h, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
-    q, k = (torch.nn.functional.rms_norm(t, (d,)) for t in (q, k))
-    rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())  # noqa: E731
+    q, k = (rms_normed((b, seq, h, d), gen, "cuda") for _ in range(2))
+    v = torch.randn(b, seq, h, d, device="cuda", generator=gen, dtype=torch.bfloat16)
     # first a small problem with partial query and key blocks, against the float32 emulation (a fault here
     # would lose the CUDA context, so it runs before the big one)
     small = slice(0, 1000)
@@ -331,15 +299,7 @@ def main(argv=None) -> None:
             print(f"gluon BLOCK_M {block_m} vs BLOCK_M {BLOCK_M}: {rel(other, ours):.2e}", flush=True)
         variants.append((f"gluon BLOCK_M {block_m}", lambda block_m=block_m: launch(*operands, seq, block_m=block_m)))
     for name, fn in variants:
-        times = []
-        for _ in range(args.iters + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = statistics.median(times[2:])
+        ms = time_ms(fn, reps=args.iters)
         print(f"{name}: {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s (kernel alone, same quantised operands)")
 
 

@@ -23,6 +23,7 @@ import collections
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,11 +35,23 @@ KEY_OPS = ("GMMA", "MUFU", "F2FP", "SHFL", "LDGSTS", "BAR")
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
 
 
-def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
-    """SASS of `fn` (a @triton.jit function of the shipped kernel's signature) for sm_90a."""
+@dataclass
+class HopperBuild:
+    """A kernel compiled for sm_90a: its SASS, registers per thread and shared memory in bytes."""
+    sass: str
+    registers: int | None
+    shared_bytes: int
+
+
+def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3, gluon: bool = False) -> HopperBuild:
+    """Compile `fn` (a @triton.jit function, or @gluon.jit with gluon=True, of the shipped kernel's argument
+    names and types) for sm_90a, and read its SASS and ptxas's register count with the bundled tools."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
 
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else (POINTERS[i] if i < len(POINTERS) else "i32")
@@ -47,10 +60,27 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int) ->
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    cubin = Path("/tmp") / f"wanlora_kernel_{num_warps}_{num_stages}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    return subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    stem = Path("/tmp") / f"wanlora_{fn.__name__}_{num_warps}_{num_stages}"
+    stem.with_suffix(".cubin").write_bytes(kernel.asm["cubin"])
+    stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
+    sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(stem.with_suffix(".cubin"))], capture_output=True,
+                          text=True, check=True).stdout
+    report = subprocess.run([str(tools / "ptxas"), "--gpu-name", "sm_90a", "-v", str(stem.with_suffix(".ptx")),
+                             "-o", "/dev/null"], capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    return HopperBuild(sass, int(registers.group(1)) if registers else None, kernel.metadata.shared)
+
+
+def describe(build: HopperBuild, scores_per_thread: int) -> str:
+    """One line: the main loop's length, waits, spills and commonest instructions."""
+    loop = main_loop(build.sass)
+    counts = collections.Counter(op for op, _ in loop)
+    waits = [operands for op, operands in loop if op == "WARPGROUP.DEPBAR.LE"]
+    return (f"{build.registers} registers, {build.shared_bytes} bytes of shared memory; main loop {len(loop)} "
+            f"instructions per thread per key block ({len(loop) / scores_per_thread:.1f} per score); spills "
+            f"{sum(op.startswith(('LDL', 'STL')) for op, _ in loop)}; tensor-core waits {waits}; "
+            + ", ".join(f"{op} {n}" for op, n in counts.most_common(8)))
 
 
 def main_loop(sass: str) -> list[tuple[str, str]]:
@@ -97,18 +127,12 @@ def main(argv=None) -> None:
     if args.block_m:
         configs = [(args.block_m, args.block_n or 128, args.warps or 4, args.stages or 3)]
     for block_m, block_n, warps, stages in configs:
-        sass = compile_for_hopper(_fp8_attention_kernel.fn, dict(HEAD_DIM=args.head_dim, EXP_F16=False,
-                                                                 BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
-        loop = main_loop(sass)
-        counts = collections.Counter(op for op, _ in loop)
-        waits = [operands for op, operands in loop if op == "WARPGROUP.DEPBAR.LE"]
-        scores = block_m * block_n // (32 * warps)
-        top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
-        print(f"BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}: {len(loop)} instructions per "
-              f"thread per key block ({scores} scores each, {len(loop) / scores:.1f} per score); "
-              f"spills {sum(op.startswith(('LDL', 'STL')) for op, _ in loop)}; tensor-core waits {waits}; {top}")
+        build = compile_for_hopper(_fp8_attention_kernel.fn, dict(HEAD_DIM=args.head_dim, EXP_F16=False,
+                                                                  BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
+        print(f"BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}: "
+              + describe(build, block_m * block_n // (32 * warps)))
         if args.sequence:
-            print("  " + sequence(loop))
+            print("  " + sequence(main_loop(build.sass)))
 
 
 if __name__ == "__main__":
