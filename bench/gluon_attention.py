@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import triton  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared,  # noqa: E402
@@ -236,7 +237,7 @@ def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, block_m: int = B
     batch, q_len, heads, _ = q8.shape
     assert k8.shape[1] % K_PAD == 0 and BLOCK_N < kv_len <= k8.shape[1], "at least two key blocks, padded keys"
     out = torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16)
-    grid = (triton_cdiv(q_len, block_m), batch * heads)
+    grid = (triton.cdiv(q_len, block_m), batch * heads)
     gluon_fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out,
                                      q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1),
                                      k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2), q_scale.stride(0),
@@ -244,10 +245,6 @@ def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, block_m: int = B
                                      kv_len, HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
                                      num_warps=block_m // 16)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def compile_only(block_m: int, show_sequence: bool) -> None:
