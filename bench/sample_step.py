@@ -74,7 +74,21 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_variant(name: str, preset, latent_shape, device, warmup: int, steps: int) -> dict:
+def kernel_profile(step, top: int) -> list[dict]:
+    """One more call of `step` under torch.profiler: the `top` GPU kernels by total time, and their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [dict(kernel=e.key[:160], calls=e.count, ms=round(e.self_device_time_total / 1e3, 2),
+                 share=round(e.self_device_time_total / total, 4)) for e in events[:top]]
+
+
+def run_variant(name: str, preset, latent_shape, device, warmup: int, steps: int, profile_top: int = 0) -> dict:
     cfg = preset.transformer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -113,10 +127,13 @@ def run_variant(name: str, preset, latent_shape, device, warmup: int, steps: int
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             del out
+        kernels = kernel_profile(cfg_step, profile_top) if profile_top else None
     result = dict(variant=name, s_per_cfg_step=round(statistics.median(times[warmup:]), 3),
                   step_times=[round(x, 3) for x in times], weights_gib=round(weights_gib, 2),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                   speed=None if speed is None else vars(speed))
+    if kernels:
+        result["kernels"] = kernels
     model = None  # the closures above hold it too; drop the weights before the next row
     gc.collect()
     return result
@@ -130,6 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", default=["diffusers", "fast"], choices=["diffusers", *VARIANTS])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, one step under torch.profiler: its N most expensive GPU kernels")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -142,7 +161,7 @@ def main(argv=None) -> None:
     rows = []
     for name in args.variants:
         try:
-            row = run_variant(name, preset, latent_shape, device, args.warmup, args.steps)
+            row = run_variant(name, preset, latent_shape, device, args.warmup, args.steps, args.profile)
         except (RuntimeError, torch.OutOfMemoryError) as err:
             row = dict(variant=name, error=str(err).splitlines()[0][:300])
         rows.append(row)

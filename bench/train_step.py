@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -265,6 +266,9 @@ def main(argv=None) -> None:
                          "(with --save-attention auto)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
+    # The allocator train_lora.py runs with, set before CUDA starts: with the default one the 720p auto plan
+    # ran out of memory with 14.9 GiB reserved but unused (docs/benchmarks.md, the memory plan). Both rows.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     # CPU runs (with a tiny preset) only check that the script works; their numbers mean nothing.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
