@@ -179,6 +179,28 @@ def test_broadcast_timestep_equals_per_token_and_context_padding_semantics():
     torch.testing.assert_close(short, out[:1], rtol=1e-5, atol=1e-6)
 
 
+def test_per_token_time_embedding_runs_once_per_distinct_timestep(monkeypatch):
+    import wan_model.transformer as transformer
+
+    model = tiny_model("tiny-ti2v")
+    t = torch.tensor([[0.0, 0.0, 500.0, 500.0, 500.0], [0.0, 999.0, 999.0, 999.0, 3.0]])
+    seen = []
+    real = transformer.sinusoidal_embedding
+    monkeypatch.setattr(transformer, "sinusoidal_embedding", lambda v, dim: seen.append(v.clone()) or real(v, dim))
+    with torch.no_grad():
+        e, e0 = model._embed_time(t, batch=2, tokens=5)
+    assert seen[0].tolist() == [0.0, 3.0, 500.0, 999.0]  # the MLP ran on 4 rows, not 10
+    assert e.shape == (2, 5, model.config.dim) and e0.shape == (2, 5, 6, model.config.dim)
+    with torch.no_grad():  # the per-token formula, row by row
+        emb = real(t, model.config.freq_dim)
+        e_ref = transformer.linear_fp32(model.time_embedding[2],
+                                        F.silu(transformer.linear_fp32(model.time_embedding[0], emb)))
+        e0_ref = transformer.linear_fp32(model.time_projection[1], F.silu(e_ref)).unflatten(-1, (6, model.config.dim))
+    torch.testing.assert_close(e, e_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e0, e0_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(e0[0, 0], e0[1, 0]) and torch.equal(e0[1, 1], e0[1, 3])  # gathered rows, not recomputed
+
+
 def test_bad_inputs_name_the_problem():
     model = tiny_model("tiny-i2v")
     latents, timestep, context, lens = inputs(model.config)
