@@ -6,7 +6,9 @@
 Levers (measured one by one in docs/benchmarks.md, "Sampling speed"):
   * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE work). The same
     maths; fused kernels round bf16 intermediates in another order, so not bit for bit. The first step
-    of each new clip shape compiles (about a minute at A14B).
+    of each new clip shape compiles (about 80 s at A14B: Inductor also tunes the block sizes of its
+    fused kernels by coordinate descent, SAMPLER_COMPILE_OPTIONS, which made the 480p A14B CFG step
+    2.5% faster; a render runs the same shape 40 to 100 times, so the minute is repaid).
   * fp8_weights: the frozen block linears in e4m3 with per-output-channel scales (`fp8.py`): "storage"
     halves their memory, "matmul" also runs them on FP8 tensor cores (inputs quantised per token).
     Changes the numbers.
@@ -29,6 +31,10 @@ from .lora_apply import install_lora_slots
 from .speed import block_linear_names
 
 FP8_WEIGHT_MODES = ("none", "storage", "matmul")
+# Inductor options for the sampler's compiled blocks: coordinate descent over each fused kernel's block
+# sizes (the norm / modulation / quantisation reductions), 4.138 -> 4.035 s per 480p A14B CFG step
+# (docs/benchmarks.md, "Sampling speed"). Not for training: its graphs are larger and were not measured.
+SAMPLER_COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 @dataclass(frozen=True)
@@ -70,5 +76,5 @@ def prepare_expert(model: nn.Module, speed: SamplingSpeed) -> nn.Module:
         quantize_linears_(model, block_linear_names(model), speed.fp8_weights)
     if speed.compile:
         install_lora_slots(model)  # LoRA hooks must exist before compiling (lora_apply._LoraSlot says why)
-        model.compile_blocks()
+        model.compile_blocks(options=SAMPLER_COMPILE_OPTIONS)
     return model
