@@ -6,9 +6,9 @@
 Levers (measured one by one in docs/benchmarks.md, "Sampling speed"):
   * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE work). The same
     maths; fused kernels round bf16 intermediates in another order, so not bit for bit. The first step
-    of each new clip shape compiles (about 80 s at A14B: Inductor also tunes the block sizes of its
-    fused kernels by coordinate descent, SAMPLER_COMPILE_OPTIONS, which made the 480p A14B CFG step
-    2.5% faster; a render runs the same shape 40 to 100 times, so the minute is repaid).
+    of each new clip shape compiles (about 55-85 s at A14B: Inductor also tunes the block sizes of its
+    fused kernels by coordinate descent, SAMPLER_COMPILE_OPTIONS, about 70 ms of a 4.1 s 480p A14B CFG
+    step; a render runs the same shape 40 to 100 times, so the extra seconds are repaid).
   * fp8_weights: the frozen block linears in e4m3 with per-output-channel scales (`fp8.py`): "storage"
     halves their memory, "matmul" also runs them on FP8 tensor cores (inputs quantised per token).
     Changes the numbers.
@@ -32,8 +32,9 @@ from .speed import block_linear_names
 
 FP8_WEIGHT_MODES = ("none", "storage", "matmul")
 # Inductor options for the sampler's compiled blocks: coordinate descent over each fused kernel's block
-# sizes (the norm / modulation / quantisation reductions), 4.138 -> 4.035 s per 480p A14B CFG step
-# (docs/benchmarks.md, "Sampling speed"). Not for training: its graphs are larger and were not measured.
+# sizes (the norm / modulation / quantisation reductions): Inductor's kernels 609 -> ~537 ms per 480p A14B
+# CFG step (docs/benchmarks.md, "Sampling speed, fifth session"). Not for training: its graphs are larger
+# and were not measured.
 SAMPLER_COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
