@@ -5,7 +5,7 @@
 #
 # Run on a CUDA machine from the repository root, on a clean checkout of COMMIT_SHA (default: git's HEAD;
 # pass it when the tree travels without .git, as to the lent GPU machine). Writes docs/bench/gpu_tests.log
-# (first line `commit: <sha>`) and copies it to $OUT when that is set. Exit status: pytest's.
+# (first line `commit: <sha>`), written to $OUT too as it goes when that is set. Exit status: pytest's.
 #
 # The GPU image lacks some of the test suite's packages (diffusers, decord, ftfy). If they do not import,
 # wheels in .whl/ are installed to /tmp/site first; fetch them on a machine with pip, in the repo root:
@@ -35,9 +35,12 @@ mkdir -p docs/bench
   echo "commit: $sha"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1
-  echo "command: $PY -m pytest -m gpu tests -p no:cacheprovider -p no:logging -rA --durations=15 $*"
+  echo "command: $PY -m pytest -m gpu tests -v -p no:cacheprovider -p no:logging -rA --durations=15 $*"
 } > "$log"
-PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -p no:cacheprovider -p no:logging -rA --durations=15 "$@" 2>&1 | tee -a "$log"
-status=${PIPESTATUS[0]}
-[ -n "${OUT:-}" ] && cp "$log" "$OUT/"
-exit "$status"
+# -v names each test as it finishes, and the log streams into $OUT as well: a run cut by a time limit
+# still records which tests passed (one was cut after 26 of 28 and only its dots survived).
+copies=("$log")
+if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/"; copies+=("$OUT/$(basename "$log")"); fi
+PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -v -p no:cacheprovider -p no:logging -rA --durations=15 "$@" 2>&1 \
+  | tee -a "${copies[@]}"
+exit "${PIPESTATUS[0]}"
