@@ -43,9 +43,12 @@ class HopperBuild:
     shared_bytes: int
 
 
-def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3, gluon: bool = False) -> HopperBuild:
-    """Compile `fn` (a @triton.jit function, or @gluon.jit with gluon=True, of the shipped kernel's argument
-    names and types) for sm_90a, and read its SASS and ptxas's register count with the bundled tools."""
+def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3, gluon: bool = False,
+                       pointers: list[str] = POINTERS, scalar_types: dict | None = None) -> HopperBuild:
+    """Compile `fn` (a @triton.jit function, or @gluon.jit with gluon=True) for sm_90a, and read its SASS and
+    ptxas's register count with the bundled tools. Its first arguments are pointers of the types in
+    `pointers` (default: the shipped attention kernel's), the other non-constexpr ones i32 unless
+    `scalar_types` names them (e.g. {"eps": "fp32"})."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,7 +57,9 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3
         from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
 
     names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else (POINTERS[i] if i < len(POINTERS) else "i32")
+    scalar_types = scalar_types or {}
+    signature = {n: "constexpr" if n in constexprs else (pointers[i] if i < len(pointers)
+                                                          else scalar_types.get(n, "i32"))
                  for i, n in enumerate(names)}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -1,0 +1,324 @@
+"""Experiment (issue 14): the sampler's FP8 activation quantisation, two faster forms, timed against the
+Inductor kernels the compiled blocks run today. Nothing here is wired into the model yet.
+
+    python bench/quant_kernels.py                      # H100/H200: both experiments, A14B and 5B shapes
+    TRITON_INTERPRET=1 python bench/quant_kernels.py --check-cpu   # any machine with triton and numpy < 2.3
+    python bench/quant_kernels.py --compile-only       # any machine with triton: registers, spills (sm_90a)
+
+Why (docs/benchmarks.md, "Sampling speed, fifth session"): in a `--fast` CFG step of T2V-A14B at 480p,
+Inductor's fused kernels take ~540 ms of 4.1 s, and the 1.6x target needs 0.10 s less. Two of them are far
+from the memory traffic they need:
+
+1. **LayerNorm + modulation + per-row e4m3 quantisation** before the q/k/v linears and before the FFN
+   (`modulate` then `fp8.quantize_rows`, twice per block): 1.5 ms and 1.05 ms per call for ~1.0 GB of traffic
+   (~0.25 ms at the H200's 4 TB/s). A looped reduction re-reads the row for the mean and variance, for the
+   max and for the cast. The kernel here holds the whole row (5,120 or 3,072 values) in registers: one read
+   of x, shift and scale added from the official `modulation + e0` in place, one write of the e4m3 row and
+   its scale (and of the bf16 row, which attached LoRA layers read).
+2. **GELU + per-row quantisation of the FFN's hidden state** (3.0 ms per call at A14B, 121 ms per step):
+   the two-pass reduction evaluates the tanh-GELU for the row's max and again for the cast. For a row h,
+   max_i |GELU(h_i)| = GELU(max_i h_i) whenever that is at least 0.171: GELU is increasing above -0.7525 and
+   |GELU| of any input below is at most 0.17004 (its minimum), 0.16992 after bf16 rounding; rounding to bf16
+   is monotone, so the bf16 GELU of the max is the max of the bf16 GELUs. The first pass then is a plain max
+   of h, and GELU runs once; the quantised row is identical wherever that condition holds (real FFN rows:
+   everywhere), and elsewhere the scale is max(that, 0.171) / 448, a little coarser, never clipping.
+
+Prediction (written before any GPU run): (1) ~0.35 ms per call at A14B, saving ~(1.5 + 1.05 - 2 x 0.35) x 40
+= ~75 ms per CFG step; (2) ~1.3 ms per call (3.6 GB read, 0.9 GB written, one GELU), saving ~65 ms; together
+4.11 -> ~3.97 s, 1.61x at the 8352216 run's diffusers time. Integration plan if they hold: (1) a custom op
+called by `WanBlock` under no_grad when the consumers are FP8 matmul linears, `FP8Linear.forward(x,
+x_fp8=None)` taking the pre-quantised row (LoRA hooks still receive the bf16 row); (2) `FP8Linear.forward(x,
+input_amax=None)` with the FFN passing GELU(max h) (autograd unaffected: the amax is a constant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wan_model.fp8 import FP8, FP8_MAX, quantize_rows  # noqa: E402
+from wan_model.transformer import modulate  # noqa: E402
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+GELU_NEGATIVE_BOUND = 0.171  # >= |bf16(GELU(x))| for every x < -0.7525 (the minimum is -0.17004)
+SHAPES = {  # tokens, dim, FFN dim, per-token modulation
+    "a14b-480p": (32760, 5120, 13824, False),
+    "5b-720p": (27280, 3072, 14336, True),
+    "tiny": (37, 320, 1100, True),
+}
+
+
+@triton.jit
+def _modulate_quant_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l, eps,
+                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_M: tl.constexpr):
+    """One row per program: m = LN(x) * (1 + scale) + shift in float32 (shift = MOD[CHUNK] + E0[b, t, CHUNK],
+    scale the next chunk, as `(modulation + e0).unbind(2)`), m rounded to bf16, then e4m3 with the row's
+    scale max|m| / 448 (`fp8.quantize_rows`)."""
+    row = tl.program_id(0)
+    b = row // L
+    t = row % L
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(X + row.to(tl.int64) * sx_row + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    diff = tl.where(mask, x - mean, 0.0)
+    rstd = tl.math.rsqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    e0 = E0 + b.to(tl.int64) * se_b + t.to(tl.int64) * se_l
+    shift = tl.load(MOD + CHUNK * D + cols, mask=mask, other=0.0) + tl.load(e0 + CHUNK * D + cols, mask=mask, other=0.0)
+    scale = (tl.load(MOD + (CHUNK + 1) * D + cols, mask=mask, other=0.0)
+             + tl.load(e0 + (CHUNK + 1) * D + cols, mask=mask, other=0.0))
+    m = (shift + diff * rstd * (1.0 + scale)).to(tl.bfloat16)
+    out = row.to(tl.int64) * D + cols
+    if WRITE_M:
+        tl.store(M + out, m, mask=mask)
+    mf = m.to(tl.float32)
+    amax = tl.max(tl.where(mask, tl.abs(mf), 0.0), axis=0)
+    s = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    q = tl.clamp(tl.math.div_rn(mf, s), -448.0, 448.0).to(Q.dtype.element_ty)
+    tl.store(Q + out, q, mask=mask)
+    tl.store(S + row, s)
+
+
+@triton.jit
+def _modulate_quant_chunked_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l, eps,
+                                   CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_M: tl.constexpr):
+    """The same row in chunks of BLOCK_C: four passes (mean, variance, m's max, the cast), the repeated reads
+    served by the L2 cache; few registers, so many rows per SM are in flight where the whole-row kernel
+    holds one."""
+    row = tl.program_id(0)
+    b = row // L
+    t = row % L
+    x_row = X + row.to(tl.int64) * sx_row
+    e0 = E0 + b.to(tl.int64) * se_b + t.to(tl.int64) * se_l
+    out = row.to(tl.int64) * D
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, D, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        total += tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=0) / D
+    squares = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, D, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        diff = tl.where(cols < D, tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32) - mean, 0.0)
+        squares += diff * diff
+    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / D + eps)
+    peak = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, D, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < D
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(MOD + CHUNK * D + cols, mask=mask, other=0.0) + tl.load(e0 + CHUNK * D + cols, mask=mask,
+                                                                                  other=0.0)
+        scale = (tl.load(MOD + (CHUNK + 1) * D + cols, mask=mask, other=0.0)
+                 + tl.load(e0 + (CHUNK + 1) * D + cols, mask=mask, other=0.0))
+        m = (shift + (x - mean) * rstd * (1.0 + scale)).to(tl.bfloat16)
+        if WRITE_M:
+            tl.store(M + out + cols, m, mask=mask)
+        peak = tl.maximum(peak, tl.where(mask, tl.abs(m.to(tl.float32)), 0.0))
+    amax = tl.max(peak, axis=0)
+    s = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    for start in range(0, D, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < D
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(MOD + CHUNK * D + cols, mask=mask, other=0.0) + tl.load(e0 + CHUNK * D + cols, mask=mask,
+                                                                                  other=0.0)
+        scale = (tl.load(MOD + (CHUNK + 1) * D + cols, mask=mask, other=0.0)
+                 + tl.load(e0 + (CHUNK + 1) * D + cols, mask=mask, other=0.0))
+        m = (shift + (x - mean) * rstd * (1.0 + scale)).to(tl.bfloat16).to(tl.float32)
+        q = tl.clamp(tl.math.div_rn(m, s), -448.0, 448.0).to(Q.dtype.element_ty)
+        tl.store(Q + out + cols, q, mask=mask)
+    tl.store(S + row, s)
+
+
+def modulate_quant_fused(x: torch.Tensor, e0: torch.Tensor, modulation: torch.Tensor, chunk: int, eps: float,
+                         write_m: bool, chunked: bool = False, q_dtype: torch.dtype = FP8
+                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """x: [B, L, D] bf16 contiguous; e0: [B, 1 or L, 6, D] float32 contiguous; modulation: [1, 6, D] float32.
+    Returns (m [B*L, D] bf16 or None, q [B*L, D] e4m3, scale [B*L] float32). `chunked`: the four-pass kernel;
+    q_dtype float32 keeps q unrounded (the CPU check: the interpreter's e4m3 conversion is wrong)."""
+    bsz, length, dim = x.shape
+    rows = bsz * length
+    q = torch.empty(rows, dim, device=x.device, dtype=q_dtype)
+    s = torch.empty(rows, device=x.device, dtype=torch.float32)
+    m = torch.empty(rows, dim, device=x.device, dtype=torch.bfloat16) if write_m else q
+    se_l = e0.stride(1) if e0.shape[1] > 1 else 0
+    if chunked:
+        _modulate_quant_chunked_kernel[(rows,)](x, e0, modulation, m, q, s, length, dim, x.stride(1), e0.stride(0),
+                                                se_l, eps, CHUNK=chunk, BLOCK_C=1024, WRITE_M=write_m, num_warps=4)
+    else:  # 16 warps at 8,192 columns: 128 registers, no spills (--compile-only)
+        block = triton.next_power_of_2(dim)
+        _modulate_quant_kernel[(rows,)](x, e0, modulation, m, q, s, length, dim, x.stride(1), e0.stride(0), se_l,
+                                        eps, CHUNK=chunk, BLOCK_D=block, WRITE_M=write_m,
+                                        num_warps=16 if block >= 8192 else 8)
+    return (m if write_m else None), q, s
+
+
+def modulate_quant_reference(x, e0, modulation, chunk: int, eps: float, write_m: bool):
+    """What a compiled WanBlock computes before its q/k/v linears (chunk 0) or its FFN (chunk 3)."""
+    parts = (modulation + e0).unbind(2)
+    m = modulate(x, parts[chunk], parts[chunk + 1], eps)
+    q, s = quantize_rows(m.reshape(-1, m.shape[-1]))
+    return (m.reshape(-1, m.shape[-1]) if write_m else None), q, s
+
+
+def gelu_quant_reference(h: torch.Tensor, bias: torch.Tensor):
+    """FFN hidden state after the first FP8 linear, as the model quantises it for the second: [N, F] bf16."""
+    return quantize_rows(F.gelu(h + bias, approximate="tanh"))
+
+
+def gelu_quant_bounded(h: torch.Tensor, bias: torch.Tensor):
+    """The same rows with the row maximum taken before GELU (module docstring, 2)."""
+    hb = h + bias
+    amax = F.gelu(hb.amax(-1), approximate="tanh").float().clamp_min(GELU_NEGATIVE_BOUND)
+    scale = amax / FP8_MAX
+    q = (F.gelu(hb, approximate="tanh").float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def compare(name: str, ours, ref) -> dict:
+    """Bitwise agreement of the quantised rows and scales (and of the bf16 rows when both wrote them)."""
+    (m1, q1, s1), (m0, q0, s0) = ours, ref
+    out = dict(case=name, q_equal=float((q1.view(torch.uint8) == q0.view(torch.uint8)).float().mean()),
+               scale_equal=float((s1 == s0).float().mean()),
+               q_rel_err=float((q1.float() * s1[:, None] - q0.float() * s0[:, None]).norm()
+                               / (q0.float() * s0[:, None]).norm()))
+    if m1 is not None and m0 is not None:
+        out["m_equal"] = float((m1 == m0).float().mean())
+    return out
+
+
+def inputs(shape: str, device, seed: int = 0):
+    tokens, dim, ffn, per_token = SHAPES[shape]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(2, tokens, dim, generator=gen, device=device) * 3 + 0.5).to(torch.bfloat16)
+    e0 = torch.randn(2, tokens if per_token else 1, 6, dim, generator=gen, device=device) * 0.1
+    modulation = torch.randn(1, 6, dim, generator=gen, device=device) / dim**0.5
+    # The first FP8 linear's output: roughly Gaussian per row, a few large channels as real FFNs have.
+    h = torch.randn(2 * tokens, ffn, generator=gen, device=device)
+    h[:, : ffn // 64] *= 4
+    bias = (torch.randn(ffn, generator=gen, device=device) * 0.1).to(torch.bfloat16)
+    return x, e0, modulation, h.to(torch.bfloat16), bias
+
+
+def check_cpu() -> None:
+    """The Triton kernels under TRITON_INTERPRET=1 against the eager formula. The interpreter rounds float32 to
+    bf16 by truncation (the GPU: to nearest), and its e4m3 conversion is wrong outright (-125.2 became -64 in
+    Triton 3.6), so q is checked before the cast (q_dtype float32) and the cast is left to the GPU run."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--check-cpu runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
+    x, e0, modulation, h, bias = inputs("tiny", "cpu")
+    for chunk in (0, 3):
+        for e0_case in (e0, e0[:, :1].contiguous()):
+            ref = modulate_quant_reference(x, e0_case, modulation, chunk, 1e-6, write_m=True)
+            for chunked in (False, True):
+                m, q, scale = modulate_quant_fused(x, e0_case, modulation, chunk, 1e-6, write_m=True,
+                                                   chunked=chunked, q_dtype=torch.float32)
+                ours = (m, q.to(FP8), scale)  # torch's cast rounds to nearest, as the GPU's does
+                row = compare(f"modulate chunk {chunk}, e0 rows {e0_case.shape[1]}, "
+                              f"{'chunked' if chunked else 'whole row'}", ours, ref)
+                print(json.dumps(row))
+                # One bf16 step for m and the scale (truncation here, rounding on the GPU), so q within one e4m3
+                # step (2^-3 relative; 2^-9 of the scale below e4m3's normal range) plus the scale's step.
+                m1, m0 = ours[0].float(), ref[0].float()
+                assert ((m1 - m0).abs() <= m0.abs() * 2**-7).all(), row
+                assert ((ours[2] - ref[2]).abs() <= ref[2] * 2**-7).all(), row
+                d1, d0 = ours[1].float() * ours[2][:, None], ref[1].float() * ref[2][:, None]
+                step = torch.maximum(d1.abs(), d0.abs()) * (2**-3 + 2**-6) + ref[2][:, None] * 2**-9
+                assert ((d1 - d0).abs() <= step).all(), row
+    q1, s1 = gelu_quant_bounded(h, bias)
+    q0, s0 = gelu_quant_reference(h, bias)
+    row = compare("gelu bound", (None, q1, s1), (None, q0, s0))
+    print(json.dumps(row))
+    assert row["q_equal"] == 1.0 and row["scale_equal"] == 1.0, row
+    low = torch.full((1, 8), -0.75, dtype=torch.bfloat16)  # every GELU near its minimum: the coarser scale
+    q, s = gelu_quant_bounded(low, torch.zeros(8, dtype=torch.bfloat16))
+    exact = quantize_rows(F.gelu(low, approximate="tanh"))[1]
+    assert abs(float(s[0]) * FP8_MAX - GELU_NEGATIVE_BOUND) < 1e-6 and float(s[0]) > float(exact[0])
+    assert q.float().abs().max() <= FP8_MAX
+    print("cpu check passed")
+
+
+def compile_only() -> None:
+    from bench.kernel_sass import compile_for_hopper
+
+    for dim in (5120, 3072):
+        block = triton.next_power_of_2(dim)
+        build = compile_for_hopper(_modulate_quant_kernel, dict(CHUNK=0, BLOCK_D=block, WRITE_M=True),
+                                   num_warps=16 if block >= 8192 else 8, num_stages=1,
+                                   pointers=["*bf16", "*fp32", "*fp32", "*bf16", "*fp8e4nv", "*fp32"],
+                                   scalar_types={"eps": "fp32"})
+        spills = "spill" in build.sass.lower() or "STL" in build.sass
+        print(f"dim {dim} (BLOCK_D {block}): {build.registers} registers, local stores: {'yes' if spills else 'no'}")
+
+
+def time_gpu(shapes: list[str], json_path: Path | None) -> None:
+    from bench.attention_kernels import time_ms
+    from wan_model.sampling_speed import SAMPLER_COMPILE_OPTIONS
+
+    device = torch.device("cuda")
+    reference = torch.compile(modulate_quant_reference, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
+    gelu_ref = torch.compile(gelu_quant_reference, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
+    gelu_bound = torch.compile(gelu_quant_bounded, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
+    rows = []
+
+    def keep(row: dict) -> None:  # printed and written at once: a run cut by a time limit keeps its rows
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if json_path:
+            json_path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                 triton=triton.__version__, rows=rows), indent=1))
+
+    for shape in shapes:
+        x, e0, modulation, h, bias = inputs(shape, device)
+        for write_m in (False, True):
+            for chunk in (0,):  # chunk 3 (before the FFN) is the same kernel at another offset
+                ref = reference(x, e0, modulation, chunk, 1e-6, write_m)
+                ours = modulate_quant_fused(x, e0, modulation, chunk, 1e-6, write_m)
+                row = compare(f"{shape} modulate+quant chunk {chunk}{' +bf16 row' if write_m else ''}", ours, ref)
+                row["inductor_ms"] = time_ms(lambda: reference(x, e0, modulation, chunk, 1e-6, write_m))
+                row["fused_ms"] = time_ms(lambda: modulate_quant_fused(x, e0, modulation, chunk, 1e-6, write_m))
+                row["chunked_ms"] = time_ms(lambda: modulate_quant_fused(x, e0, modulation, chunk, 1e-6, write_m,
+                                                                         chunked=True))
+                row["chunked_equal_q"] = compare("", modulate_quant_fused(x, e0, modulation, chunk, 1e-6, write_m,
+                                                                          chunked=True), ref)["q_equal"]
+                keep(row)
+        q0, s0 = gelu_ref(h, bias)
+        q1, s1 = gelu_bound(h, bias)
+        row = compare(f"{shape} gelu+quant", (None, q1, s1), (None, q0, s0))
+        row["inductor_ms"] = time_ms(lambda: gelu_ref(h, bias))
+        row["bounded_ms"] = time_ms(lambda: gelu_bound(h, bias))
+        keep(row)
+        x = e0 = h = None  # free the inputs before the next shape
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check-cpu", action="store_true")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--shapes", nargs="+", default=["a14b-480p", "5b-720p"], choices=list(SHAPES))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.check_cpu:
+        check_cpu()
+    elif args.compile_only:
+        compile_only()
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/quant_kernels.py times GPU kernels: run it on a CUDA machine (or --check-cpu)")
+        time_gpu(args.shapes, args.json)
+
+
+if __name__ == "__main__":
+    main()
