@@ -47,8 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wan_model.fp8 import FP8, FP8_MAX, quantize_rows  # noqa: E402
 from wan_model.transformer import modulate  # noqa: E402
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    sys.exit("error: bench/quant_kernels.py needs the triton package (pip install triton==<the GPU machine's version>)")
 
 GELU_NEGATIVE_BOUND = 0.171  # >= |bf16(GELU(x))| for every x < -0.7525 (the minimum is -0.17004)
 SHAPES = {  # tokens, dim, FFN dim, per-token modulation
