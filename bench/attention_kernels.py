@@ -1,6 +1,17 @@
 """Self-attention kernels at the released models' shapes: bf16 SDPA against the int8/FP8 kernel.
 
     python bench/attention_kernels.py            # A14B 480p (2 x 32,760 tokens, 40 heads) and 5B 720p
+    python bench/attention_kernels.py --shapes a14b-480p --config 64,128,4,2,168 --config 64,128,4,3
+                                                 # + the shipped kernel under configs outside its autotuner's list
+
+`--config BLOCK_M,BLOCK_N,WARPS,STAGES[,MAXNREG]`: why MAXNREG. The autotuner's usual pick (64, 128, 4 warps,
+3 stages) takes 215 registers and 104 KiB of shared memory, so two programs (8 warps) share an SM, and with
+both its softmax and its matmuls waiting on each other that is little to hide latency with (docs/benchmarks.md,
+"Sampling speed, fifth session"). At 2 stages (72 KiB) and `maxnreg` 168 three programs fit, but ptxas spills
+196 bytes, the loop grows 600 -> 639 instructions with 20 local loads and stores, and the one wait for the
+tensor cores per key block becomes eight (`bench/kernel_sass.py --block-m 64 --block-n 128 --warps 4 --stages 2
+--maxnreg 168`, Triton 3.6, CPU). Prediction written before timing it: slower than the shipped config; the
+timing settles whether 12 warps per SM outweigh that.
 
 Per shape: milliseconds per call (CUDA events, median of 10 after warm-up and Triton's autotuning; the
 kernel alone and with its eager quantisation passes, which torch.compile fuses into the ops before it),
@@ -24,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
+import wan_model.fp8_attention as fp8_attention_module  # noqa: E402
 from wan_model.fp8_attention import (_fp8_attention_kernel, _fp8_attention_kernel_op, fp8_attention,  # noqa: E402
                                      quantize_qkv, reference_fp8_attention)
 
@@ -55,11 +67,35 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def config_variant(spec: str):
+    """'BLOCK_M,BLOCK_N,WARPS,STAGES[,MAXNREG]' -> the shipped kernel's code autotuned over that one config."""
+    import triton
+
+    block_m, block_n, warps, stages, *maxnreg = (int(v) for v in spec.split(","))
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                           maxnreg=maxnreg[0] if maxnreg else None)
+    return triton.autotune(configs=[config], key=["Lq", "Lk", "HEAD_DIM", "EXP_F16"])(_fp8_attention_kernel.fn)
+
+
+def run_with_kernel(kernel, operands, kv_len: int) -> torch.Tensor:
+    """`_fp8_attention_kernel_op` with another kernel object: the op reads the module global at each call,
+    so swapping it reuses the op's launch arguments instead of copying them here."""
+    saved = fp8_attention_module._fp8_attention_kernel
+    fp8_attention_module._fp8_attention_kernel = kernel
+    try:
+        return _fp8_attention_kernel_op(*operands, kv_len)
+    finally:
+        fp8_attention_module._fp8_attention_kernel = saved
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--config", action="append", default=[], metavar="BLOCK_M,BLOCK_N,WARPS,STAGES[,MAXNREG]",
+                    help="also time the kernel under this config (repeatable; module docstring)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    variants = {spec: config_variant(spec) for spec in args.config}
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -93,6 +129,15 @@ def main(argv=None) -> None:
                            best_config_exp_f16=str(getattr(_fp8_attention_kernel, "best_config", None)))
             except Exception as err:  # noqa: BLE001 - the row records why the variant did not run
                 row["exp_f16_error"] = str(err).splitlines()[-1][:300]
+            shipped = _fp8_attention_kernel_op(*quantised, n)
+            for spec, kernel in variants.items():
+                try:
+                    other = run_with_kernel(kernel, quantised, n)
+                    other_ms = time_ms(lambda: run_with_kernel(kernel, quantised, n))
+                    row[f"config {spec}"] = dict(ms=round(other_ms, 2), tflops=round(flops / other_ms / 1e9, 1),
+                                                 rel_diff_vs_shipped=float(f"{rel(other, shipped):.2e}"))
+                except Exception as err:  # noqa: BLE001 - the row records why the config did not run
+                    row[f"config {spec}"] = dict(error=str(err).splitlines()[-1][:300])
         row.update(sdpa_ms=round(sdpa_ms, 2), fp8_ms=round(fp8_ms, 2), kernel_only_ms=round(kernel_ms, 2),
                    kernel_tflops=round(flops / kernel_ms / 1e9, 1), sdpa_tflops=round(flops / sdpa_ms / 1e9, 1),
                    fp8_tflops=round(flops / fp8_ms / 1e9, 1), speedup=round(sdpa_ms / fp8_ms, 3))

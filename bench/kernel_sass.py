@@ -37,14 +37,17 @@ INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(
 
 @dataclass
 class HopperBuild:
-    """A kernel compiled for sm_90a: its SASS, registers per thread and shared memory in bytes."""
+    """A kernel compiled for sm_90a: its SASS, registers per thread, shared memory and ptxas's spill stores
+    in bytes."""
     sass: str
     registers: int | None
     shared_bytes: int
+    spill_store_bytes: int = 0
 
 
 def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3, gluon: bool = False,
-                       pointers: list[str] = POINTERS, scalar_types: dict | None = None) -> HopperBuild:
+                       pointers: list[str] = POINTERS, scalar_types: dict | None = None,
+                       maxnreg: int | None = None) -> HopperBuild:
     """Compile `fn` (a @triton.jit function, or @gluon.jit with gluon=True) for sm_90a, and read its SASS and
     ptxas's register count with the bundled tools. Its first arguments are pointers of the types in
     `pointers` (default: the shipped attention kernel's), the other non-constexpr ones i32 unless
@@ -64,7 +67,8 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                                         **({"maxnreg": maxnreg} if maxnreg else {})))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     stem = Path("/tmp") / f"wanlora_{fn.__name__}_{num_warps}_{num_stages}"
     stem.with_suffix(".cubin").write_bytes(kernel.asm["cubin"])
@@ -74,7 +78,9 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3
     report = subprocess.run([str(tools / "ptxas"), "--gpu-name", "sm_90a", "-v", str(stem.with_suffix(".ptx")),
                              "-o", "/dev/null"], capture_output=True, text=True).stderr
     registers = re.search(r"Used (\d+) registers", report)
-    return HopperBuild(sass, int(registers.group(1)) if registers else None, kernel.metadata.shared)
+    spilled = re.search(r"(\d+) bytes spill stores", report)
+    return HopperBuild(sass, int(registers.group(1)) if registers else None, kernel.metadata.shared,
+                       int(spilled.group(1)) if spilled else 0)
 
 
 def describe(build: HopperBuild, scores_per_thread: int) -> str:
@@ -83,7 +89,8 @@ def describe(build: HopperBuild, scores_per_thread: int) -> str:
     counts = collections.Counter(op for op, _ in loop)
     waits = [operands for op, operands in loop if op == "WARPGROUP.DEPBAR.LE"]
     return (f"{build.registers} registers, {build.shared_bytes} bytes of shared memory; main loop {len(loop)} "
-            f"instructions per thread per key block ({len(loop) / scores_per_thread:.1f} per score); spills "
+            f"instructions per thread per key block ({len(loop) / scores_per_thread:.1f} per score); spill "
+            f"stores {build.spill_store_bytes} bytes, local loads/stores in the loop "
             f"{sum(op.startswith(('LDL', 'STL')) for op, _ in loop)}; tensor-core waits {waits}; "
             + ", ".join(f"{op} {n}" for op, n in counts.most_common(8)))
 
@@ -119,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block-n", type=int, default=None)
     ap.add_argument("--warps", type=int, default=None)
     ap.add_argument("--stages", type=int, default=None)
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (ptxas spills past it)")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--sequence", action="store_true", help="print the loop's instruction sequence")
     args = ap.parse_args(argv)
@@ -133,8 +141,10 @@ def main(argv=None) -> None:
         configs = [(args.block_m, args.block_n or 128, args.warps or 4, args.stages or 3)]
     for block_m, block_n, warps, stages in configs:
         build = compile_for_hopper(_fp8_attention_kernel.fn, dict(HEAD_DIM=args.head_dim, EXP_F16=False,
-                                                                  BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
-        print(f"BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}: "
+                                                                  BLOCK_M=block_m, BLOCK_N=block_n), warps, stages,
+                                   maxnreg=args.maxnreg)
+        print(f"BLOCK_M={block_m} BLOCK_N={block_n} warps={warps} stages={stages}"
+              f"{f' maxnreg={args.maxnreg}' if args.maxnreg else ''}: "
               + describe(build, block_m * block_n // (32 * warps)))
         if args.sequence:
             print("  " + sequence(main_loop(build.sass)))
