@@ -215,9 +215,10 @@ def inputs(shape: str, device, seed: int = 0):
 
 
 def check_cpu() -> None:
-    """The Triton kernels under TRITON_INTERPRET=1 against the eager formula. The interpreter rounds float32 to
-    bf16 by truncation (the GPU: to nearest), and its e4m3 conversion is wrong outright (-125.2 became -64 in
-    Triton 3.6), so q is checked before the cast (q_dtype float32) and the cast is left to the GPU run."""
+    """The Triton kernels under TRITON_INTERPRET=1 against the eager formula. Triton 3.6's interpreter rounds
+    float32 to bf16 by truncation (the GPU: to nearest), and its e4m3 conversion loses the carry when rounding
+    crosses a binade (125.2 -> 64, 7.9 -> 4) and rounds ties away from zero, so q is checked before the cast
+    (q_dtype float32), cast by torch, and the kernel's own cast is left to the GPU run."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--check-cpu runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
     x, e0, modulation, h, bias = inputs("tiny", "cpu")
