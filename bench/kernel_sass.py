@@ -47,11 +47,13 @@ class HopperBuild:
 
 def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3, gluon: bool = False,
                        pointers: list[str] = POINTERS, scalar_types: dict | None = None,
-                       maxnreg: int | None = None) -> HopperBuild:
+                       maxnreg: int | None = None, divisible: set[str] = DIVISIBLE) -> HopperBuild:
     """Compile `fn` (a @triton.jit function, or @gluon.jit with gluon=True) for sm_90a, and read its SASS and
     ptxas's register count with the bundled tools. Its first arguments are pointers of the types in
     `pointers` (default: the shipped attention kernel's), the other non-constexpr ones i32 unless
-    `scalar_types` names them (e.g. {"eps": "fp32"})."""
+    `scalar_types` names them (e.g. {"eps": "fp32"}); the arguments named in `divisible` get the
+    divisibility-by-16 hint the JIT gives aligned pointers and multiples of 16 (default: the attention
+    kernel's; without them loads are not vectorised and the counts mislead)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -64,7 +66,7 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3
     signature = {n: "constexpr" if n in constexprs else (pointers[i] if i < len(pointers)
                                                           else scalar_types.get(n, "i32"))
                  for i, n in enumerate(names)}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128),
                             options=dict(num_warps=num_warps, num_stages=num_stages,
