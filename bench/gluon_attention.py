@@ -252,13 +252,12 @@ def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, block_m: int = B
 
 def compile_only(block_m: int, show_sequence: bool) -> None:
     """Compile for sm_90a here (no GPU needed) and print the main loop's instruction mix and waits."""
-    from bench.kernel_sass import compile_for_hopper, describe, main_loop, sequence
+    from bench.kernel_sass import compile_for_hopper, print_build
 
     build = compile_for_hopper(gluon_fp8_attention_kernel, dict(HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=BLOCK_N),
                                num_warps=block_m // 16, gluon=True)
-    print(f"BLOCK_M {block_m} ({block_m // 16} warps): " + describe(build, block_m * BLOCK_N // (32 * (block_m // 16))))
-    if show_sequence:
-        print("  " + sequence(main_loop(build.sass)))
+    print_build(f"BLOCK_M {block_m} ({block_m // 16} warps)", build, block_m * BLOCK_N // (32 * (block_m // 16)),
+                show_sequence)
 
 
 def main(argv=None) -> None:

@@ -97,6 +97,13 @@ def describe(build: HopperBuild, scores_per_thread: int) -> str:
             + ", ".join(f"{op} {n}" for op, n in counts.most_common(8)))
 
 
+def print_build(label: str, build: HopperBuild, scores_per_thread: int, show_sequence: bool = False) -> None:
+    """`describe` under a label, and with show_sequence the loop's instruction sequence below it."""
+    print(f"{label}: " + describe(build, scores_per_thread))
+    if show_sequence:
+        print("  " + sequence(main_loop(build.sass)))
+
+
 def main_loop(sass: str) -> list[tuple[str, str]]:
     """(opcode, operands) of the longest loop: from a label to the backward branch that returns to it."""
     lines = sass.splitlines()

@@ -3,7 +3,9 @@
     python bench/lazy_attention.py --compile-only    # any machine with triton: the loop's instructions (sm_90a)
     python bench/lazy_attention.py                   # H100/H200: error against the emulation, timing vs shipped
 
-What changes against `wan_model/fp8_attention.py` (whose arithmetic this copies; its docstring explains it):
+What changes against `wan_model/fp8_attention.py` (whose arithmetic this copies, line for line outside the
+loop, until a GPU run decides: if it wins, TAU becomes a constexpr of the shipped kernel, 0 giving today's
+code, and this copy goes; the shipped module's docstring explains the arithmetic):
 the running row maximum m moves only when a key block's maximum passes it by more than TAU (log2 units),
 and only then are the accumulator and the row sum rescaled, in a branch the whole program takes when any of
 its rows moved. Otherwise p' = 2^(s - m + log2 448 - TAU) is at most 448 (the block's scores are within TAU
@@ -113,13 +115,11 @@ def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, tau: float = TAU
 
 
 def compile_only(tau: float, show_sequence: bool) -> None:
-    from bench.kernel_sass import compile_for_hopper, describe, main_loop, sequence
+    from bench.kernel_sass import compile_for_hopper, print_build
 
     build = compile_for_hopper(_lazy_fp8_attention_kernel.fn, dict(HEAD_DIM=128, TAU=tau, BLOCK_M=64, BLOCK_N=128),
                                num_warps=4, num_stages=3)
-    print(f"lazy, TAU {tau}, BLOCK_M 64, BLOCK_N 128, 4 warps, 3 stages: " + describe(build, 64 * 128 // 128))
-    if show_sequence:
-        print("  " + sequence(main_loop(build.sass)))
+    print_build(f"lazy, TAU {tau}, BLOCK_M 64, BLOCK_N 128, 4 warps, 3 stages", build, 64 * 128 // 128, show_sequence)
 
 
 def main(argv=None) -> None:

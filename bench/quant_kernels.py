@@ -98,6 +98,16 @@ def _modulate_quant_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l, eps,
 
 
 @triton.jit
+def _modulated_chunk(x_row, e0, MOD, cols, mask, mean, rstd, D, CHUNK: tl.constexpr):
+    """Columns `cols` of one row's m = LN(x) * (1 + scale) + shift, rounded to bf16 (both chunked passes)."""
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(MOD + CHUNK * D + cols, mask=mask, other=0.0) + tl.load(e0 + CHUNK * D + cols, mask=mask, other=0.0)
+    scale = (tl.load(MOD + (CHUNK + 1) * D + cols, mask=mask, other=0.0)
+             + tl.load(e0 + (CHUNK + 1) * D + cols, mask=mask, other=0.0))
+    return (shift + (x - mean) * rstd * (1.0 + scale)).to(tl.bfloat16)
+
+
+@triton.jit
 def _modulate_quant_chunked_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l, eps,
                                    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_M: tl.constexpr):
     """The same row in chunks of BLOCK_C: four passes (mean, variance, m's max, the cast), the repeated reads
@@ -124,12 +134,7 @@ def _modulate_quant_chunked_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l
     for start in range(0, D, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < D
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(MOD + CHUNK * D + cols, mask=mask, other=0.0) + tl.load(e0 + CHUNK * D + cols, mask=mask,
-                                                                                  other=0.0)
-        scale = (tl.load(MOD + (CHUNK + 1) * D + cols, mask=mask, other=0.0)
-                 + tl.load(e0 + (CHUNK + 1) * D + cols, mask=mask, other=0.0))
-        m = (shift + (x - mean) * rstd * (1.0 + scale)).to(tl.bfloat16)
+        m = _modulated_chunk(x_row, e0, MOD, cols, mask, mean, rstd, D, CHUNK)
         if WRITE_M:
             tl.store(M + out + cols, m, mask=mask)
         peak = tl.maximum(peak, tl.where(mask, tl.abs(m.to(tl.float32)), 0.0))
@@ -138,12 +143,7 @@ def _modulate_quant_chunked_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l
     for start in range(0, D, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < D
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(MOD + CHUNK * D + cols, mask=mask, other=0.0) + tl.load(e0 + CHUNK * D + cols, mask=mask,
-                                                                                  other=0.0)
-        scale = (tl.load(MOD + (CHUNK + 1) * D + cols, mask=mask, other=0.0)
-                 + tl.load(e0 + (CHUNK + 1) * D + cols, mask=mask, other=0.0))
-        m = (shift + (x - mean) * rstd * (1.0 + scale)).to(tl.bfloat16).to(tl.float32)
+        m = _modulated_chunk(x_row, e0, MOD, cols, mask, mean, rstd, D, CHUNK).to(tl.float32)
         q = tl.clamp(tl.math.div_rn(m, s), -448.0, 448.0).to(Q.dtype.element_ty)
         tl.store(Q + out + cols, q, mask=mask)
     tl.store(S + row, s)
