@@ -25,9 +25,16 @@ from the memory traffic they need:
    bitwise on the CPU in eager mode; under Inductor, whose fused kernels may skip the bf16 rounding of
    h + bias, the GPU run's q_equal says whether it still holds.)
 
+3. **q's RMS norm + RoPE + int8 quantisation** (`Attention.forward`'s norm_q and apply_rope, then
+   `fp8_attention.quantize_qkv`'s q part): Inductor fuses them with k's into one 101 ms kernel per A14B step
+   (2.5 ms per block). The kernel here reads each token's q row twice (the sum of squares, then eight heads
+   at a time: norm, RoPE on channel pairs, per-head max, int8), L2 serving the second read.
+
 Prediction (written before any GPU run): (1) ~0.35 ms per call at A14B, saving ~(1.5 + 1.05 - 2 x 0.35) x 40
 = ~75 ms per CFG step; (2) ~1.3 ms per call (3.6 GB read, 0.9 GB written, one GELU), saving ~65 ms; together
-4.11 -> ~3.97 s, 1.61x at the 8352216 run's diffusers time. Integration plan if they hold: (1) a custom op
+4.11 -> ~3.97 s, 1.61x at the 8352216 run's diffusers time; (3) q alone at ~0.25 ms per call (read 671 MB
+twice, mostly from L2, write 335 MB) against whatever Inductor's q share of the 2.5 ms is (the reference here
+is q's path alone, compiled). Integration plan if they hold: (1) a custom op
 called by `WanBlock` under no_grad when the consumers are FP8 matmul linears, `FP8Linear.forward(x,
 x_fp8=None)` taking the pre-quantised row (LoRA hooks still receive the bf16 row); (2) `FP8Linear.forward(x,
 input_amax=None)` with the FFN passing GELU(max h) (autograd unaffected: the amax is a constant).
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -47,6 +55,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_model.fp8 import FP8, FP8_MAX, quantize_rows  # noqa: E402
+from wan_model.fp8_attention import INT8_MAX, LOG2E  # noqa: E402
+from wan_model.rope import apply_rope, rope_tables  # noqa: E402
 from wan_model.transformer import modulate  # noqa: E402
 
 try:
@@ -59,6 +69,11 @@ except ImportError:
 ALIGNED = {"X", "E0", "MOD", "M", "Q", "S", "D", "sx_row", "se_b", "se_l"}
 CALLS = 20  # back-to-back calls per timed sample: the kernels are ~0.3-3 ms, the Python launch ~50 us
 GELU_NEGATIVE_BOUND = 0.171  # >= |bf16(GELU(x))| for every x < -0.7525 (the minimum is -0.17004)
+Q_SHAPES = {  # token grid (F, H, W), heads of 128
+    "a14b-480p": ((21, 30, 52), 40),
+    "5b-720p": ((31, 22, 40), 24),
+    "tiny": ((3, 4, 5), 3),
+}
 SHAPES = {  # tokens, dim, FFN dim, per-token modulation
     "a14b-480p": (32760, 5120, 13824, False),
     "5b-720p": (27280, 3072, 14336, True),
@@ -147,6 +162,75 @@ def _modulate_quant_chunked_kernel(X, E0, MOD, M, Q, S, L, D, sx_row, se_b, se_l
         q = tl.clamp(tl.math.div_rn(m, s), -448.0, 448.0).to(Q.dtype.element_ty)
         tl.store(Q + out + cols, q, mask=mask)
     tl.store(S + row, s)
+
+
+@triton.jit
+def _q_norm_rope_int8_kernel(X, W, COS, SIN, Q8, QS, L, sx_row, eps, score_scale,
+                             NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PER_STEP: tl.constexpr):
+    """One token per program: y = bf16(x * rsqrt(mean(x^2) + eps) * w) over all heads (RMSNorm), z = bf16(y cos
+    + rot(y) sin) per head (channel pairs (2i, 2i+1) -> (-x_{2i+1}, x_{2i})), then per head s = max|z| / 127 and
+    q8 = round_half_even(z / s): `quantize_qkv`'s q; s is stored times `score_scale` (log2 e / sqrt(D))."""
+    row = tl.program_id(0)
+    t = row % L
+    x_row = X + row.to(tl.int64) * sx_row
+    heads = tl.arange(0, HEADS_PER_STEP)
+    chans = tl.arange(0, HEAD_DIM)
+    tile = heads[:, None] * HEAD_DIM + chans[None, :]
+    squares = tl.zeros([HEADS_PER_STEP, HEAD_DIM], dtype=tl.float32)
+    for h0 in range(0, NUM_HEADS, HEADS_PER_STEP):
+        ok = (h0 + heads < NUM_HEADS)[:, None]
+        x = tl.load(x_row + h0 * HEAD_DIM + tile, mask=ok, other=0.0).to(tl.float32)
+        squares += x * x
+    rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(tl.sum(squares, axis=1), axis=0), NUM_HEADS * HEAD_DIM * 1.0) + eps)
+    cos = tl.load(COS + t.to(tl.int64) * HEAD_DIM + chans)[None, :]
+    sin = tl.load(SIN + t.to(tl.int64) * HEAD_DIM + chans)[None, :]
+    for h0 in range(0, NUM_HEADS, HEADS_PER_STEP):
+        ok = (h0 + heads < NUM_HEADS)[:, None]
+        x = tl.load(x_row + h0 * HEAD_DIM + tile, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(W + h0 * HEAD_DIM + tile, mask=ok, other=0.0).to(tl.float32)
+        y = (x * rstd * w).to(tl.bfloat16).to(tl.float32)
+        first, second = tl.split(tl.reshape(y, (HEADS_PER_STEP, HEAD_DIM // 2, 2)))
+        rotated = tl.reshape(tl.join(-second, first), (HEADS_PER_STEP, HEAD_DIM))
+        z = (y * cos + rotated * sin).to(tl.bfloat16).to(tl.float32)
+        s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(z), axis=1), 127.0), 1e-12)
+        # round half to even, as torch.round: adding 1.5 * 2^23 leaves no fraction bits (|v| <= 127)
+        v = (tl.math.div_rn(z, s[:, None]) + 12582912.0) - 12582912.0
+        out = row.to(tl.int64) * (NUM_HEADS * HEAD_DIM) + h0 * HEAD_DIM + tile
+        tl.store(Q8 + out, v.to(tl.int8), mask=ok)
+        tl.store(QS + row.to(tl.int64) * NUM_HEADS + h0 + heads, s * score_scale, mask=h0 + heads < NUM_HEADS)
+
+
+def q_quant_fused(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                  heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [B, L, heads * 128] bf16 (q's linear output); weight: [heads * 128] (norm_q); cos, sin: [1, L, 1, 128]
+    float32 (`rope_tables`). Returns (q8 [B, L, heads, 128] int8, q_scale [B, L, heads] float32 with
+    log2(e) / sqrt(128) folded in), as `quantize_qkv` returns them for q."""
+    bsz, length, dim = x.shape
+    head_dim = dim // heads
+    q8 = torch.empty(bsz, length, heads, head_dim, device=x.device, dtype=torch.int8)
+    qs = torch.empty(bsz, length, heads, device=x.device, dtype=torch.float32)
+    _q_norm_rope_int8_kernel[(bsz * length,)](x, weight, cos.contiguous(), sin.contiguous(), q8, qs, length,
+                                              x.stride(1), eps, LOG2E / math.sqrt(head_dim), NUM_HEADS=heads,
+                                              HEAD_DIM=head_dim, HEADS_PER_STEP=8, num_warps=4)
+    return q8, qs
+
+
+def q_quant_reference(x, weight, cos, sin, eps: float, heads: int):
+    """The model's q path from the linear's output to `quantize_qkv`'s q8 and q_scale."""
+    y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    z = apply_rope(y.unflatten(-1, (heads, -1)), cos, sin).float()
+    scale = (z.abs().amax(-1) / INT8_MAX).clamp_min(1e-12)
+    return (z / scale[..., None]).round().to(torch.int8), scale * (LOG2E / math.sqrt(z.shape[-1]))
+
+
+def q_inputs(shape: str, device, seed: int = 0):
+    grid, heads = Q_SHAPES[shape]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = math.prod(grid)
+    x = (torch.randn(2, tokens, heads * 128, generator=gen, device=device) * 2).to(torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(heads * 128, generator=gen, device=device)).to(torch.bfloat16)
+    cos, sin = rope_tables(grid, 128, torch.device(device))
+    return x, weight, cos, sin, heads
 
 
 def modulate_quant_fused(x: torch.Tensor, e0: torch.Tensor, modulation: torch.Tensor, chunk: int, eps: float,
@@ -246,6 +330,15 @@ def check_cpu() -> None:
                 d1, d0 = ours[1].float() * ours[2][:, None], ref[1].float() * ref[2][:, None]
                 step = torch.maximum(d1.abs(), d0.abs()) * (2**-3 + 2**-6) + ref[2][:, None] * 2**-9
                 assert ((d1 - d0).abs() <= step).all(), row
+    x, weight, cos, sin, heads = q_inputs("tiny", "cpu")
+    q8, qs = q_quant_fused(x, weight, cos, sin, 1e-6, heads)
+    r8, rs = q_quant_reference(x, weight, cos, sin, 1e-6, heads)
+    # bf16 by truncation here: the normed and the rotated values may each sit one bf16 step off, so q8 may
+    # move by up to 2 of its 127 steps and the scale by 2^-6; a wrong rotation or norm moves far more
+    row = dict(case="q norm + rope + int8", q8_equal=float((q8 == r8).float().mean()),
+               q8_max_diff=int((q8.int() - r8.int()).abs().max()), scale_rel=float(((qs - rs) / rs).abs().max()))
+    print(json.dumps(row))
+    assert row["q8_max_diff"] <= 2 and row["scale_rel"] <= 2**-6 and row["q8_equal"] > 0.8, row
     q1, s1 = gelu_quant_bounded(h, bias)
     q0, s0 = gelu_quant_reference(h, bias)
     row = compare("gelu bound", (None, q1, s1), (None, q0, s0))
@@ -272,6 +365,13 @@ def compile_only() -> None:
             loads = sum(1 for line in build.sass.splitlines() if "LDG" in line)
             print(f"dim {dim} (BLOCK_D {block}), {warps} warps: {build.registers} registers, "
                   f"{build.spill_store_bytes} bytes spilled, {loads} global loads")
+    build = compile_for_hopper(_q_norm_rope_int8_kernel, dict(NUM_HEADS=40, HEAD_DIM=128, HEADS_PER_STEP=8),
+                               num_warps=4, num_stages=1,
+                               pointers=["*bf16", "*bf16", "*fp32", "*fp32", "*i8", "*fp32"],
+                               scalar_types={"eps": "fp32", "score_scale": "fp32"},
+                               divisible={"X", "W", "COS", "SIN", "Q8", "QS", "sx_row"})
+    print(f"q norm + rope + int8, 40 heads, 4 warps: {build.registers} registers, {build.spill_store_bytes} bytes "
+          f"spilled, {build.shared_bytes} bytes of shared memory")
 
 
 def time_gpu(shapes: list[str], json_path: Path | None) -> None:
@@ -282,6 +382,7 @@ def time_gpu(shapes: list[str], json_path: Path | None) -> None:
     reference = torch.compile(modulate_quant_reference, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
     gelu_ref = torch.compile(gelu_quant_reference, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
     gelu_bound = torch.compile(gelu_quant_bounded, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
+    q_reference = torch.compile(q_quant_reference, options=SAMPLER_COMPILE_OPTIONS, dynamic=False)
     rows = []
 
     def keep(row: dict) -> None:  # printed and written at once: a run cut by a time limit keeps its rows
@@ -313,6 +414,15 @@ def time_gpu(shapes: list[str], json_path: Path | None) -> None:
         row["bounded_ms"] = time_ms(lambda: gelu_bound(h, bias), calls=CALLS)
         keep(row)
         x = e0 = h = None  # free the inputs before the next shape
+        qx, weight, cos, sin, heads = q_inputs(shape, device)
+        q8, qs = q_quant_fused(qx, weight, cos, sin, 1e-6, heads)
+        r8, rs = q_reference(qx, weight, cos, sin, 1e-6, heads)
+        row = dict(case=f"{shape} q norm + rope + int8", q8_equal=float((q8 == r8).float().mean()),
+                   q8_max_diff=int((q8.int() - r8.int()).abs().max()), scale_equal=float((qs == rs).float().mean()),
+                   inductor_ms=time_ms(lambda: q_reference(qx, weight, cos, sin, 1e-6, heads), calls=CALLS),
+                   fused_ms=time_ms(lambda: q_quant_fused(qx, weight, cos, sin, 1e-6, heads), calls=CALLS))
+        keep(row)
+        qx = None
         torch.cuda.empty_cache()
 
 
