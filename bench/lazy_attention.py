@@ -1,6 +1,7 @@
 """Experiment (issue 14): the shipped int8/FP8 attention kernel with lazy rescaling. Not wired into the sampler.
 
     python bench/lazy_attention.py --compile-only    # any machine with triton: the loop's instructions (sm_90a)
+    TRITON_INTERPRET=1 python bench/lazy_attention.py --check-cpu   # TAU 0 against the shipped kernel, on the CPU
     python bench/lazy_attention.py                   # H100/H200: error against the emulation, timing vs shipped
 
 What changes against `wan_model/fp8_attention.py` (whose arithmetic this copies, line for line outside the
@@ -17,7 +18,8 @@ error against exact attention 3.94% -> 3.97% (tau 3) on Wan-like diffuse rows, 4
 4.66% (tau 3) on rows 3x sharper; rows rescale in 0.04-0.5% of (row, block) steps, a 64-row program in
 roughly 3-30% of its blocks. TAU defaults to 2.
 
-Compiled for sm_90a (Triton 3.6, `--compile-only`): 637 instructions in the loop against the shipped 603,
+In Triton's interpreter (`--check-cpu`) at TAU 0 it reproduces the shipped kernel exactly, partial last key
+block included. Compiled for sm_90a (Triton 3.6, `--compile-only`): 637 instructions in the loop against the shipped 603,
 the rescale branch's ~75 included, so the common path issues ~560 (-7%); but the branch needs every warp of
 the program to agree, which costs three more barriers per key block (5 against 2) and more shuffles (29
 against 24). Triton cannot branch per warp, as FlashAttention-4 does. Prediction, written before any GPU
@@ -114,6 +116,39 @@ def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, tau: float = TAU
     return out
 
 
+def check_cpu() -> None:
+    """Both kernels in Triton's interpreter (numpy < 2.3) at a fixed config, 300 keys (two full key blocks and a
+    partial one): at TAU 0 the lazy loop must reproduce the shipped kernel exactly (same faulty e4m3 cast in
+    both; docs/benchmarks.md), and at TAU 2 differ from it."""
+    import os
+
+    from wan_model.fp8_attention import _fp8_attention_kernel
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--check-cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    length, heads = 300, 2
+    q, k, v = (torch.randn(1, length, heads, 128) for _ in range(3))
+    q, k = (t / t.flatten(2).pow(2).mean(-1).sqrt()[..., None, None] for t in (q, k))  # Wan's q/k RMS norm
+    operands = [t.contiguous() for t in quantize_qkv(*(t.to(torch.bfloat16) for t in (q, k, v)))]
+    q8, k8, vt8, q_scale = operands[:4]
+
+    def run(kernel, **constexprs) -> torch.Tensor:  # the autotuner needs a GPU driver: launch the jit function
+        out = torch.empty(q8.shape, dtype=torch.bfloat16)
+        kernel[(triton.cdiv(length, 64), heads)](*operands, out, q8.stride(0), q8.stride(1), q8.stride(2),
+                                                 k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0),
+                                                 vt8.stride(1), vt8.stride(2), q_scale.stride(0), q_scale.stride(1),
+                                                 out.stride(0), out.stride(1), out.stride(2), heads, length, length,
+                                                 HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128, **constexprs)
+        return out.float()
+
+    shipped = run(_fp8_attention_kernel.fn, EXP_F16=False)
+    lazy0, lazy2 = run(_lazy_fp8_attention_kernel.fn, TAU=0.0), run(_lazy_fp8_attention_kernel.fn, TAU=2.0)
+    moved = float((lazy2 - shipped).norm() / shipped.norm())
+    print(f"TAU 0 equals the shipped kernel: {torch.equal(lazy0, shipped)}; TAU 2 differs by {moved:.3f}")
+    assert torch.equal(lazy0, shipped) and moved > 0
+
+
 def compile_only(tau: float, show_sequence: bool) -> None:
     from bench.kernel_sass import compile_for_hopper, print_build
 
@@ -128,12 +163,16 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--check-cpu", action="store_true")
     ap.add_argument("--sequence", action="store_true", help="with --compile-only: the loop's instruction sequence")
     ap.add_argument("--tau", type=float, default=TAU)
     ap.add_argument("--shape", default="2,32760,40,128", help="B,L,H,D (default: T2V-A14B 480x832x81, CFG batch)")
     args = ap.parse_args(argv)
     if args.compile_only:
         compile_only(args.tau, args.sequence)
+        return
+    if args.check_cpu:
+        check_cpu()
         return
     b, seq, h, d = (int(x) for x in args.shape.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
