@@ -100,20 +100,25 @@ def _lazy_fp8_attention_kernel(Q, K, VT, QS, KS, VS, O,
              mask=row_ok[:, None])
 
 
-def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, tau: float = TAU) -> torch.Tensor:
-    """The lazy kernel on `quantize_qkv`'s operands (contiguous) -> [B, Lq, H, D] bf16."""
+def launch_kernel(kernel, q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, **constexprs) -> torch.Tensor:
+    """`kernel` (this one or the shipped one, autotuned or a bare jit function given its config in
+    `constexprs`) on `quantize_qkv`'s operands (contiguous) -> [B, Lq, H, D] bf16."""
     batch, q_len, heads, head_dim = q8.shape
     out = torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    _lazy_fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out,
-                                     q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1),
-                                     k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2), q_scale.stride(0),
-                                     q_scale.stride(1), out.stride(0), out.stride(1), out.stride(2), heads, q_len,
-                                     kv_len, HEAD_DIM=head_dim, TAU=tau)
+    kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out, q8.stride(0), q8.stride(1), q8.stride(2),
+                 k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
+                 q_scale.stride(0), q_scale.stride(1), out.stride(0), out.stride(1), out.stride(2), heads, q_len,
+                 kv_len, HEAD_DIM=head_dim, **constexprs)
     return out
+
+
+def launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len: int, tau: float = TAU) -> torch.Tensor:
+    """The lazy kernel, autotuned, on `quantize_qkv`'s operands -> [B, Lq, H, D] bf16."""
+    return launch_kernel(_lazy_fp8_attention_kernel, q8, k8, vt8, q_scale, k_scale, v_scale, kv_len, TAU=tau)
 
 
 def check_cpu() -> None:
@@ -131,16 +136,9 @@ def check_cpu() -> None:
     q, k, v = (torch.randn(1, length, heads, 128) for _ in range(3))
     q, k = (t / t.flatten(2).pow(2).mean(-1).sqrt()[..., None, None] for t in (q, k))  # Wan's q/k RMS norm
     operands = [t.contiguous() for t in quantize_qkv(*(t.to(torch.bfloat16) for t in (q, k, v)))]
-    q8, k8, vt8, q_scale = operands[:4]
 
     def run(kernel, **constexprs) -> torch.Tensor:  # the autotuner needs a GPU driver: launch the jit function
-        out = torch.empty(q8.shape, dtype=torch.bfloat16)
-        kernel[(triton.cdiv(length, 64), heads)](*operands, out, q8.stride(0), q8.stride(1), q8.stride(2),
-                                                 k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0),
-                                                 vt8.stride(1), vt8.stride(2), q_scale.stride(0), q_scale.stride(1),
-                                                 out.stride(0), out.stride(1), out.stride(2), heads, length, length,
-                                                 HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128, **constexprs)
-        return out.float()
+        return launch_kernel(kernel, *operands, length, BLOCK_M=64, BLOCK_N=128, num_warps=4, **constexprs).float()
 
     shipped = run(_fp8_attention_kernel.fn, EXP_F16=False)
     lazy0, lazy2 = run(_lazy_fp8_attention_kernel.fn, TAU=0.0), run(_lazy_fp8_attention_kernel.fn, TAU=2.0)

@@ -156,8 +156,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda")
     preset = PRESETS[args.preset]
     h, w = (int(v) for v in args.size.split("x"))
-    vt, vh, vw = preset.vae.stride
-    latent_shape = (preset.transformer.in_dim, (args.frames - 1) // vt + 1, h // vh, w // vw)
+    latent_shape = (preset.transformer.in_dim, *preset.latent_size(h, w, args.frames))
     rows = []
     for name in args.variants:
         try:

@@ -275,8 +275,7 @@ def main(argv=None) -> None:
     preset = PRESETS[args.preset]
     cfg = preset.transformer
     h, w = (int(v) for v in args.size.split("x"))
-    vs = preset.vae.stride
-    latent_shape = (1, cfg.in_dim, (args.frames - 1) // vs[0] + 1, h // vs[1], w // vs[2])
+    latent_shape = (1, cfg.in_dim, *preset.latent_size(h, w, args.frames))
     ceiling = matmul_ceiling(device) if device.type == "cuda" else float("nan")
     results = []
     for impl in args.impl:
