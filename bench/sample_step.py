@@ -13,6 +13,8 @@ attention: torch SDPA); that is the "diffusers" row. Our rows (wan_model/samplin
   compile+fp8a   + self-attention int8/FP8 (fp8_attention)
   fast           all three (sample.py --fast)
   fast-2pass     as fast, but two batch-1 forwards (the batch-of-2 lever, measured)
+  fast-exact-accum  as fast, the FP8 GEMMs with cuBLAS's promoted (float32) accumulation: the fast-accumulation
+                 lever, measured
 Every model gets random bf16 weights of the real shape (built on the meta device, materialised on the
 GPU); TI2V-5B gets per-token timesteps as both pipelines give it. Per row: median seconds per CFG step
 over the timed steps (after warm-up steps, which include compilation), peak GPU memory of the row
@@ -22,6 +24,7 @@ over the timed steps (after warm-up steps, which include compilation), peak GPU 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -48,6 +51,7 @@ VARIANTS = {
     "compile+fp8a": (SamplingSpeed(compile=True, fp8_attention=True), 1),
     "fast": (SamplingSpeed.fast(), 1),
     "fast-2pass": (SamplingSpeed.fast(), 2),
+    "fast-exact-accum": (dataclasses.replace(SamplingSpeed.fast(), fp8_fast_accum=False), 1),
 }
 
 

@@ -12,6 +12,9 @@ Levers (measured one by one in docs/benchmarks.md, "Sampling speed"):
   * fp8_weights: the frozen block linears in e4m3 with per-output-channel scales (`fp8.py`): "storage"
     halves their memory, "matmul" also runs them on FP8 tensor cores (inputs quantised per token).
     Changes the numbers.
+  * fp8_fast_accum (with fp8_weights="matmul"; on by default): the FP8 GEMMs accumulate in the tensor
+    cores' own precision, as TransformerEngine's and torchao's forward GEMMs do, rather than cuBLAS
+    promoting partial sums to float32. Changes the numbers, far less than e4m3 itself (docs/benchmarks.md).
   * fp8_attention: self-attention with q k^T in int8 and P v in e4m3 (`fp8_attention.py`). Changes
     the numbers.
 Which of them may be on by default is to be decided by a fidelity table at the real shape in
@@ -43,6 +46,7 @@ class SamplingSpeed:
     compile: bool = False
     fp8_weights: Literal["none", "storage", "matmul"] = "none"
     fp8_attention: bool = False
+    fp8_fast_accum: bool = True
 
     def __post_init__(self):
         if self.fp8_weights not in FP8_WEIGHT_MODES:
@@ -58,7 +62,8 @@ class SamplingSpeed:
         return "fp8" if self.fp8_attention else "auto"
 
     def describe(self) -> str:
-        return (f"compile {'on' if self.compile else 'off'}, fp8 weights {self.fp8_weights}, "
+        accumulation = " (fast accumulation)" if self.fp8_weights == "matmul" and self.fp8_fast_accum else ""
+        return (f"compile {'on' if self.compile else 'off'}, fp8 weights {self.fp8_weights}{accumulation}, "
                 f"fp8 attention {'on' if self.fp8_attention else 'off'}")
 
 
@@ -67,14 +72,14 @@ def prepare_expert(model: nn.Module, speed: SamplingSpeed) -> nn.Module:
 
     The expert's parameters are frozen first (sampling never trains them); LoRA attaches afterwards as
     forward hooks, which read the fp8 linear's output like any other."""
-    if speed == SamplingSpeed():
+    if not speed.compile and speed.fp8_weights == "none":  # fp8 attention is chosen per forward, not here
         return model
     if any("lora_" in name for name, _ in model.named_parameters()):
         raise ValueError("sampling speed options apply to frozen release experts, not to one carrying trainable "
                          "LoRA layers (a training run's): they would freeze and quantise it")
     if speed.fp8_weights != "none":
         model.requires_grad_(False)
-        quantize_linears_(model, block_linear_names(model), speed.fp8_weights)
+        quantize_linears_(model, block_linear_names(model), speed.fp8_weights, fast_accum=speed.fp8_fast_accum)
     if speed.compile:
         install_lora_slots(model)  # LoRA hooks must exist before compiling (lora_apply._LoraSlot says why)
         model.compile_blocks(options=SAMPLER_COMPILE_OPTIONS)

@@ -184,3 +184,108 @@ def test_fp8_gradient_bench_keeps_each_part(tmp_path):
     assert list(loss["curves"]) == ["none", "storage"] and len(loss["curves"]["none"]) == 4  # steps 0, 2, 4, 5
     assert loss["final_vs_bf16"]["none"] == 1.0 and loss["mean_abs_gap_vs_bf16"]["none"] == 0.0
     assert loss["mean_abs_gap_vs_bf16"]["storage"] > 0
+
+
+def test_gelu_row_bound_is_the_row_max_of_gelu():
+    """max |GELU(h)| per row from max h alone: equal where GELU(max h) >= 0.171 (a value a test with every
+    row's max pushed below it would catch), floored at 0.171 elsewhere, never below the true max."""
+    import torch.nn.functional as F
+
+    from wan_model.fp8 import GELU_NEGATIVE_BOUND, gelu_row_bound
+
+    torch.manual_seed(8)
+    h = torch.randn(4, 50, 384) * torch.logspace(-1, 0.5, 50)[:, None]
+    h[0, 0] = -torch.rand(384) * 6  # all negative: the floor
+    h[0, 1] = torch.linspace(-0.7525 - 2, 0.2, 384)  # near GELU's minimum and a small positive max
+    exact = F.gelu(h, approximate="tanh").abs().amax(-1)
+    bound = gelu_row_bound(h)
+    assert bound.dtype == torch.float32 and bound.shape == (4, 50)
+    assert bool((bound >= exact * (1 - 1e-6)).all())
+    assert float(exact.min()) < GELU_NEGATIVE_BOUND and float(bound.min()) == pytest.approx(GELU_NEGATIVE_BOUND)
+    plain = exact >= GELU_NEGATIVE_BOUND
+    assert int(plain.sum()) > 150 and torch.allclose(bound[plain], exact[plain], rtol=1e-6)
+    # The minimum of the tanh GELU lies just above -0.171, so the floor is a bound (checked finely).
+    x = torch.linspace(-8, 0, 200_001, dtype=torch.float64)
+    assert float(F.gelu(x, approximate="tanh").abs().max()) < GELU_NEGATIVE_BOUND
+    assert float(F.gelu(x.bfloat16(), approximate="tanh").abs().max()) < GELU_NEGATIVE_BOUND
+
+
+def test_fp8_matmul_row_bound_and_fast_accum_on_cpu(monkeypatch):
+    """The FP8 matmul forward (CPU _scaled_mm) with the GELU row bound as its input scale: the same output as
+    the reduction over GELU(h), bit for bit compiled (Inductor keeps GELU in float32, like the bound) and
+    within a bf16 rounding eager; fast accumulation accepted. And the FFN passes the bound through a PEFT
+    LoRA layer to its FP8 base linear (recorded by a stand-in forward: on the CPU the FP8 modes dequantise)."""
+    import torch.nn.functional as F
+
+    from wan_model.fp8 import _FP8MatmulLinear, gelu_row_bound
+
+    torch.manual_seed(9)
+    lin = nn.Linear(192, 64).bfloat16().requires_grad_(False)
+    q, scale = quantize_rows(lin.weight)
+    h = torch.randn(2, 40, 192, dtype=torch.bfloat16) * 2
+
+    def two_pass(h):
+        return _FP8MatmulLinear.apply(F.gelu(h, approximate="tanh"), q, scale, lin.bias, torch.bfloat16)
+
+    def bounded(h, fast_accum=False):
+        return _FP8MatmulLinear.apply(F.gelu(h, approximate="tanh"), q, scale, lin.bias, torch.bfloat16, False,
+                                      fast_accum, gelu_row_bound(h))
+
+    reference = two_pass(h)
+    assert rel(bounded(h), reference) < 4e-3
+    assert torch.equal(bounded(h, fast_accum=True), bounded(h))  # the CPU has one accumulation
+    with torch.no_grad():
+        compiled_two_pass, compiled_bounded = torch.compile(two_pass), torch.compile(bounded)
+        assert torch.equal(compiled_bounded(h), compiled_two_pass(h))
+
+    from wan_model.config import PRESETS
+    from wan_model.transformer import WanBlock
+
+    block = WanBlock(PRESETS["tiny-t2v"].transformer).bfloat16().requires_grad_(False)
+    quantize_linears_(block, ["ffn.2"], "matmul")
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["ffn.2"]), block)
+    seen = {}
+
+    def record(self, x, x_amax=None):
+        seen["x_amax"] = x_amax
+        return F.linear(x, self.weight, self.bias)
+
+    x = torch.randn(1, 30, block.ffn[0].in_features, dtype=torch.bfloat16)
+    h = block.ffn[0](x)
+    with monkeypatch.context() as patch:
+        patch.setattr(FP8Linear, "forward", record)
+        patch.setattr(FP8Linear, "quantizes_input", property(lambda self: True))
+        out = block._ffn(x)
+    assert torch.equal(seen["x_amax"], gelu_row_bound(h))
+    seen.clear()
+    with torch.no_grad():
+        assert rel(block._ffn(x), out) < 2e-2 and not seen  # the CPU's dequantised path: no bound asked for
+
+
+@pytest.mark.gpu
+def test_fp8_fast_accum_and_gelu_bound_on_gpu():
+    """On the GPU: fast accumulation (the sampler's) changes the FP8 matmul far less than e4m3 does; the FFN's
+    GELU row bound gives the two-pass reduction's output, bit for bit compiled, within a bf16 rounding eager."""
+    import torch.nn.functional as F
+
+    from wan_model.config import PRESETS
+    from wan_model.transformer import WanBlock
+
+    torch.manual_seed(10)
+    lin = nn.Linear(5120, 1024, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    promoted, fast = FP8Linear.from_linear(lin, "matmul"), FP8Linear.from_linear(lin, "matmul", fast_accum=True)
+    x = torch.randn(4096, 5120, device="cuda", dtype=torch.bfloat16)
+    y_ref, y_promoted, y_fast = lin(x), promoted(x), fast(x)
+    assert rel(y_fast, y_promoted) < 1e-2 and rel(y_fast, y_ref) < 6e-2 and rel(y_promoted, y_ref) < 6e-2
+
+    block = WanBlock(PRESETS["tiny-t2v"].transformer).to("cuda", torch.bfloat16).requires_grad_(False)
+    quantize_linears_(block, ["ffn.0", "ffn.2"], "matmul")
+    h_in = torch.randn(2, 300, block.ffn[0].in_features, device="cuda", dtype=torch.bfloat16)
+
+    def two_pass(x):
+        return block.ffn(x)  # nn.Sequential: the second linear reduces over GELU(h) itself
+
+    with torch.no_grad():
+        assert rel(block._ffn(h_in), two_pass(h_in)) < 4e-3
+        assert torch.equal(torch.compile(block._ffn)(h_in), torch.compile(two_pass)(h_in))
+        assert F.gelu(block.ffn[0](h_in), approximate="tanh").abs().amax(-1).min() > 0.171  # the bound is exact here
