@@ -265,7 +265,8 @@ def test_fp8_matmul_row_bound_and_fast_accum_on_cpu(monkeypatch):
 @pytest.mark.gpu
 def test_fp8_fast_accum_and_gelu_bound_on_gpu():
     """On the GPU: fast accumulation (the sampler's) changes the FP8 matmul far less than e4m3 does; the FFN's
-    GELU row bound gives the two-pass reduction's output, bit for bit compiled, within a bf16 rounding eager."""
+    GELU row bound gives the two-pass reduction's output bit for bit compiled, and one as close to the
+    unquantised FFN eager."""
     import torch.nn.functional as F
 
     from wan_model.config import PRESETS
@@ -286,6 +287,11 @@ def test_fp8_fast_accum_and_gelu_bound_on_gpu():
         return block.ffn(x)  # nn.Sequential: the second linear reduces over GELU(h) itself
 
     with torch.no_grad():
-        assert rel(block._ffn(h_in), two_pass(h_in)) < 4e-3
+        up, down = block.ffn[0], block.ffn[2]
+        exact = F.linear(F.gelu(F.linear(h_in, up.weight, up.bias), approximate="tanh"), down.weight, down.bias)
+        # Eager, the bound may differ from the bf16 GELU's max by half a bf16 step: another e4m3 scale, so other
+        # roundings (1.1% apart in the first run), equally close to the unquantised FFN.
+        bounded_err, two_pass_err = rel(block._ffn(h_in), exact), rel(two_pass(h_in), exact)
+        assert bounded_err < 6e-2 and abs(bounded_err - two_pass_err) < 0.2 * two_pass_err
         assert torch.equal(torch.compile(block._ffn)(h_in), torch.compile(two_pass)(h_in))
         assert F.gelu(block.ffn[0](h_in), approximate="tanh").abs().amax(-1).min() > 0.171  # the bound is exact here
