@@ -17,8 +17,8 @@ prompt and report.html:
     python sample.py evaluate --release DIR --suite recipes/demo_suite.yaml \\
         --adapters outputs/run/adapters/step-00001000 outputs/run/adapters/step-00002000 --run outputs/run
 
-Speed: --fast (= --compile --fp8-weights matmul --fp8-attention) runs a CFG step of T2V-A14B 480p 1.56x
-faster than diffusers on an H200 (4.11 s vs 6.41 s; TI2V-5B 704x1280x121 1.72x, 1.39 s vs 2.39 s; 8352216);
+Speed: --fast (= --compile --fp8-weights matmul --fp8-attention) runs a CFG step of T2V-A14B 480p 1.63x
+faster than diffusers on an H200 (3.90 s vs 6.36 s; TI2V-5B 704x1280x121 1.78x, 1.33 s vs 2.37 s; 069788e);
 only --compile keeps the maths (speed options below). The first step of each clip shape compiles (~1 min).
 Memory options: --offload-experts (one expert on the GPU at a time), --vae-tiling,
 --text-encoder-device cpu. Few-step renders: --guide 1 runs the conditional branch alone (half the cost per

@@ -44,7 +44,7 @@ def add_speed_arguments(ap) -> None:
                        help="torch.compile the DiT blocks (same maths; the first step compiles, ~1 min at A14B)")
     group.add_argument("--fp8-weights", default="none", choices=["none", "storage", "matmul"],
                        help="block linears in e4m3: storage halves their memory, matmul also runs them on FP8 "
-                            "tensor cores (Hopper/Ada). Changes numbers")
+                            "tensor cores with fast accumulation (Hopper/Ada). Changes numbers")
     group.add_argument("--fp8-attention", action="store_true",
                        help="self-attention with int8 q k^T and FP8 P v (Hopper/Ada, Triton). Changes numbers")
     group.add_argument("--fast", action="store_true", help="--compile --fp8-weights matmul --fp8-attention")
