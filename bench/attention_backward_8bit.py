@@ -70,14 +70,17 @@ def bf16_flash_grads(q, k, v, do):
 
 
 def tile_scale(x: torch.Tensor, rows: bool, block: int, qmax: float) -> torch.Tensor:
-    """Per-row scales over column blocks (rows=True) or per-column scales over row blocks, broadcast to x."""
+    """Per-row scales over column blocks (rows=True) or per-column scales over row blocks, broadcast to x
+    ([Lq, Lk]; a last, partial block is a tile of its own, as in a kernel)."""
     if rows:
-        blocks = x.unflatten(1, (-1, block))                      # [L, nb, block]
+        padded = torch.nn.functional.pad(x, (0, -x.shape[1] % block))
+        blocks = padded.unflatten(1, (-1, block))                 # [Lq, nb, block]
         s = blocks.abs().amax(-1, keepdim=True) / qmax
-        return s.expand_as(blocks).flatten(1)
-    blocks = x.unflatten(0, (-1, block))                          # [nb, block, L]
+        return s.expand_as(blocks).flatten(1)[:, : x.shape[1]]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % block))
+    blocks = padded.unflatten(0, (-1, block))                     # [nb, block, Lk]
     s = blocks.abs().amax(1, keepdim=True) / qmax
-    return s.expand_as(blocks).flatten(0, 1)
+    return s.expand_as(blocks).flatten(0, 1)[: x.shape[0]]
 
 
 def int8_grads(q, k, v, do, dp_8bit: bool):
