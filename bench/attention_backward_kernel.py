@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -226,10 +227,11 @@ def compile_only() -> None:
                                    scalar_types={"sm_scale": "fp32", "sq_plain": "fp32"},
                                    divisible={"Q8", "Q8T", "K8", "K8T", "V", "DO", "DO8T", "DQ", "DK", "DV",
                                               "LqP", "LkP"})
-        wgmma = sum(1 for line in build.sass.splitlines() if "HGMMA" in line)
+        # wgmma by operand type: IGMMA int8, QGMMA e4m3, HGMMA bf16; IMMA / HMMA would be mma.sync fallbacks.
+        kinds = {kind: len(re.findall(rf"\b{kind}\.", build.sass)) for kind in ("IGMMA", "QGMMA", "HGMMA", "IMMA", "HMMA")}
         print(json.dumps(dict(config=[block_m, block_n, warps, stages], registers=build.registers,
                               spill_store_bytes=build.spill_store_bytes, shared_bytes=build.shared_bytes,
-                              hgmma_instructions=wgmma)), flush=True)
+                              tensor_core_instructions=kinds)), flush=True)
 
 
 def time_gpu(json_path: Path | None) -> None:

@@ -6,7 +6,7 @@ cuBLAS's promoted accumulation (training's) and with fast accumulation (the samp
 Per linear of a block: milliseconds per call each way (CUDA events, median), TFLOP/s, and each way's error
 against the float32 product of the same e4m3 operands (the first 4,096 rows), so the accumulation's own
 rounding is seen apart from e4m3's; then the sum over a CFG step (40 blocks; cross-attention's k / v act on
-the 512 text tokens and are left out: 0.03% of the FLOPs).
+the 512 text tokens and are left out: 0.27% of the FLOPs).
 
 Prediction written before the run: cuBLAS without fast accumulation adds float32 promotions every few k-blocks
 on the CUDA cores; on Hopper that costs ~5-10% of an FP8 GEMM, so ~50-100 ms of the ~1,084 ms of FP8 GEMMs in

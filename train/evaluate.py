@@ -217,11 +217,16 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
 
 def _numerics(pipe) -> dict:
     """The speed options that change numbers (fp8 weights, fp8 attention) when any is on; compile does
-    not count. Empty for the default path, so renders made before these options existed are reused."""
+    not count. Empty for the default path, so renders made before these options existed are reused.
+    FP8 matmuls also name their accumulation and, since 069788e, the FFN's row scale taken before GELU:
+    renders made before either are not reused for the numbers of today."""
     speed = pipe.speed
     if speed.fp8_weights == "none" and not speed.fp8_attention:
         return {}
-    return {"numerics": {"fp8_weights": speed.fp8_weights, "fp8_attention": speed.fp8_attention}}
+    numerics = {"fp8_weights": speed.fp8_weights, "fp8_attention": speed.fp8_attention}
+    if speed.fp8_weights == "matmul":
+        numerics.update(fp8_accumulation="fast" if speed.fp8_fast_accum else "promoted", fp8_ffn_scale="before_gelu")
+    return {"numerics": numerics}
 
 
 def render_file_name(key: str, variant: str) -> str:

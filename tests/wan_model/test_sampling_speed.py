@@ -111,6 +111,12 @@ def test_render_cache_key_includes_the_numerics():
     assert settings(fp8_attention=True) != plain
     assert settings(fp8_weights="storage") != settings(fp8_weights="matmul")
     assert settings(compile=True) == plain
+    # FP8 matmul numbers changed at 069788e (fast accumulation, the FFN's scale before GELU): renders keyed
+    # the earlier way are not reused, and the two accumulations do not share renders.
+    before = {"fp8_weights": "matmul", "fp8_attention": False}
+    assert settings(fp8_weights="matmul")["numerics"] != before
+    assert settings(fp8_weights="matmul") != settings(fp8_weights="matmul", fp8_fast_accum=False)
+    assert settings(fp8_weights="storage")["numerics"] == {"fp8_weights": "storage", "fp8_attention": False}
 
 
 def test_sample_cli_speed_flags():
