@@ -165,6 +165,12 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         params = add_lora(model, OUR_TARGETS, args.rank)
         options, plan = planned_speed(args, cfg, tokens, device)
         apply_speed_options(model, options)
+        if args.fp8_fast_accum:  # the sampler's fast accumulation on training's forward GEMMs (issue 16 lever)
+            from wan_model.fp8 import FP8Linear
+
+            for module in model.modules():
+                if isinstance(module, FP8Linear):
+                    module.fast_accum = True
     else:
         model = build_diffusers(cfg, device)
         params = add_lora(model, DIFFUSERS_TARGETS, args.rank)
@@ -252,6 +258,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul", "matmul_dgrad"],
                     help="frozen block linears in e4m3 (ours)")
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"], help="attention backend")
+    ap.add_argument("--fp8-fast-accum", action="store_true",
+                    help="with --fp8 matmul / matmul_dgrad: fast accumulation in the forward FP8 GEMMs (the sampler's; "
+                         "training's default keeps cuBLAS's promoted accumulation). Not yet a recipe option")
     ap.add_argument("--offload", default="none", choices=["none", "blocks"],
                     help="stream base weights from host memory (ours)")
     ap.add_argument("--label", default="", help="a name for this run in the JSON")
@@ -292,7 +301,7 @@ def main(argv=None) -> None:
     summary = dict(label=args.label, preset=args.preset, speed=dataclasses.asdict(speed_options(args)), size=args.size,
                    frames=args.frames, latent_shape=latent_shape,
                    rank=args.rank, checkpointing=args.checkpointing, memory_fraction=args.memory_fraction,
-                   memory_gib=args.memory_gib,
+                   memory_gib=args.memory_gib, fp8_fast_accum=args.fp8_fast_accum,
                    matmul_ceiling_tflops=round(ceiling, 1),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, results=results)
