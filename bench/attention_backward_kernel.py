@@ -141,8 +141,9 @@ def _attention_backward_kernel(Q8, Q8T, K8, K8T, V, DO, DO8T, QS, KS, M, LSUM, D
         r_scale = tl.maximum(tl.max(tl.abs(ds), 1) / 127.0, 1e-30)
         ds8 = _to_int8(ds / r_scale[:, None])
         dq = tl.dot(ds8, k_nd).to(tl.float32) * (r_scale * (sk * sm_scale))[:, None]
+        # relaxed: the adds need no ordering among themselves (the default acq_rel would fence every one)
         tl.atomic_add(DQ + b * Lq * row_stride + h * HEAD_DIM + offs_m[:, None] * row_stride + offs_d[None, :], dq,
-                      mask=row_ok[:, None])
+                      mask=row_ok[:, None], sem="relaxed")
 
     out = b * Lk * row_stride + h * HEAD_DIM + offs_n[:, None] * row_stride + offs_d[None, :]
     tl.store(DK + out, dk_acc * sm_scale, mask=key_ok[:, None])
