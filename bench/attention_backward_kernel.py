@@ -131,15 +131,16 @@ def _attention_backward_kernel(Q8, Q8T, K8, K8T, V, DO, DO8T, QS, KS, M, LSUM, D
             dp = tl.dot(do.to(tl.float32), vt.to(tl.float32))
         else:
             dp = tl.dot(do, vt)
-        ds = p / l[:, None] * (dp - delta[:, None])
+        # Per-element divisions cost the special-function unit per score: reciprocals of row / column vectors.
+        ds = p * (1.0 / l)[:, None] * (dp - delta[:, None])
 
         g = ds * (sq * sq_plain)[:, None]
         g_scale = tl.maximum(tl.max(tl.abs(g), 0) / 127.0, 1e-30)
-        g8 = _to_int8(g / g_scale[None, :])
+        g8 = _to_int8(g * (1.0 / g_scale)[None, :])
         dk_acc += tl.dot(tl.trans(g8), q_md).to(tl.float32) * g_scale[:, None]
 
         r_scale = tl.maximum(tl.max(tl.abs(ds), 1) / 127.0, 1e-30)
-        ds8 = _to_int8(ds / r_scale[:, None])
+        ds8 = _to_int8(ds * (1.0 / r_scale)[:, None])
         dq = tl.dot(ds8, k_nd).to(tl.float32) * (r_scale * (sk * sm_scale))[:, None]
         # relaxed: the adds need no ordering among themselves (the default acq_rel would fence every one)
         tl.atomic_add(DQ + b * Lq * row_stride + h * HEAD_DIM + offs_m[:, None] * row_stride + offs_d[None, :], dq,
