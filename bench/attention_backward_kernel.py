@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.attention_backward_8bit import (BLOCK_M as EMULATED_BLOCK_M, BLOCK_N as EMULATED_BLOCK_N,  # noqa: E402
                                            int8_grads, rms_normed)
+from bench.attention_kernels import rel  # noqa: E402
 from wan_model.fp8_attention import FP8, FP8_MAX, K_PAD, quantize_qkv  # noqa: E402
 
 import triton  # noqa: E402
@@ -198,10 +199,6 @@ def backward(ops: dict, config=CONFIGS[0]):
     return dq, dk, dv
 
 
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def check_against_emulation(length: int, device) -> dict:
     """One head of `length` tokens: the kernel against bench/attention_backward_8bit.py's emulation."""
     from wan_model.fp8_attention import reference_fp8_attention
@@ -237,7 +234,7 @@ def compile_only() -> None:
 
 
 def time_gpu(json_path: Path | None) -> None:
-    from bench.attention_kernels import time_ms
+    from bench.attention_kernels import rms_normed as normed_heads, time_ms
 
     device = torch.device("cuda")
     errors = check_against_emulation(1000, device)
@@ -245,12 +242,7 @@ def time_gpu(json_path: Path | None) -> None:
           flush=True)
     batch, length, heads, head_dim = 1, 32_760, 40, 128
     gen = torch.Generator(device=device).manual_seed(0)
-
-    def normed(shape):
-        x = torch.randn(shape, generator=gen, device=device)
-        return (x / x.pow(2).mean(-1, keepdim=True).sqrt()).bfloat16()
-
-    q, k = normed((batch, length, heads, head_dim)), normed((batch, length, heads, head_dim))
+    q, k = (normed_heads((batch, length, heads, head_dim), gen, device) for _ in range(2))
     v = torch.randn(batch, length, heads, head_dim, generator=gen, device=device).bfloat16()
     do = (torch.randn(batch, length, heads, head_dim, generator=gen, device=device) / math.sqrt(length)).bfloat16()
     # bf16 SDPA (cuDNN on Hopper), forward and backward, as training runs it.

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.attention_kernels import time_ms  # noqa: E402
+from bench.attention_kernels import rel, time_ms  # noqa: E402
 from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from wan_model.fp8 import quantize_rows  # noqa: E402
@@ -33,10 +33,6 @@ ROWS = 2 * 32_760
 DIM, FFN_DIM, BLOCKS = 5_120, 13_824, 40
 # (name, in, out, calls per block): self-attention q, k, v, o and cross-attention q, o act on the video tokens.
 LINEARS = [("attention q/k/v/o, cross q/o", DIM, DIM, 6), ("ffn up", DIM, FFN_DIM, 1), ("ffn down", FFN_DIM, DIM, 1)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def main(argv=None) -> None:
