@@ -4,6 +4,10 @@ the bf16 path, same seed, same random weights.
     python bench/sample_fidelity.py --preset t2v-A14B --size 480x832 --frames 17           # GPU, A14B width
     python bench/sample_fidelity.py --preset tiny-t2v --size 64x64 --frames 9 --device cpu  # tiny, CPU
 
+A long comparison (81 frames, 40 steps: several minutes per variant at A14B) can span calls: with --cache DIR
+each finished variant's final latent and decoded video are kept in DIR, and a later run with the same settings
+reuses them instead of rendering again.
+
 Variants (wan_model/sampling_speed.py): bf16 (the reference), fp8w (block linears in e4m3; FP8 matmuls
 on CUDA, dequantised bf16/fp32 matmuls on the CPU), fp8a (int8/FP8 self-attention; the float32 emulation
 on the CPU), fast (both). Each variant renders with freshly built experts of the same seeds (official
@@ -65,6 +69,22 @@ def render(preset, speed: SamplingSpeed, compile_: bool, request: GenerationRequ
     return result.latents.float(), result.video.float(), seconds
 
 
+def cached_render(cache: Path | None, key: str, name: str, render_variant):
+    """render_variant() -> (latents, video, seconds), kept in cache/<key>_<name>.pt when a cache is given."""
+    path = cache / f"{key}_{name}.pt" if cache is not None else None
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        print(f"{name}: reused {path}", flush=True)
+        return saved["latents"], saved["video"], saved["seconds"]
+    latents, video, seconds = render_variant()
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save(dict(latents=latents.cpu(), video=video.cpu(), seconds=seconds), partial)
+        partial.replace(path)  # whole or absent: a run cut mid-write leaves no half file to reuse
+    return latents, video, seconds
+
+
 def psnr(video: torch.Tensor, reference: torch.Tensor) -> float:
     mse = float((video - reference).pow(2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
@@ -80,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="compile the blocks in every variant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep each variant's latent and video here; a later run with the same settings reuses them")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -91,10 +113,13 @@ def main(argv=None) -> None:
     request = GenerationRequest(prompt="a lighthouse at dusk, waves", seed=0, height=h, width=w, frames=args.frames,
                                 steps=args.steps or preset.sample_steps, image=image)
     variants = ["bf16"] + [v for v in args.variants if v != "bf16"]
+    key = f"{args.preset}_{args.size}_{args.frames}f_{request.steps}s_{'compiled' if args.compile else 'eager'}"
     reference = None
     rows = []
     for name in variants:
-        latents, video, seconds = render(preset, VARIANTS[name], args.compile, request, device, dtype)
+        latents, video, seconds = cached_render(
+            args.cache, key, name, lambda: render(preset, VARIANTS[name], args.compile, request, device, dtype))
+        latents, video = latents.to(device), video.to(device)
         if reference is None:
             reference = (latents, video)
             row = dict(variant=name, seconds=round(seconds, 2))
