@@ -21,6 +21,8 @@ channel, P as e4m3(p') with p' = 2^(s - m + log2 448)):
 (dq through the smoothed k' = k - mean(k) is exact: each row of dS sums to zero.) The scales sit outside
 each tile's sum, so a kernel applies them once per tile. Variants: `bf16` (what training runs today, as a
 flash-style kernel computes it: bf16 inputs, P and dS rounded to bf16 before their matmuls, float32 sums),
+`int8-fwd` (the 8-bit forward in training, its output and log-sum-exp handed to that same bf16 backward:
+the ~0.4 s lever of docs/benchmarks.md, issue 16),
 `int8` (the design above), `int8-dp8` (dP on 8 bits too: dO e4m3 per row with v's channel scales folded in,
 against the forward's e4m3 v). Each against exact attention in float64 on the same bf16 inputs; RMS-normed
 random q and k (Wan's q/k norm), random v and dO; once with q scaled 3x (sharper rows). Reported: relative
@@ -46,7 +48,7 @@ from bench.report import emit  # noqa: E402
 from wan_model.fp8_attention import FP8, FP8_MAX, INT8_MAX, LOG2E, quantize_qkv  # noqa: E402
 
 BLOCK_M, BLOCK_N = 64, 128
-VARIANTS = ("bf16", "int8", "int8-dp8")
+VARIANTS = ("bf16", "int8-fwd", "int8", "int8-dp8")
 
 
 def exact_grads(q, k, v, do):
@@ -83,18 +85,41 @@ def tile_scale(x: torch.Tensor, rows: bool, block: int, qmax: float) -> torch.Te
     return s.expand_as(blocks).flatten(0, 1)[: x.shape[0]]
 
 
-def int8_grads(q, k, v, do, dp_8bit: bool):
-    """The 8-bit design of the module docstring for [L, D] bf16 inputs (one head); returns dq, dk, dv."""
-    head_dim, length = q.shape[-1], q.shape[0]
+def int8_forward(q, k, v):
+    """The shipped forward kernel's arithmetic for [L, D] bf16 inputs (one head): returns the int8 operands and
+    scales, log2-unit scores s, row maxima m, p' = 2^(s - m + log2 448), l = sum p' and the output (float32)."""
+    length = q.shape[0]
     q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(*(t[None, :, None] for t in (q, k, v)))
     q8, k8, sq, sk = q8[0, :, 0].float(), k8[0, :length, 0].float(), q_scale[0, :, 0], k_scale[0, 0]
     v8, sv = vt8[0, 0, :, :length].float().t(), v_scale[0, 0]         # [L, D] e4m3 values, [D]
-    # Forward (the shipped kernel's arithmetic): log2-unit scores, p' in [0, 448], out from e4m3(p') and e4m3 v.
     s = (q8 @ k8.t()) * sq[:, None] * sk
     m = s.amax(-1, keepdim=True)
     p_prime = torch.exp2(s - m + math.log2(FP8_MAX))
     l = p_prime.sum(-1, keepdim=True)
     out = (p_prime.to(FP8).float() @ v8) * sv / l
+    return q8, k8, sq, sk, v8, sv, m, p_prime, l, out
+
+
+def int8_forward_bf16_backward_grads(q, k, v, do):
+    """The 8-bit forward kept for training with today's bf16 backward (cuDNN's, as bf16_flash_grads computes it)
+    fed the forward's output and log-sum-exp: the backward recomputes P = exp(S - LSE) from bf16 q and k, so
+    P's rows carry the forward's LSE error and D = rowsum(dO O) its output error."""
+    *_, m, p_prime, l, out = int8_forward(q, k, v)
+    lse = (m - math.log2(FP8_MAX) + torch.log2(l)) * math.log(2)    # natural-log units, as flash kernels save it
+    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
+    scale = 1 / math.sqrt(q.shape[-1])
+    p = torch.exp(qf @ kf.t() * scale - lse)
+    d = (dof * out.bfloat16().float()).sum(-1, keepdim=True)
+    dv = p.bfloat16().float().t() @ dof
+    ds = (p * (dof @ vf.t() - d)).bfloat16().float()
+    return ds @ kf * scale, ds.t() @ qf * scale, dv
+
+
+def int8_grads(q, k, v, do, dp_8bit: bool):
+    """The 8-bit design of the module docstring for [L, D] bf16 inputs (one head); returns dq, dk, dv."""
+    head_dim = q.shape[-1]
+    # Forward (the shipped kernel's arithmetic): log2-unit scores, p' in [0, 448], out from e4m3(p') and e4m3 v.
+    q8, k8, sq, sk, v8, sv, m, p_prime, l, out = int8_forward(q, k, v)
     dof = do.float()
     d = (dof * out.bfloat16().float()).sum(-1, keepdim=True)       # the forward's bf16 output, as training saves it
     p = p_prime / l
@@ -152,6 +177,7 @@ def main(argv=None) -> None:
             do = (torch.randn(args.keys, 128, generator=gen) / math.sqrt(args.keys)).bfloat16()
             reference = exact_grads(q, k, v, do)
             per_variant["bf16"].append(compare(bf16_flash_grads(q, k, v, do), reference))
+            per_variant["int8-fwd"].append(compare(int8_forward_bf16_backward_grads(q, k, v, do), reference))
             per_variant["int8"].append(compare(int8_grads(q, k, v, do, dp_8bit=False), reference))
             per_variant["int8-dp8"].append(compare(int8_grads(q, k, v, do, dp_8bit=True), reference))
         for name, heads in per_variant.items():
