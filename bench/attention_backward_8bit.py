@@ -58,17 +58,24 @@ def exact_grads(q, k, v, do):
     return torch.autograd.grad(out, (q, k, v), do.double())
 
 
-def bf16_flash_grads(q, k, v, do):
-    """Today's backward as a flash kernel computes it: bf16 operands, float32 sums, P and dS rounded to bf16."""
+def bf16_flash_backward(q, k, v, do, out, lse):
+    """Today's backward as a flash kernel computes it from a forward's output and natural-log log-sum-exp:
+    P = exp(S - LSE) recomputed from bf16 q and k, float32 sums, P and dS rounded to bf16 before their matmuls."""
     qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
     scale = 1 / math.sqrt(q.shape[-1])
-    p = torch.softmax(qf @ kf.t() * scale, -1)
-    out = (p.bfloat16().float() @ vf).bfloat16().float()
-    d = (dof * out).sum(-1, keepdim=True)
+    p = torch.exp(qf @ kf.t() * scale - lse)
+    d = (dof * out.bfloat16().float()).sum(-1, keepdim=True)       # the forward's bf16 output, as training saves it
     dv = p.bfloat16().float().t() @ dof
-    dp = dof @ vf.t()
-    ds = (p * (dp - d)).bfloat16().float()
+    ds = (p * (dof @ vf.t() - d)).bfloat16().float()
     return ds @ kf * scale, ds.t() @ qf * scale, dv
+
+
+def bf16_flash_grads(q, k, v, do):
+    """Today's forward and backward (bf16 operands, float32 sums, P rounded to bf16 before P v)."""
+    s = q.float() @ k.float().t() / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    out = torch.exp(s - lse).bfloat16().float() @ v.float()
+    return bf16_flash_backward(q, k, v, do, out, lse)
 
 
 def tile_scale(x: torch.Tensor, rows: bool, block: int, qmax: float) -> torch.Tensor:
@@ -101,18 +108,11 @@ def int8_forward(q, k, v):
 
 
 def int8_forward_bf16_backward_grads(q, k, v, do):
-    """The 8-bit forward kept for training with today's bf16 backward (cuDNN's, as bf16_flash_grads computes it)
-    fed the forward's output and log-sum-exp: the backward recomputes P = exp(S - LSE) from bf16 q and k, so
-    P's rows carry the forward's LSE error and D = rowsum(dO O) its output error."""
-    *_, m, p_prime, l, out = int8_forward(q, k, v)
-    lse = (m - math.log2(FP8_MAX) + torch.log2(l)) * math.log(2)    # natural-log units, as flash kernels save it
-    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
-    scale = 1 / math.sqrt(q.shape[-1])
-    p = torch.exp(qf @ kf.t() * scale - lse)
-    d = (dof * out.bfloat16().float()).sum(-1, keepdim=True)
-    dv = p.bfloat16().float().t() @ dof
-    ds = (p * (dof @ vf.t() - d)).bfloat16().float()
-    return ds @ kf * scale, ds.t() @ qf * scale, dv
+    """The 8-bit forward kept for training with today's bf16 backward fed its output and log-sum-exp (as cuDNN's
+    backward takes them): the recomputed P's rows carry the forward's LSE error, D = rowsum(dO O) its output's."""
+    *_, m, _, l, out = int8_forward(q, k, v)
+    lse = (m - math.log2(FP8_MAX) + torch.log2(l)) * math.log(2)    # log2 -> natural log, as flash kernels keep it
+    return bf16_flash_backward(q, k, v, do, out, lse)
 
 
 def int8_grads(q, k, v, do, dp_8bit: bool):
