@@ -10,7 +10,8 @@ bf16 reference and repeat are two of them: give each call at most two modes, or 
 Part 1, gradients at the real shape: one random expert (official init, random head) with rank-32 LoRA on the
 ten block linears, its B factors random (PEFT's zero B would give A no gradient), checkpointing on every
 block as in training. For each timestep (spread over the high-noise range [875, 1000) and the low-noise
-range [0, 875)) and each `fp8_base` mode, the LoRA gradient of the flow-matching loss on one fixed sample
+range [0, 875)) and each `fp8_base` mode (and `fp8_attention`, `matmul_dgrad+fp8_attention`: the 8-bit
+self-attention forward of `attention_backend: fp8`, with bf16 or FP8 weights), the LoRA gradient of the flow-matching loss on one fixed sample
 (x_t = (1 - s) x_0 + s n, target n - x_0) against the bf16 model's: cosine similarity and relative error
 ||g - g_bf16|| / ||g_bf16|| over all LoRA parameters, and over each kind of linear.
 
@@ -51,7 +52,8 @@ from wan_model.config import PRESETS  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
 from wan_model.transformer import WanTransformer  # noqa: E402
 
-MODES = ("none", "storage", "matmul", "matmul_dgrad")
+# fp8_base modes; "+fp8_attention": with the 8-bit self-attention forward too (attention_backend: fp8)
+MODES = ("none", "storage", "matmul", "matmul_dgrad", "fp8_attention", "matmul_dgrad+fp8_attention")
 KINDS = {"self_attn": "self_attn.", "cross_attn": "cross_attn.", "ffn": "ffn."}
 
 
@@ -70,7 +72,11 @@ def build(cfg, device, dtype, mode: str, rank: int) -> tuple[nn.Module, list[tup
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     model.enable_gradient_checkpointing(True)
-    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=mode))
+    weights, _, attention = mode.partition("+")
+    if weights == "fp8_attention":
+        weights, attention = "none", "fp8_attention"
+    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=weights,
+                                            attention_backend="fp8" if attention else "auto"))
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

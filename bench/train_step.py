@@ -213,6 +213,7 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     sec = statistics.median(times)
+    kernels = kernel_breakdown(step, args.profile) if cuda and args.profile else None
     flops = step_flops(cfg, tokens, args.rank, args.checkpointing != "none")
     if cuda and args.memory_fraction:
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -223,7 +224,52 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
                   loss=float(loss), step_pflop=round(flops / 1e15, 3))
     if plan is not None:
         result.update(memory_plan=plan, speed=dataclasses.asdict(options))
+    if kernels is not None:
+        result["kernels"] = kernels
     return result
+
+
+# Kernel name patterns -> where a step's GPU time goes (first match wins; names as torch.profiler reports them).
+KERNEL_KINDS = [
+    ("attention forward, 8-bit", ("_fp8_attention_kernel",)),
+    ("attention backward", ("bprop", "flash_bwd", "attention_backward", "dgrad_kernel_dq", "_bwd")),
+    ("attention forward", ("fprop", "flash_fwd", "fmha", "attention_forward")),
+    ("fp8 GEMM", ("e4m3", "f8f8", "fp8", "_scaled_mm")),
+    ("other GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+    ("optimizer", ("adam",)),
+    ("compiled element-wise (Triton)", ("triton_",)),
+    ("copies and casts", ("copy", "cast", "Memcpy", "Memset", "fill")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    for kind, patterns in KERNEL_KINDS:
+        if any(p.lower() in name.lower() for p in patterns):
+            return kind
+    return "other"
+
+
+def kernel_breakdown(step, top: int) -> dict:
+    """One more step under torch.profiler: GPU kernel time by kind (KERNEL_KINDS) and the `top` kernels,
+    with the step's wall time under the profiler (the gap to the kernel sum is idle GPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    kinds: dict[str, float] = {}
+    for e in events:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+    return dict(wall_s=round(wall, 3), kernel_s=round(sum(kinds.values()), 3),
+                by_kind={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                top=[dict(kernel=e.key[:160], kind=kernel_kind(e.key), calls=e.count,
+                          ms=round(e.self_device_time_total / 1e3, 2)) for e in events[:top]])
 
 
 def matmul_ceiling(device) -> float:
@@ -257,7 +303,8 @@ def main(argv=None) -> None:
     ap.add_argument("--save-every", type=int, default=2, help="k of --save-attention every_k")
     ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul", "matmul_dgrad"],
                     help="frozen block linears in e4m3 (ours)")
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"], help="attention backend")
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "fp8"],
+                    help="attention backend; fp8: 8-bit self-attention forward, bf16 backward")
     ap.add_argument("--fp8-fast-accum", action="store_true",
                     help="with --fp8 matmul / matmul_dgrad: fast accumulation in the forward FP8 GEMMs (the sampler's; "
                          "training's default keeps cuBLAS's promoted accumulation). Not yet a recipe option")
@@ -273,6 +320,8 @@ def main(argv=None) -> None:
     ap.add_argument("--host-checkpoints", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
                     help="keep checkpointed block inputs in pinned host memory (ours); auto: the plan chooses "
                          "(with --save-attention auto)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, one more under torch.profiler: GPU time by kernel kind, top N kernels")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     # The allocator train_lora.py runs with, set before CUDA starts: with the default one the 720p auto plan

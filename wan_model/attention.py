@@ -10,8 +10,9 @@ Backends, chosen once per process with `set_attention_backend`:
     Not flash-attention 2 by default: on an H100 at the A14B shape (32,760 tokens, 40 heads of 128, bf16)
     sdpa's cuDNN kernel ran the forward in 38 ms against 60 ms for its FlashAttention-2 kernel
     (forward+backward 133 ms against 233 ms), so FA2 is used only when asked for by name or as fallback;
-  * "fp8" (sampling only, no backward): self-attention on FP8 tensor cores (`fp8_attention.py`; it changes
-    the numbers, see its docstring), cross-attention as "auto". Set for a render with `attention_backend`.
+  * "fp8": self-attention on 8-bit tensor cores (`fp8_attention.py`; it changes the numbers, see its
+    docstring), cross-attention as "auto". Set for a render with `attention_backend`; in training
+    (`speed.attention_backend: fp8`) the forward is 8-bit and the backward cuDNN's bf16 one, fed its LSE.
 `prepare_attention` tries cuDNN forward+backward once per (batch, lengths, heads) and caches the answer;
 the DiT calls it before its blocks, so compiled blocks only read the cache.
 No mask: Wan attends over every video token and over all text_len text tokens (padded rows included).
@@ -118,7 +119,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, self_attention: bool = False) -> 
     Returns [B, Lq, heads, head_dim] in q's dtype.
     """
     if self_attention and _backend == "fp8":
-        return fp8_attention(q, k, v)
+        return fp8_attention(q, k, v, cudnn_backward=_cudnn_works.get(
+            (q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3]), True))
     if _use_flash(q):
         out = _flash_attn_func(q, k, v)
         # flash-attention 3 returns (out, softmax_lse) in some releases.

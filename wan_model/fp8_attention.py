@@ -2,7 +2,9 @@
 
 At T2V-A14B 480x832x81 (32,760 tokens) self-attention is half a forward's FLOPs (4 L^2 d = 879 TFLOP of
 1.66 PFLOP); in bf16 it runs near 580 TFLOP/s, and Hopper's 8-bit tensor cores have twice bf16's rate.
-This is an inference kernel (no backward): the sampler's opt-in `--fp8-attention`.
+The sampler's opt-in `--fp8-attention`, and training's `attention_backend: fp8`: there the same forward also
+writes the log-sum-exp and the backward is the exact bf16 flash backward (cuDNN's) fed this forward's output
+and LSE, so a third of attention's work in a step runs at the 8-bit rate (`fp8_attention_backward`).
 
 Quantisation (after SageAttention, Zhang et al. 2024/25), per batch b and head h:
     q:  one scale per token,  sq_i = max_d |q_id| / 127,     Q8 = round(q / sq)   int8
@@ -96,13 +98,13 @@ if triton is not None:
             y = tl.math.exp2(x)
         return y
 
-    @triton.autotune(configs=_CONFIGS, key=["Lq", "Lk", "HEAD_DIM", "EXP_F16"])
+    @triton.autotune(configs=_CONFIGS, key=["Lq", "Lk", "HEAD_DIM", "EXP_F16", "WRITE_LSE"])
     @triton.jit
-    def _fp8_attention_kernel(Q, K, VT, QS, KS, VS, O,
+    def _fp8_attention_kernel(Q, K, VT, QS, KS, VS, O, LSE, SHIFT,
                               sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_h, sv_d, sqs_b, sqs_l,
                               so_b, so_l, so_h, H, Lq, Lk,
-                              HEAD_DIM: tl.constexpr, EXP_F16: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+                              HEAD_DIM: tl.constexpr, EXP_F16: tl.constexpr, WRITE_LSE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -145,27 +147,41 @@ if triton is not None:
         out = acc / l_i[:, None] * v_scale[None, :]
         tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
+        if WRITE_LSE:  # for a backward: natural-log LSE of the unsmoothed scores, [B, H, Lq, 1] float32
+            # l_i sums p' = 448 * 2^(s - m): log2 sum 2^s = m + log2 l - log2 448; SHIFT adds back q . mean(k)
+            lse_ptrs = (b * H + h) * Lq + offs_m
+            lse = (m_i + tl.math.log2(l_i) - p_offset) * 0.6931471805599453
+            tl.store(LSE + lse_ptrs, lse + tl.load(SHIFT + lse_ptrs, mask=row_ok, other=0.0), mask=row_ok)
 
 
 EXP_F16 = False  # half-precision exp2 in the kernel (bench/attention_kernels.py measures both)
 
 
-@torch.library.custom_op("wanlora::fp8_attention_kernel", mutates_args=())
-def _fp8_attention_kernel_op(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor,
-                             v_scale: Tensor, kv_len: int, exp_f16: bool = False) -> Tensor:
-    """The Triton kernel on quantised operands (see `quantize_qkv`) -> [B, Lq, H, D] bf16."""
+def _launch(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor, kv_len: int,
+            exp_f16: bool, lse_shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The Triton kernel on quantised operands (see `quantize_qkv`) -> (out [B, Lq, H, D] bf16, and with
+    `lse_shift` [B, H, Lq, 1] the log-sum-exp the backward needs, float32 of the same shape, else None)."""
     batch, q_len, heads, head_dim = q8.shape
     out = torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16)
+    lse = None if lse_shift is None else torch.empty_like(lse_shift)
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
     _fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out,
+                                out if lse is None else lse, out if lse_shift is None else lse_shift,
                                 q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
                                 vt8.stride(0), vt8.stride(1), vt8.stride(2), q_scale.stride(0), q_scale.stride(1),
                                 out.stride(0), out.stride(1), out.stride(2), heads, q_len, kv_len,
-                                HEAD_DIM=head_dim, EXP_F16=exp_f16)
-    return out
+                                HEAD_DIM=head_dim, EXP_F16=exp_f16, WRITE_LSE=lse is not None)
+    return out, lse
+
+
+@torch.library.custom_op("wanlora::fp8_attention_kernel", mutates_args=())
+def _fp8_attention_kernel_op(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor,
+                             v_scale: Tensor, kv_len: int, exp_f16: bool = False) -> Tensor:
+    """The sampler's kernel call (no log-sum-exp) -> [B, Lq, H, D] bf16."""
+    return _launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len, exp_f16)[0]
 
 
 @_fp8_attention_kernel_op.register_fake
@@ -179,19 +195,34 @@ def kernel_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-def fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(D)) v with q k^T in int8 and P v in e4m3 (module docstring); no gradient.
-
-    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; D a power of two >= 32. Returns [B, Lq, H, D] in q's dtype."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError("fp8 attention is for sampling only (it has no backward); train with the "
-                           "'auto', 'sdpa' or 'flash' attention backend")
-    if q.device.type == "cpu":
-        return reference_fp8_attention(q, k, v)
+def _check_kernel(q: Tensor) -> None:
     if not kernel_available(q.device) or q.shape[-1] not in (32, 64, 128, 256):
         raise RuntimeError(f"fp8 attention needs Triton and a GPU with FP8 tensor cores (sm_89+: Ada, Hopper) "
                            f"and a head size of 32, 64, 128 or 256 (here {q.shape[-1]}); sample without "
-                           f"--fp8-attention")
+                           f"--fp8-attention, train with attention_backend auto")
+
+
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor, cudnn_backward: bool = True) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v with q k^T in int8 and P v in e4m3 (module docstring).
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; D a power of two >= 32. Returns [B, Lq, H, D] in q's dtype.
+    When a gradient is needed, the forward also writes the log-sum-exp and the backward is the exact bf16
+    flash backward fed this forward's output and LSE (`fp8_attention_backward`; cudnn_backward: cuDNN's
+    kernel, else FlashAttention-2's, for lengths where cuDNN fails)."""
+    if q.device.type != "cpu":
+        _check_kernel(q)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # The backward sees smoothed keys (a differentiable step: dk = dk' - mean dk'). Exact attention is
+        # blind to a shared key offset, but a backward fed an approximate LSE is not: its dS rows no longer
+        # sum to zero, and dQ = dS K would carry that residue times the offset (8% on dq with an offset of
+        # twice k's spread, CPU test); with K - mean(K) it carries it times nothing, and projecting dk onto
+        # zero-sum (what an offset-blind function's gradient is) can only bring it closer.
+        k = (k.float() - k.float().mean(dim=1, keepdim=True)).to(k.dtype)
+        operands = _training_operands(q, k, v)
+        out, _ = _fp8_attention_train_op(q, k, v, *operands, k.shape[1], cudnn_backward)
+        return out.to(q.dtype)
+    if q.device.type == "cpu":
+        return reference_fp8_attention(q, k, v)
     return _kernel_attention(q, k, v)
 
 
@@ -199,3 +230,95 @@ def _kernel_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v)
     return _fp8_attention_kernel_op(q8.contiguous(), k8.contiguous(), vt8.contiguous(), q_scale.contiguous(),
                                     k_scale.contiguous(), v_scale.contiguous(), k.shape[1], EXP_F16).to(q.dtype)
+
+
+# ---- training: the 8-bit forward with the exact bf16 backward ------------------------------------------------
+# The forward is the sampler's kernel (a third of attention's work in a training step); the backward recomputes
+# P = exp(S - LSE) from the bf16 q and k, so the forward must hand it the LSE of the *unsmoothed* scores: the
+# kernel's own is that of q . (k - mean k), short by q . mean(k) / sqrt(D) per row (softmax ignores the shift,
+# the LSE does not; `fp8_attention` hands in keys already smoothed, so the shift is only bf16's residue there).
+# The error this leaves in the gradients is the forward's: docs/benchmarks.md (issue 16).
+
+def _training_operands(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+    """The kernel's quantised operands and the LSE shift q . mean_tokens(k) / sqrt(D) as [B, H, Lq, 1]
+    float32; plain tensor ops on detached inputs (no graph through the quantisation), fused under compile."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v)
+    k_mean = k.float().mean(dim=1, keepdim=True)                                  # [B, 1, H, D]
+    shift = (q.float() * k_mean).sum(-1) / math.sqrt(q.shape[-1])                 # [B, Lq, H]
+    return (q8.contiguous(), k8.contiguous(), vt8.contiguous(), q_scale.contiguous(), k_scale.contiguous(),
+            v_scale.contiguous(), shift.transpose(1, 2).unsqueeze(-1).contiguous())
+
+
+@torch.library.custom_op("wanlora::fp8_attention_train", mutates_args=())
+def _fp8_attention_train_op(q: Tensor, k: Tensor, v: Tensor, q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor,
+                            k_scale: Tensor, v_scale: Tensor, lse_shift: Tensor, kv_len: int,
+                            cudnn_backward: bool) -> tuple[Tensor, Tensor]:
+    """(out [B, Lq, H, D] bf16, lse [B, H, Lq, 1] float32, natural log). q, k, v are taken for the backward."""
+    if q8.device.type == "cpu":
+        return _reference_forward(q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift, kv_len)
+    return _launch(q8, k8, vt8, q_scale, k_scale, v_scale, kv_len, EXP_F16, lse_shift)
+
+
+@_fp8_attention_train_op.register_fake
+def _(q, k, v, q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift, kv_len, cudnn_backward):
+    return torch.empty(q8.shape, device=q8.device, dtype=torch.bfloat16), torch.empty_like(lse_shift)
+
+
+def _reference_forward(q8, k8, vt8, q_scale, k_scale, v_scale, lse_shift, kv_len) -> tuple[Tensor, Tensor]:
+    """`reference_fp8_attention`'s arithmetic from quantised operands, with the LSE (CPU training)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8[:, :kv_len].float())
+    s = s * (q_scale.permute(0, 2, 1)[..., None] * k_scale[:, :, None, None])    # log2 units
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp2(s - m + math.log2(FP8_MAX))
+    l = p.sum(-1, keepdim=True)
+    out = torch.einsum("bhqk,bhdk->bqhd", p.to(FP8).float(), vt8[..., :kv_len].float())
+    out = out / l.permute(0, 2, 1, 3) * v_scale[:, None]
+    lse = (m + torch.log2(l) - math.log2(FP8_MAX)) * math.log(2) + lse_shift
+    return out.to(torch.bfloat16), lse
+
+
+def fp8_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           cudnn: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The flash-attention backward from a forward's out [B, Lq, H, D] and lse [B, H, Lq, 1] (natural log):
+    P = exp(q k^T / sqrt(D) - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = dS K / sqrt(D),
+    dK = dS^T Q / sqrt(D). On CUDA cuDNN's kernel (or FlashAttention-2's), on the CPU the same in float32."""
+    if q.device.type == "cpu":
+        return _reference_backward(grad_out, q, k, v, out, lse)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dot, ot = grad_out.contiguous().transpose(1, 2), out.transpose(1, 2)
+    if cudnn:
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dot, qt, kt, vt, ot, lse, None, None, None, None, None, q.shape[1], k.shape[1], 0.0, False, scale=scale)
+    else:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dot, qt, kt, vt, ot, lse.squeeze(-1), None, None, q.shape[1], k.shape[1], 0.0, False, None, None,
+            scale=scale)
+    return tuple(g.transpose(1, 2) for g in grads)
+
+
+def _reference_backward(grad_out, q, k, v, out, lse) -> tuple[Tensor, Tensor, Tensor]:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, dof, of = (t.to(dtype).transpose(1, 2) for t in (q, k, v, grad_out, out))   # [B, H, L, D]
+    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse.to(dtype))
+    dv = p.transpose(-1, -2) @ dof
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * of).sum(-1, keepdim=True))
+    dq, dk = ds @ kf * scale, ds.transpose(-1, -2) @ qf * scale
+    return tuple(g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+def _train_setup_context(ctx, inputs, output):
+    q, k, v, *_, cudnn_backward = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.cudnn_backward = cudnn_backward
+
+
+def _train_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fp8_attention_backward(grad_out, q, k, v, out, lse, ctx.cudnn_backward)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_fp8_attention_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)

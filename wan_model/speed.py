@@ -13,7 +13,8 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
-    at lengths where cuDNN fails).
+    at lengths where cuDNN fails; "fp8" runs self-attention's forward on 8-bit tensor cores and cuDNN's bf16
+    backward from its output and log-sum-exp: it moves the attention gradients ~1%, docs/benchmarks.md).
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
   * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
     (`offload.HostCheckpointInputs`); with offload: blocks, the 24 GiB mode of an A14B expert.
@@ -48,6 +49,7 @@ _ATTENTION_OPS = frozenset(
     for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(torch.ops.aten, name))
+_FP8_ATTENTION_OP = torch.ops.wanlora.fp8_attention_train.default  # registered by fp8_attention.py (via attention)
 
 
 @dataclass
@@ -61,7 +63,8 @@ class SpeedOptions:
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
-    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
+    # see wan_model/attention.py; "fp8": self-attention forward on 8-bit tensor cores, bf16 backward (Hopper)
+    attention_backend: Literal["auto", "sdpa", "flash", "fp8"] = "auto"
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
     # lets more blocks keep attention and is predicted faster
@@ -71,7 +74,7 @@ class SpeedOptions:
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k", "auto"),
                    "fp8_base": ("none", *FP8_MODES),
-                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
+                   "attention_backend": ("auto", "sdpa", "flash", "fp8"), "offload": ("none", "blocks"),
                    "host_checkpoints": (False, True, "auto")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -110,10 +113,13 @@ def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budge
 
 
 def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Keep the outputs of self-attention kernels (q and k of equal length); recompute everything else.
+    """Keep the outputs of self-attention kernels (q and k of equal length; the 8-bit kernel serves
+    self-attention only); recompute everything else.
 
     Cross-attention (k over the 512 text rows) is cheap to recompute and not kept."""
     if op in _ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    if op is _FP8_ATTENTION_OP:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
