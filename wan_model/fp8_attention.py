@@ -143,6 +143,7 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(tl.float8e4nv), tl.load(v_ptrs + n_full), acc * alpha[:, None])
+            m_i = m_new  # the LSE below reads it (the output alone would not notice: acc and l share the shift)
         v_scale = tl.load(VS + (b * H + h) * HEAD_DIM + offs_d)
         out = acc / l_i[:, None] * v_scale[None, :]
         tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :], out.to(O.dtype.element_ty),
