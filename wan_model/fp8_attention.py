@@ -213,15 +213,18 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, cudnn_backward: bool = True) 
     if q.device.type != "cpu":
         _check_kernel(q)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        # The backward sees smoothed keys (a differentiable step: dk = dk' - mean dk'). Exact attention is
-        # blind to a shared key offset, but a backward fed an approximate LSE is not: its dS rows no longer
-        # sum to zero, and dQ = dS K would carry that residue times the offset (8% on dq with an offset of
-        # twice k's spread, CPU test); with K - mean(K) it carries it times nothing, and projecting dk onto
-        # zero-sum (what an offset-blind function's gradient is) can only bring it closer.
+        # Keys and values shared by every token are taken out first (differentiable steps) and the value
+        # mean added back after: attention(q, k, v) = attention(q, k - mean k, v - mean v) + mean v exactly.
+        # The backward needs it: fed an approximate LSE and output, its dS = P (dO v_j - dO O_i) no longer
+        # cancels exactly, and a shared offset multiplies what is left. A key offset enters through
+        # dQ = dS K (dq 8% off at an offset of twice k's spread), a value offset through D = dO O ~ dO mean(v)
+        # (dq 30%, dk 17% at ten times v's spread; CPU tests); smoothed, both sit at the forward's own error.
         k = (k.float() - k.float().mean(dim=1, keepdim=True)).to(k.dtype)
+        v_mean = v.float().mean(dim=1, keepdim=True)
+        v = (v.float() - v_mean).to(v.dtype)
         operands = _training_operands(q, k, v)
         out, _ = _fp8_attention_train_op(q, k, v, *operands, k.shape[1], cudnn_backward)
-        return out.to(q.dtype)
+        return (out.float() + v_mean).to(q.dtype)
     if q.device.type == "cpu":
         return reference_fp8_attention(q, k, v)
     return _kernel_attention(q, k, v)

@@ -151,7 +151,7 @@ def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, fo
     assert counter.calls == forward_runs
     assert loss1 == pytest.approx(loss0, rel=1e-2) and loss1 != loss0
     for name in grads0:
-        # Measured at most 0.039, loss 8e-6 apart (head_dim 16: the scores are 16-term int8 dot products)
+        # Measured at most 0.036, loss 8e-6 apart (head_dim 16: the scores are 16-term int8 dot products)
         assert rel(grads1[name], grads0[name]) < 0.08, name
 
 
