@@ -48,7 +48,7 @@ def test_fp8_weights_and_attention_render_close_to_full_precision(release, eager
 
     calls = []
     monkeypatch.setattr(wan_model.attention, "fp8_attention",
-                        lambda *qkv, inner=wan_model.attention.fp8_attention: calls.append(1) or inner(*qkv))
+                        lambda *qkv, inner=wan_model.attention.fp8_attention, **kw: calls.append(1) or inner(*qkv, **kw))
     pipe = load_pipeline(release, device="cpu", dtype=torch.float32,
                          speed=SamplingSpeed(fp8_weights="storage", fp8_attention=True))
     for model in pipe.experts.values():
