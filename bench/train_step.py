@@ -128,7 +128,8 @@ def add_lora(model: nn.Module, targets: list[str], rank: int) -> list[nn.Paramet
 def speed_options(args) -> SpeedOptions:
     host = {"on": True, "off": False, "auto": "auto"}[args.host_checkpoints]
     return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
-                        save_attention_every=args.save_every, fp8_base=args.fp8, attention_backend=args.attention,
+                        save_attention_every=args.save_every, fp8_base=args.fp8,
+                        attention_backend="auto" if args.attention == "fp8" else args.attention,
                         offload=args.offload, host_checkpoints=host, memory_gib=args.memory_gib)
 
 
@@ -165,6 +166,10 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         params = add_lora(model, OUR_TARGETS, args.rank)
         options, plan = planned_speed(args, cfg, tokens, device)
         apply_speed_options(model, options)
+        if args.attention == "fp8":  # a bench lever, not a SpeedOptions choice (wan_model/speed.py says why)
+            from wan_model.attention import set_attention_backend
+
+            set_attention_backend("fp8")
         if args.fp8_fast_accum:  # the sampler's fast accumulation on training's forward GEMMs (issue 16 lever)
             from wan_model.fp8 import FP8Linear
 

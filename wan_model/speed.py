@@ -13,8 +13,9 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
-    at lengths where cuDNN fails; "fp8" runs self-attention's forward on 8-bit tensor cores and cuDNN's bf16
-    backward from its output and log-sum-exp: it moves the attention gradients ~1%, docs/benchmarks.md).
+    at lengths where cuDNN fails). Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
+    runs, and `save_attention` keeps its outputs, but at the A14B shape it moved the LoRA gradients of
+    self-attention by 95% (docs/benchmarks.md), so it is a bench lever (`set_attention_backend`), not an option.
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
   * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
     (`offload.HostCheckpointInputs`); with offload: blocks, the 24 GiB mode of an A14B expert.
@@ -63,8 +64,7 @@ class SpeedOptions:
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
-    # see wan_model/attention.py; "fp8": self-attention forward on 8-bit tensor cores, bf16 backward (Hopper)
-    attention_backend: Literal["auto", "sdpa", "flash", "fp8"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
     # lets more blocks keep attention and is predicted faster
@@ -74,8 +74,12 @@ class SpeedOptions:
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k", "auto"),
                    "fp8_base": ("none", *FP8_MODES),
-                   "attention_backend": ("auto", "sdpa", "flash", "fp8"), "offload": ("none", "blocks"),
+                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
                    "host_checkpoints": (False, True, "auto")}
+        if self.attention_backend == "fp8":
+            raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in training, "
+                             "its forward fed to the bf16 backward moved the LoRA gradients of self-attention by 95% at "
+                             "the A14B shape (docs/benchmarks.md, issue 16): use auto")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")

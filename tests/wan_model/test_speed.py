@@ -79,6 +79,8 @@ def test_options_validated():
         SpeedOptions(fp8_base="int8")
     with pytest.raises(ValueError, match="save_attention_every"):
         SpeedOptions(save_attention="every_k", save_attention_every=0)
+    with pytest.raises(ValueError, match="95%"):  # the 8-bit attention forward is not a training option
+        SpeedOptions(attention_backend="fp8")
 
 
 @pytest.mark.parametrize("mode,saved_blocks", [("all", 2), ("every_k", 1)])
@@ -134,8 +136,9 @@ class OpCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("save,forward_runs", [("none", 4), ("all", 2)])
 def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, forward_runs):
-    """attention_backend: fp8 in training: the 8-bit forward with the flash backward stays near the plain
-    path's loss and LoRA gradients, and save_attention keeps its output (one forward per block, not two)."""
+    """The "fp8" attention backend in training (a bench lever; SpeedOptions refuses it): on this tiny model the
+    8-bit forward with the flash backward stays near the plain path's loss and LoRA gradients, and
+    save_attention keeps its output (one forward per block, not two)."""
     from wan_model.speed import _FP8_ATTENTION_OP
 
     ref = lora_model("cpu", torch.float32)
@@ -143,7 +146,8 @@ def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, fo
     loss0, grads0 = loss_and_grads(ref, data)
     model = lora_model("cpu", torch.float32)
     try:
-        apply_speed_options(model, dataclasses.replace(PLAIN, attention_backend="fp8", save_attention=save))
+        apply_speed_options(model, dataclasses.replace(PLAIN, save_attention=save))
+        attn_mod.set_attention_backend("fp8")
         with OpCounter(_FP8_ATTENTION_OP) as counter:
             loss1, grads1 = loss_and_grads(model, data)
     finally:
@@ -166,8 +170,8 @@ def test_fast_path_matches_plain_on_gpu(fp8, attention):
     loss0, grads0 = loss_and_grads(ref, data, autocast=True)
     model = lora_model("cuda", torch.bfloat16, dim=256)
     try:
-        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8,
-                                                attention_backend=attention))
+        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8))
+        attn_mod.set_attention_backend(attention)
         for _ in range(2):  # the second step runs the compiled code warm
             model.zero_grad(set_to_none=True)
             loss1, grads1 = loss_and_grads(model, data, autocast=True)
