@@ -160,8 +160,13 @@ def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, fo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8,attention", [("none", "auto"), ("storage", "auto"), ("matmul", "auto"),
-                                           ("matmul_dgrad", "auto"), ("matmul_dgrad", "fp8")])
+@pytest.mark.parametrize("fp8,attention", [
+    ("none", "auto"), ("storage", "auto"), ("matmul", "auto"), ("matmul_dgrad", "auto"),
+    # The 8-bit attention forward with the bf16 backward: passed at 57653f5, fails since the value smoothing of
+    # 6e4861f (v's LoRA gradients 52% off on the GPU at f9778ec, 0.2% on the CPU path; docs/benchmarks.md,
+    # issue 16). A bench lever that SpeedOptions refuses; strict, so a fix shows as an unexpected pass.
+    pytest.param("matmul_dgrad", "fp8", marks=pytest.mark.xfail(
+        strict=True, reason="known: dv of the 8-bit attention lever on the GPU path (issue 16)"))])
 def test_fast_path_matches_plain_on_gpu(fp8, attention):
     """compile + saved self-attention (+ fp8 weights, + the 8-bit attention forward) against plain
     checkpointing, bf16 under autocast."""
