@@ -11,9 +11,10 @@ Part 1, gradients at the real shape: one random expert (official init, random he
 ten block linears, its B factors random (PEFT's zero B would give A no gradient), checkpointing on every
 block as in training. For each timestep (spread over the high-noise range [875, 1000) and the low-noise
 range [0, 875)) and each `fp8_base` mode (and `fp8_attention`, `matmul_dgrad+fp8_attention`: the 8-bit
-self-attention forward fed to the bf16 backward, `set_attention_backend('fp8')`, with bf16 or FP8 weights), the LoRA gradient of the flow-matching loss on one fixed sample
-(x_t = (1 - s) x_0 + s n, target n - x_0) against the bf16 model's: cosine similarity and relative error
-||g - g_bf16|| / ||g_bf16|| over all LoRA parameters, and over each kind of linear.
+self-attention forward fed to the bf16 backward, `set_attention_backend('fp8')`, with bf16 or FP8 weights),
+the LoRA gradient of the flow-matching loss on one fixed sample (x_t = (1 - s) x_0 + s n, target n - x_0)
+against the bf16 model's: cosine similarity and relative error ||g - g_bf16|| / ||g_bf16|| over all LoRA
+parameters, and over each kind of linear.
 
 A second bf16 run ("none-repeat", left out by --skip-repeat) gives the floor: what the GPU's own
 nondeterminism changes. Random weights lack real checkpoints' activation outliers, so the FP8 matmul modes'

@@ -4,9 +4,10 @@ At T2V-A14B 480x832x81 (32,760 tokens) self-attention is half a forward's FLOPs 
 1.66 PFLOP); in bf16 it runs near 580 TFLOP/s, and Hopper's 8-bit tensor cores have twice bf16's rate.
 The sampler's opt-in `--fp8-attention`. With a gradient the same forward also writes the log-sum-exp and the
 backward is the exact bf16 flash backward (cuDNN's) fed this forward's output and LSE (`fp8_attention_backward`):
-a third of a training step's attention work at the 8-bit rate, 0.2 s per A14B step, but at the A14B shape it
-moved the LoRA gradients of self-attention by 95% (docs/benchmarks.md, issue 16: sharp attention rows turn
-the forward's small LSE and output errors into large dS errors), so training does not offer it.
+a third of a training step's attention work at the 8-bit rate, 0.2 s per A14B step, but at the A14B shape its
+self-attention LoRA gradients differed from bf16's by 47-95% (docs/benchmarks.md, issue 16: part of that is
+the bf16 reference's own error where values share a large component, part a dv discrepancy on the GPU not
+yet explained), so training does not offer it.
 
 Quantisation (after SageAttention, Zhang et al. 2024/25), per batch b and head h:
     q:  one scale per token,  sq_i = max_d |q_id| / 127,     Q8 = round(q / sq)   int8

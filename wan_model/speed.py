@@ -14,8 +14,9 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
     at lengths where cuDNN fails). Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
-    runs, and `save_attention` keeps its outputs, but at the A14B shape it moved the LoRA gradients of
-    self-attention by 95% (docs/benchmarks.md), so it is a bench lever (`set_attention_backend`), not an option.
+    runs, and `save_attention` keeps its outputs, but at the A14B shape its self-attention LoRA gradients
+    differed from bf16's by 47-95%, not yet explained (docs/benchmarks.md), so it is a bench lever
+    (`set_attention_backend`), not an option.
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
   * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
     (`offload.HostCheckpointInputs`); with offload: blocks, the 24 GiB mode of an A14B expert.
@@ -77,9 +78,9 @@ class SpeedOptions:
                    "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
                    "host_checkpoints": (False, True, "auto")}
         if self.attention_backend == "fp8":
-            raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in training, "
-                             "its forward fed to the bf16 backward moved the LoRA gradients of self-attention by 95% at "
-                             "the A14B shape (docs/benchmarks.md, issue 16): use auto")
+            raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in "
+                             "training its self-attention LoRA gradients differed from bf16's by 47-95% at the A14B "
+                             "shape, not yet explained (docs/benchmarks.md, issue 16): use auto")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")

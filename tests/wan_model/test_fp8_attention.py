@@ -117,10 +117,10 @@ def test_flash_backward_from_out_and_lse_is_autograd_of_exact_attention():
 
 @pytest.mark.parametrize("key_offset,value_offset", [(0.0, 0.0), (2.0, 0.0), (10.0, 0.0), (0.0, 10.0)])
 def test_fp8_attention_trains_with_the_8bit_forward_and_the_flash_backward(key_offset, value_offset):
-    """With a gradient the forward is the emulation (bf16) and the backward moves the gradients by the
-    forward's quantisation only, whatever keys and values share: both are smoothed for the kernel and the
-    backward, so an approximate LSE's residue in dS is not multiplied by an offset (before that, dq was 8% off
-    at key offset 2, and 30% at value offset 10)."""
+    """With a gradient the forward is the emulation (its output rounded to bf16) and the backward moves the
+    gradients by the forward's quantisation only, whatever keys and values share: both are smoothed for the
+    kernel and the backward, so an approximate LSE's residue in dS is not multiplied by an offset (before that,
+    dq was 8% off at key offset 2, and 30% at value offset 10)."""
     q, k, v = qkv(1, 256, 2, 64)
     g = torch.Generator().manual_seed(5)
     k = k + key_offset * torch.randn(1, 1, 2, 64, generator=g)
