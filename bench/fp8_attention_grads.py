@@ -12,7 +12,10 @@ relative error of out, dq, dk, dv (over all heads, and the worst head). And the 
 tests say decides the error (sharp rows turn the forward's small LSE / output errors into large dS errors):
 per head, the size of the component every token shares (|mean_tokens x| / rms_tokens |x - mean|) for q, k,
 v, and on sampled query rows the largest softmax probability, the effective number of keys 1 / sum P^2, and
-the kernel's LSE error against float32's.
+the kernel's LSE error against float32's. With --truth-heads, on that many heads, everything against float32
+math too (bf16 SDPA is not a ground truth where values share a large component: its bf16 output carries the
+rounding of that component into D = rowsum(dO O)), the flash backward fed the exact output and LSE (is the
+backward kernel's dv right?), and sum_tokens dv against sum_tokens dO (an identity when P's rows sum to one).
 """
 
 from __future__ import annotations
@@ -116,6 +119,46 @@ def row_statistics(q, k, v, rows: int, seed: int) -> dict:
                 kernel_lse_error_max=round(float(lse_error.max()), 5))
 
 
+def float32_attention_grads(q, k, v, grad_out) -> tuple[torch.Tensor, ...]:
+    """out, lse [B, H, L, 1], dq, dk, dv of attention in float32 math (the ground truth; a few heads only:
+    the score matrix is materialised, 4.3 GB a head at the A14B shape)."""
+    q32, k32, v32 = (t.detach().float().clone().requires_grad_(True) for t in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q32, k32) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse), v32)
+    out.backward(grad_out.float())
+    return out.detach(), lse.detach(), q32.grad, k32.grad, v32.grad
+
+
+def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int) -> dict:
+    """On the first `heads` heads, against float32 math: bf16 SDPA's gradients, the lever's, and the flash
+    backward (`fp8_attention_backward`, cuDNN's and FlashAttention-2's) fed the exact output and LSE of the
+    smoothed keys and values, which splits the backward kernel's dv from the forward's and the autograd's;
+    and sum_tokens dv against sum_tokens dO, equal when P's rows sum to one (the dv discrepancy, issue 16)."""
+    from wan_model.fp8_attention import fp8_attention_backward
+
+    def part(t):
+        return t[:, :, :heads].contiguous()
+
+    q, k, v, grad_out = (part(t) for t in (q, k, v, grad_out))
+    _, _, *truth = float32_attention_grads(q, k, v, grad_out)
+    ks = (k.float() - k.float().mean(dim=1, keepdim=True)).to(k.dtype)
+    vs = (v.float() - v.float().mean(dim=1, keepdim=True)).to(v.dtype)
+    out_s, lse_s = float32_attention_grads(q, ks, vs, grad_out)[:2]
+    sides = {"bf16_sdpa": [part(t) for t in reference[1:]], "fp8_lever": [part(t) for t in eight_bit[1:]],
+             "flash_backward_exact_out_lse": fp8_attention_backward(grad_out, q, ks, vs, out_s.to(q.dtype), lse_s)}
+    if q.is_cuda:
+        sides["flash2_backward_exact_out_lse"] = fp8_attention_backward(grad_out, q, ks, vs, out_s.to(q.dtype), lse_s,
+                                                                        cudnn=False)
+    do_sum = grad_out.float().sum(1)
+    result = {}
+    for name, grads in sides.items():
+        result[name] = {f"{g}_rel_err_vs_float32": round(rel(a, b), 5) for g, a, b in zip(("dq", "dk", "dv"), grads, truth)}
+        result[name]["dv_token_sum_vs_dO_token_sum"] = round(rel(grads[2].float().sum(1), do_sum), 6)
+    result["float32"] = {"dv_token_sum_vs_dO_token_sum": round(rel(truth[2].sum(1), do_sum), 6)}
+    return result
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="t2v-A14B", choices=sorted(n for n in PRESETS if "i2v" not in n.split("-")))
@@ -124,6 +167,7 @@ def main(argv=None) -> None:
     ap.add_argument("--t", type=float, default=990.0, help="timestep of the sample")
     ap.add_argument("--blocks", type=int, nargs="+", default=[0, 20], help="blocks whose self-attention is taken")
     ap.add_argument("--rows", type=int, default=256, help="query rows per head for the row statistics")
+    ap.add_argument("--truth-heads", type=int, default=2, help="heads checked against float32 math (0: none)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,8 +192,11 @@ def main(argv=None) -> None:
                     for n, a, b in zip(names, eight_bit, reference)})
         row["shared_component"] = {n: [round(x, 3) for x in shared_component(t)] for n, t in zip("qkv", (q, k, v))}
         row["rows"] = row_statistics(q, k, v, min(args.rows, q.shape[1]), seed=block) if device.type == "cuda" else None
+        if args.truth_heads:
+            row["float32_truth"] = ground_truth_checks(q, k, v, grad_out, reference, eight_bit, args.truth_heads)
         summary["blocks"][block] = row
-        print(block, {key: val for key, val in row.items() if key not in ("shared_component", "rows")}, flush=True)
+        print(block, {key: val for key, val in row.items() if key not in ("shared_component", "rows", "float32_truth")},
+              row.get("float32_truth"), flush=True)
     emit(summary, args.json)
 
 

@@ -237,3 +237,20 @@ def test_training_kernel_lse_and_the_cudnn_and_flash_backwards(shape):
     errors = [rel(t.grad, want) for t, want in zip(leaves, reference)]
     print("8-bit forward, cuDNN backward vs float64: dq, dk, dv rel. err", errors)
     assert all(e < 0.04 for e in errors), errors
+
+
+def test_real_shape_diagnosis_bench_runs_and_its_float32_truth_is_exact_on_the_cpu(tmp_path):
+    """bench/fp8_attention_grads.py (issue 16's diagnosis of the 8-bit lever) on the tiny model: in float32 on
+    the CPU the SDPA row and the flash backward fed the exact output and LSE match the float32 truth, the lever
+    does not (its forward is quantised), and dv's token sum is dO's for every side (P's rows sum to one)."""
+    import json
+
+    from bench.fp8_attention_grads import main
+
+    main(["--preset", "tiny-t2v", "--size", "64x64", "--frames", "9", "--blocks", "1", "--json",
+          str(tmp_path / "out.json")])
+    truth = json.loads((tmp_path / "out.json").read_text())["blocks"]["1"]["float32_truth"]
+    for exact_side in ("bf16_sdpa", "flash_backward_exact_out_lse"):
+        assert all(truth[exact_side][f"{g}_rel_err_vs_float32"] < 1e-4 for g in ("dq", "dk", "dv"))
+    assert 1e-3 < truth["fp8_lever"]["dq_rel_err_vs_float32"] < 0.05
+    assert all(side["dv_token_sum_vs_dO_token_sum"] < 1e-4 for side in truth.values())
