@@ -2,7 +2,7 @@
 self-attention inputs, its gradients against bf16 SDPA's, and what the rows look like.
 
     python bench/fp8_attention_grads.py --preset t2v-A14B --size 480x832 --frames 81 --json OUT.json   # GPU
-    python bench/fp8_attention_grads.py --preset tiny-t2v --size 64x64 --frames 9                      # CPU: the script only
+    python bench/fp8_attention_grads.py --preset tiny-t2v --size 64x64 --frames 9       # CPU: the script only
 
 The model is bench/fp8_gradients.py's (official init, random head, random LoRA B); its forward at timestep
 --t runs up to block --block's self-attention, whose q, k, v (after norms and RoPE) are taken. Then, on
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wan_model.transformer as transformer_module  # noqa: E402
-from bench.fp8_gradients import build, latent_shape_of, loss_of, sample  # noqa: E402
+from bench.fp8_gradients import (BENCH_PRESETS, build, device_and_dtype, latent_shape_of, loss_of,  # noqa: E402
+                                 sample)
 from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from wan_model.attention import attention, set_attention_backend  # noqa: E402
@@ -153,7 +154,8 @@ def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int) -> 
     do_sum = grad_out.float().sum(1)
     result = {}
     for name, grads in sides.items():
-        result[name] = {f"{g}_rel_err_vs_float32": round(rel(a, b), 5) for g, a, b in zip(("dq", "dk", "dv"), grads, truth)}
+        result[name] = {f"{g}_rel_err_vs_float32": round(rel(a, b), 5)
+                        for g, a, b in zip(("dq", "dk", "dv"), grads, truth)}
         result[name]["dv_token_sum_vs_dO_token_sum"] = round(rel(grads[2].float().sum(1), do_sum), 6)
     result["float32"] = {"dv_token_sum_vs_dO_token_sum": round(rel(truth[2].sum(1), do_sum), 6)}
     return result
@@ -161,7 +163,7 @@ def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int) -> 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="t2v-A14B", choices=sorted(n for n in PRESETS if "i2v" not in n.split("-")))
+    ap.add_argument("--preset", default="t2v-A14B", choices=BENCH_PRESETS)
     ap.add_argument("--size", default="480x832")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--t", type=float, default=990.0, help="timestep of the sample")
@@ -170,8 +172,7 @@ def main(argv=None) -> None:
     ap.add_argument("--truth-heads", type=int, default=2, help="heads checked against float32 math (0: none)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype()
     preset = PRESETS[args.preset]
     cfg = preset.transformer
     model, _ = build(cfg, device, dtype, "none", rank=32)
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
         row = {f"{n}_rel_err": round(rel(a, b), 5) for n, a, b in zip(names, eight_bit, reference)}
         row.update({f"{n}_worst_head_rel_err": round(max(per_head_rel(a, b)), 5)
                     for n, a, b in zip(names, eight_bit, reference)})
-        row.update({f"{n}_cosine": round(float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)), 6)
+        row.update({f"{n}_cosine": round(float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0)), 6)
                     for n, a, b in zip(names, eight_bit, reference)})
         row["shared_component"] = {n: [round(x, 3) for x in shared_component(t)] for n, t in zip("qkv", (q, k, v))}
         row["rows"] = row_statistics(q, k, v, min(args.rows, q.shape[1]), seed=block) if device.type == "cuda" else None

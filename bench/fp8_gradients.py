@@ -156,6 +156,16 @@ def compare_curves(curves: dict[str, list[float]]) -> dict[str, dict[str, float]
                                       for m, c in curves.items()})
 
 
+# Presets these benches build (I2V's conditioning channels are not built)
+BENCH_PRESETS = sorted(n for n in PRESETS if "i2v" not in n.split("-"))
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """The GPU in bf16 when there is one; else the CPU in float32 (a smoke run of the script)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def latent_shape_of(preset, size: str, frames: int):
     h, w = (int(v) for v in size.split("x"))
     return (1, preset.transformer.in_dim, *preset.latent_size(h, w, frames))
@@ -163,7 +173,7 @@ def latent_shape_of(preset, size: str, frames: int):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="t2v-A14B", choices=sorted(n for n in PRESETS if "i2v" not in n.split("-")))
+    ap.add_argument("--preset", default="t2v-A14B", choices=BENCH_PRESETS)
     ap.add_argument("--size", default="480x832")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--rank", type=int, default=32)
@@ -179,8 +189,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-repeat", action="store_true", help="no second bf16 run (the noise floor)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype()
     preset = PRESETS[args.preset]
     cfg = preset.transformer
     summary = dict(preset=args.preset, size=args.size, frames=args.frames, rank=args.rank, modes=args.modes,

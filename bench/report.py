@@ -20,6 +20,23 @@ def memory_fraction_for(gib: float, device: torch.device) -> float:
     return min(1.0, gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
 
 
+def profiled_kernels(step) -> tuple[list, float]:
+    """One more call of `step` under torch.profiler: its GPU kernels (profiler events with device time,
+    most expensive first) and the call's wall time in seconds."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(events, key=lambda e: e.self_device_time_total, reverse=True), wall
+
+
 def emit(result: dict, json_path: Path | None) -> None:
     print(json.dumps(result))
     if json_path:

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import emit  # noqa: E402
+from bench.report import emit, profiled_kernels  # noqa: E402
 from bench.train_step import build_diffusers, init_random_  # noqa: E402
 from wan_model.attention import attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
@@ -80,14 +80,8 @@ def git_commit() -> str:
 
 def kernel_profile(step, top: int) -> list[dict]:
     """One more call of `step` under torch.profiler: the `top` GPU kernels by total time, and their share."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events, _ = profiled_kernels(step)
     total = sum(e.self_device_time_total for e in events)
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return [dict(kernel=e.key[:160], calls=e.count, ms=round(e.self_device_time_total / 1e3, 2),
                  share=round(e.self_device_time_total / total, 4)) for e in events[:top]]
 

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import memory_fraction_for  # noqa: E402
+from bench.report import memory_fraction_for, profiled_kernels  # noqa: E402
 from wan_model.attention import set_attention_backend  # noqa: E402
 from wan_model.config import PRESETS, TransformerConfig  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options, plan_speed  # noqa: E402
@@ -256,16 +256,7 @@ def kernel_kind(name: str) -> str:
 def kernel_breakdown(step, top: int) -> dict:
     """One more step under torch.profiler: GPU kernel time by kind (KERNEL_KINDS) and the `top` kernels,
     with the step's wall time under the profiler (the gap to the kernel sum is idle GPU time)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    events, wall = profiled_kernels(step)
     kinds: dict[str, float] = {}
     for e in events:
         kind = kernel_kind(e.key)
