@@ -10,6 +10,9 @@ Backends, chosen once per process with `set_attention_backend`:
     Not flash-attention 2 by default: on an H100 at the A14B shape (32,760 tokens, 40 heads of 128, bf16)
     sdpa's cuDNN kernel ran the forward in 38 ms against 60 ms for its FlashAttention-2 kernel
     (forward+backward 133 ms against 233 ms), so FA2 is used only when asked for by name or as fallback;
+  * "cudnn_fp8": self-attention on cuDNN's FP8 fused attention, forward and backward (`cudnn_fp8_attention.py`;
+    Hopper, the `nvidia-cudnn-frontend` package; it changes the numbers), cross-attention as "auto". Each
+    self-attention module carries its delayed-scaling state (`attach_scaling_states`).
   * "fp8": self-attention on 8-bit tensor cores (`fp8_attention.py`; it changes the numbers, see its
     docstring), cross-attention as "auto". Set for a render with `attention_backend`. With a gradient the
     forward is 8-bit and the backward cuDNN's bf16 one, fed its LSE: a bench lever only (docs/benchmarks.md:
@@ -28,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cudnn_fp8_attention import cudnn_fp8_attention
 from .fp8_attention import fp8_attention
 
-BACKENDS = ("sdpa", "flash", "auto", "fp8")
+BACKENDS = ("sdpa", "flash", "auto", "fp8", "cudnn_fp8")
+_CUDNN_CHECKED = ("auto", "fp8", "cudnn_fp8")  # backends whose bf16 calls take cuDNN's SDPA where it works
 _backend = "auto"
 
 
@@ -47,7 +52,7 @@ _flash_attn_func = _flash3_func or _find_flash_attn("flash_attn")
 
 
 def set_attention_backend(name: str) -> None:
-    """Select the kernel every later `attention` call uses: "sdpa" | "flash" | "auto" | "fp8"."""
+    """Select the kernel every later `attention` call uses: "sdpa" | "flash" | "auto" | "fp8" | "cudnn_fp8"."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
@@ -96,7 +101,7 @@ def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, d
 def prepare_attention(batch: int, q_len: int, kv_lens: tuple[int, ...], heads: int, head_dim: int,
                       device: torch.device) -> None:
     """Decide, once per shape, whether `attention` may use the cuDNN kernel for these lengths (CUDA, "auto")."""
-    if _backend not in ("auto", "fp8") or device.type != "cuda" or _flash3_func is not None:
+    if _backend not in _CUDNN_CHECKED or device.type != "cuda" or _flash3_func is not None:
         return
     for kv_len in kv_lens:
         key = (batch, q_len, kv_len, heads, head_dim)
@@ -108,17 +113,20 @@ def prepare_attention(batch: int, q_len: int, kv_lens: tuple[int, ...], heads: i
 def _use_flash(q: Tensor) -> bool:
     if _backend == "flash":
         return True
-    return (_backend in ("auto", "fp8") and _flash3_func is not None and q.is_cuda
+    return (_backend in _CUDNN_CHECKED and _flash3_func is not None and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, self_attention: bool = False) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, self_attention: bool = False,
+              scaling_state: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(head_dim)) v per head.
 
     q: [B, Lq, heads, head_dim]; k, v: [B, Lk, heads, head_dim]; all one dtype. self_attention: k and v
-    come from the video tokens (the "fp8" backend applies to those only).
-    Returns [B, Lq, heads, head_dim] in q's dtype.
+    come from the video tokens (the "fp8" and "cudnn_fp8" backends apply to those only); scaling_state: the
+    call site's "cudnn_fp8" state. Returns [B, Lq, heads, head_dim] in q's dtype.
     """
+    if self_attention and _backend == "cudnn_fp8":
+        return cudnn_fp8_attention(q, k, v, scaling_state)
     if self_attention and _backend == "fp8":
         return fp8_attention(q, k, v, cudnn_backward=_cudnn_works.get(
             (q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3]), True))
@@ -127,7 +135,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, self_attention: bool = False) -> 
         # flash-attention 3 returns (out, softmax_lse) in some releases.
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _backend in ("auto", "fp8") and not _cudnn_works.get((q.shape[0], q.shape[2], k.shape[2], q.shape[1], q.shape[3]),
+    if _backend in _CUDNN_CHECKED and not _cudnn_works.get((q.shape[0], q.shape[2], k.shape[2], q.shape[1], q.shape[3]),
                                                    True):
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
     else:

@@ -13,7 +13,9 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
-    at lengths where cuDNN fails). Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
+    at lengths where cuDNN fails). "cudnn_fp8": self-attention forward and backward on cuDNN's FP8 graphs
+    (`cudnn_fp8_attention.py`; Hopper and the cuDNN frontend; opt-in, it changes the gradients: docs/benchmarks.md
+    gives their error and the step time). Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
     runs, and `save_attention` keeps its outputs, but at the A14B shape its self-attention LoRA gradients
     differed from bf16's by 47-95%, not yet explained (docs/benchmarks.md), so it is a bench lever
     (`set_attention_backend`), not an option.
@@ -38,6 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from .attention import set_attention_backend
 from .config import TransformerConfig
+from .cudnn_fp8_attention import attach_scaling_states
 from .fp8 import FP8_MODES, quantize_linears_
 from .memory_plan import ActivationPlan, plan_activations
 from .offload import BlockOffloader, HostCheckpointInputs
@@ -51,7 +54,9 @@ _ATTENTION_OPS = frozenset(
     for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(torch.ops.aten, name))
-_FP8_ATTENTION_OP = torch.ops.wanlora.fp8_attention_train.default  # registered by fp8_attention.py (via attention)
+# Registered by fp8_attention.py and cudnn_fp8_attention.py (imported through attention.py): self-attention only.
+_FP8_ATTENTION_OPS = frozenset((torch.ops.wanlora.fp8_attention_train.default,
+                                torch.ops.wanlora.cudnn_fp8_attention.default))
 
 
 @dataclass
@@ -65,7 +70,7 @@ class SpeedOptions:
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
-    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
+    attention_backend: Literal["auto", "sdpa", "flash", "cudnn_fp8"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
     # lets more blocks keep attention and is predicted faster
@@ -75,7 +80,7 @@ class SpeedOptions:
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k", "auto"),
                    "fp8_base": ("none", *FP8_MODES),
-                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
+                   "attention_backend": ("auto", "sdpa", "flash", "cudnn_fp8"), "offload": ("none", "blocks"),
                    "host_checkpoints": (False, True, "auto")}
         if self.attention_backend == "fp8":
             raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in "
@@ -124,7 +129,7 @@ def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     Cross-attention (k over the 512 text rows) is cheap to recompute and not kept."""
     if op in _ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:
         return CheckpointPolicy.MUST_SAVE
-    if op is _FP8_ATTENTION_OP:
+    if op in _FP8_ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -172,6 +177,8 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
     if options.fp8_base != "none":
         quantize_linears_(model, block_linear_names(model), options.fp8_base)
     set_attention_backend(options.attention_backend)
+    if options.attention_backend == "cudnn_fp8":
+        attach_scaling_states(model, device or next(model.parameters()).device)
     if options.save_attention == "none":
         model.checkpoint_context_fn = None
     else:

@@ -131,7 +131,8 @@ class Attention(nn.Module):
         if self.sequence_parallel is not None:
             out = self.sequence_parallel.attention(q, k, v, attention)
         else:
-            out = attention(q, k, v, self_attention=context is None)
+            out = attention(q, k, v, self_attention=context is None,
+                            scaling_state=getattr(self, "fp8_scaling", None))
         return self.o(out.flatten(2))
 
 
