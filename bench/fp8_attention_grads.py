@@ -49,12 +49,12 @@ def block_attention_inputs(model, batch, device, dtype, block: int) -> tuple[tor
     seen = []
     inner = transformer_module.attention
 
-    def spy(q, k, v, self_attention=False):
+    def spy(q, k, v, self_attention=False, **kwargs):
         if self_attention:
             if len(seen) == block:
                 raise _Captured((q.detach().clone(), k.detach().clone(), v.detach().clone()))
             seen.append(1)
-        return inner(q, k, v, self_attention=self_attention)
+        return inner(q, k, v, self_attention=self_attention, **kwargs)
 
     transformer_module.attention = spy
     try:

@@ -11,7 +11,8 @@ Part 1, gradients at the real shape: one random expert (official init, random he
 ten block linears, its B factors random (PEFT's zero B would give A no gradient), checkpointing on every
 block as in training. For each timestep (spread over the high-noise range [875, 1000) and the low-noise
 range [0, 875)) and each `fp8_base` mode (and `fp8_attention`, `matmul_dgrad+fp8_attention`: the 8-bit
-self-attention forward fed to the bf16 backward, `set_attention_backend('fp8')`, with bf16 or FP8 weights),
+self-attention forward fed to the bf16 backward, `set_attention_backend('fp8')`, with bf16 or FP8 weights;
+`matmul_dgrad+cudnn_fp8`: cuDNN's FP8 self-attention forward and backward, `attention_backend: cudnn_fp8`),
 the LoRA gradient of the flow-matching loss on one fixed sample (x_t = (1 - s) x_0 + s n, target n - x_0)
 against the bf16 model's: cosine similarity and relative error ||g - g_bf16|| / ||g_bf16|| over all LoRA
 parameters, and over each kind of linear.
@@ -54,8 +55,10 @@ from wan_model.config import PRESETS  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
 from wan_model.transformer import WanTransformer  # noqa: E402
 
-# fp8_base modes; "+fp8_attention": with the 8-bit self-attention forward too (attention backend "fp8")
-MODES = ("none", "storage", "matmul", "matmul_dgrad", "fp8_attention", "matmul_dgrad+fp8_attention")
+# fp8_base modes; "+fp8_attention": with the 8-bit self-attention forward too (attention backend "fp8");
+# "+cudnn_fp8": with cuDNN's FP8 self-attention forward and backward (attention backend "cudnn_fp8")
+MODES = ("none", "storage", "matmul", "matmul_dgrad", "fp8_attention", "matmul_dgrad+fp8_attention",
+         "matmul_dgrad+cudnn_fp8")
 KINDS = {"self_attn": "self_attn.", "cross_attn": "cross_attn.", "ffn": "ffn."}
 
 
@@ -77,8 +80,11 @@ def build(cfg, device, dtype, mode: str, rank: int) -> tuple[nn.Module, list[tup
     weights, _, attention = mode.partition("+")
     if weights == "fp8_attention":
         weights, attention = "none", "fp8_attention"
-    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=weights))
-    set_attention_backend("fp8" if attention else "auto")  # a bench lever, not a SpeedOptions choice
+    cudnn_fp8 = attention == "cudnn_fp8"
+    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=weights,
+                                            attention_backend="cudnn_fp8" if cudnn_fp8 else "auto"))
+    if attention == "fp8_attention":
+        set_attention_backend("fp8")  # a bench lever, not a SpeedOptions choice
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

@@ -298,8 +298,9 @@ def main(argv=None) -> None:
     ap.add_argument("--save-every", type=int, default=2, help="k of --save-attention every_k")
     ap.add_argument("--fp8", default="none", choices=["none", "storage", "matmul", "matmul_dgrad"],
                     help="frozen block linears in e4m3 (ours)")
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "fp8"],
-                    help="attention backend; fp8: 8-bit self-attention forward, bf16 backward")
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "fp8", "cudnn_fp8"],
+                    help="attention backend; fp8: 8-bit self-attention forward, bf16 backward; cudnn_fp8: cuDNN's "
+                         "FP8 self-attention forward and backward")
     ap.add_argument("--fp8-fast-accum", action="store_true",
                     help="with --fp8 matmul / matmul_dgrad: fast accumulation in the forward FP8 GEMMs (the sampler's; "
                          "training's default keeps cuBLAS's promoted accumulation). Not yet a recipe option")

@@ -11,6 +11,7 @@ width d, FFN width f, n blocks, H heads, LoRA rank r:
     inputs     = n x L d x 2             each block's checkpointed input, bf16
                  (`host_checkpoints`: they wait in pinned host memory; one is back on the device at a time)
     saved      = k x (L d x 2 + H L x 4) k blocks keep self-attention's output and log-sum-exp
+                 (+ L d x 1 each with `attention_backend: cudnn_fp8`: its e4m3 output for the backward)
     transient  = a x L d x 2 + b x L f x 2   one block's recompute and backward in flight
                  (+ c x L f x 2 with fp8 input gradients, `matmul_dgrad`: the FFN's float32 dy copy)
     peak       = setup + lora_state + inputs + saved + transient
@@ -100,7 +101,7 @@ def model_bytes(cfg: TransformerConfig, fp8_weights: bool, streamed_blocks: bool
 
 def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, rank: int = 32,
                    fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
-                   host_inputs: bool = False) -> dict[str, float]:
+                   host_inputs: bool = False, fp8_attention: bool = False) -> dict[str, float]:
     """The peak's parts in GiB (module docstring) with `saved_blocks` blocks keeping self-attention."""
     d, f, n, h = cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.num_heads
     lora = lora_parameters(cfg, rank)
@@ -108,7 +109,7 @@ def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, ra
         "setup": (model_bytes(cfg, fp8_weights, streamed_blocks) + 4 * lora) / GIB,
         "lora_state": 12 * lora / GIB,
         "inputs": (1 if host_inputs else n) * tokens * d * 2 / GIB,
-        "saved_attention": saved_blocks * (tokens * d * 2 + h * tokens * 4) / GIB,
+        "saved_attention": saved_blocks * (tokens * d * (3 if fp8_attention else 2) + h * tokens * 4) / GIB,
         "transient": (TRANSIENT_PER_TOKEN_DIM * tokens * d * 2
                       + (TRANSIENT_PER_TOKEN_FFN + TRANSIENT_DGRAD_PER_TOKEN_FFN * fp8_dgrad) * tokens * f * 2) / GIB,
     }
@@ -145,7 +146,7 @@ def attention_forward_seconds(cfg: TransformerConfig, tokens: int, samples: int 
 
 def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int = 32,
                          fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
-                         host_inputs: bool = False) -> ActivationPlan:
+                         host_inputs: bool = False, fp8_attention: bool = False) -> ActivationPlan:
     """The most blocks that may keep self-attention with the predicted peak within (1 - MARGIN) x budget,
     the block inputs on the device or (host_inputs) in host memory.
 
@@ -156,7 +157,7 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
     usable = budget_gib * (1 - MARGIN)
     n = cfg.num_layers
     options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad, streamed_blocks=streamed_blocks,
-                   host_inputs=host_inputs)
+                   host_inputs=host_inputs, fp8_attention=fp8_attention)
     base = predicted_peak(cfg, tokens, 0, **options)
     if base["total"] > usable:
         fixes = [fix for fix, on in (("fp8_base: storage", fp8_weights), ("offload: blocks", streamed_blocks),
@@ -179,12 +180,13 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
 def plan_activations(cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int = 32,
                      fp8_weights: bool = True, fp8_dgrad: bool = False, streamed_blocks: bool = False,
                      host_inputs: bool | None = False, host_available_gib: float = 0.0, samples: int = 1,
-                     shards: int = 1) -> ActivationPlan:
+                     shards: int = 1, fp8_attention: bool = False) -> ActivationPlan:
     """`plan_saved_attention`, choosing also where the block inputs wait when host_inputs is None: on the
     device while that saves every block; else in host memory when that is predicted faster (module
     docstring) and HOST_SHARE of `host_available_gib` (this process's share of the host) holds them.
     samples, shards: how `tokens` is made (`attention_forward_seconds`)."""
-    options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad, streamed_blocks=streamed_blocks)
+    options = dict(rank=rank, fp8_weights=fp8_weights, fp8_dgrad=fp8_dgrad, streamed_blocks=streamed_blocks,
+                   fp8_attention=fp8_attention)
     if host_inputs is not None:
         return plan_saved_attention(cfg, tokens, budget_gib, host_inputs=host_inputs, **options)
     host_fits = pinned_input_bytes(cfg, tokens) <= HOST_SHARE * host_available_gib * GIB

@@ -114,7 +114,8 @@ def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budge
     plan = plan_activations(cfg, tokens, budget_gib, rank=rank, fp8_weights=options.fp8_base != "none",
                             fp8_dgrad=options.fp8_base == "matmul_dgrad", streamed_blocks=options.offload == "blocks",
                             host_inputs=None if options.host_checkpoints == "auto" else options.host_checkpoints,
-                            host_available_gib=host_available_gib, samples=samples, shards=shards)
+                            host_available_gib=host_available_gib, samples=samples, shards=shards,
+                            fp8_attention=options.attention_backend == "cudnn_fp8")
     k = plan.saved_attention_blocks
     save = "none" if k == 0 else "all" if k == plan.blocks else "every_k"
     resolved = replace(options, save_attention=save, host_checkpoints=plan.host_checkpoints,
