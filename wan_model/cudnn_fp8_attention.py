@@ -160,6 +160,9 @@ def _emulated_backward(q8, k8, v8, o8, do8, lse, descales, scales) -> tuple[Tens
 # ---- cuDNN's graphs -------------------------------------------------------------------------------------------------
 
 def _import_frontend():
+    # Load torch's libcudnn first: the frontend dlopens libcudnn.so.9 by name and so binds the copy already in
+    # the process (one library, one version), as bench/cudnn_fp8_attention.py checked (cuDNN 9.19, frontend 1.32).
+    torch.backends.cudnn.version()
     try:
         import cudnn
     except ImportError as exc:
