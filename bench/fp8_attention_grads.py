@@ -38,6 +38,7 @@ from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from wan_model.attention import attention, set_attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
+from wan_model.cudnn_fp8_attention import new_scaling_state  # noqa: E402
 
 
 class _Captured(Exception):
@@ -78,11 +79,14 @@ def per_head_rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 def gradients(q, k, v, grad_out, backend: str) -> list[torch.Tensor]:
-    """out, dq, dk, dv of `attention` with `backend`."""
+    """out, dq, dk, dv of `attention` with `backend` ("cudnn_fp8": the second call on one scaling state, as
+    in training after the first step's calibration)."""
     set_attention_backend(backend)
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = attention(*leaves, self_attention=True)
-    out.backward(grad_out)
+    state = new_scaling_state(q.device) if backend == "cudnn_fp8" else None
+    for _ in range(2 if backend == "cudnn_fp8" else 1):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = attention(*leaves, self_attention=True, scaling_state=state)
+        out.backward(grad_out)
     set_attention_backend("auto")
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -131,7 +135,7 @@ def float32_attention_grads(q, k, v, grad_out) -> tuple[torch.Tensor, ...]:
     return out.detach(), lse.detach(), q32.grad, k32.grad, v32.grad
 
 
-def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int) -> dict:
+def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int, cudnn_fp8=None) -> dict:
     """On the first `heads` heads, against float32 math: bf16 SDPA's gradients, the lever's, and the flash
     backward (`fp8_attention_backward`, cuDNN's and FlashAttention-2's) fed the exact output and LSE of the
     smoothed keys and values, which splits the backward kernel's dv from the forward's and the autograd's;
@@ -148,6 +152,8 @@ def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int) -> 
     out_s, lse_s = float32_attention_grads(q, ks, vs, grad_out)[:2]
     sides = {"bf16_sdpa": [part(t) for t in reference[1:]], "fp8_lever": [part(t) for t in eight_bit[1:]],
              "flash_backward_exact_out_lse": fp8_attention_backward(grad_out, q, ks, vs, out_s.to(q.dtype), lse_s)}
+    if cudnn_fp8 is not None:
+        sides["cudnn_fp8"] = [part(t) for t in cudnn_fp8[1:]]
     if q.is_cuda:
         sides["flash2_backward_exact_out_lse"] = fp8_attention_backward(grad_out, q, ks, vs, out_s.to(q.dtype), lse_s,
                                                                         cudnn=False)
@@ -170,6 +176,7 @@ def main(argv=None) -> None:
     ap.add_argument("--blocks", type=int, nargs="+", default=[0, 20], help="blocks whose self-attention is taken")
     ap.add_argument("--rows", type=int, default=256, help="query rows per head for the row statistics")
     ap.add_argument("--truth-heads", type=int, default=2, help="heads checked against float32 math (0: none)")
+    ap.add_argument("--cudnn-fp8", action="store_true", help="also cuDNN's FP8 attention (attention_backend cudnn_fp8)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     device, dtype = device_and_dtype()
@@ -193,10 +200,16 @@ def main(argv=None) -> None:
                     for n, a, b in zip(names, eight_bit, reference)})
         row["shared_component"] = {n: [round(x, 3) for x in shared_component(t)] for n, t in zip("qkv", (q, k, v))}
         row["rows"] = row_statistics(q, k, v, min(args.rows, q.shape[1]), seed=block) if device.type == "cuda" else None
+        cudnn_fp8 = gradients(q, k, v, grad_out, "cudnn_fp8") if args.cudnn_fp8 else None
+        if cudnn_fp8 is not None:
+            row["cudnn_fp8_vs_bf16_sdpa"] = {f"{n}_rel_err": round(rel(a, b), 5)
+                                             for n, a, b in zip(names, cudnn_fp8, reference)}
         if args.truth_heads:
-            row["float32_truth"] = ground_truth_checks(q, k, v, grad_out, reference, eight_bit, args.truth_heads)
+            row["float32_truth"] = ground_truth_checks(q, k, v, grad_out, reference, eight_bit, args.truth_heads,
+                                                       cudnn_fp8)
         summary["blocks"][block] = row
         print(block, {key: val for key, val in row.items() if key not in ("shared_component", "rows", "float32_truth")},
+              row["shared_component"]["v"][:4],
               row.get("float32_truth"), flush=True)
     emit(summary, args.json)
 

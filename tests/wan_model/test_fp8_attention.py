@@ -247,13 +247,14 @@ def test_real_shape_diagnosis_bench_runs_and_its_float32_truth_is_exact_on_the_c
 
     from bench.fp8_attention_grads import main
 
-    main(["--preset", "tiny-t2v", "--size", "64x64", "--frames", "9", "--blocks", "1", "--json",
+    main(["--preset", "tiny-t2v", "--size", "64x64", "--frames", "9", "--blocks", "1", "--cudnn-fp8", "--json",
           str(tmp_path / "out.json")])
     truth = json.loads((tmp_path / "out.json").read_text())["blocks"]["1"]["float32_truth"]
+    assert 1e-3 < truth["cudnn_fp8"]["dq_rel_err_vs_float32"] < 0.15   # the emulation's per-tensor e4m3
     for exact_side in ("bf16_sdpa", "flash_backward_exact_out_lse"):
         assert all(truth[exact_side][f"{g}_rel_err_vs_float32"] < 1e-4 for g in ("dq", "dk", "dv"))
     assert 1e-3 < truth["fp8_lever"]["dq_rel_err_vs_float32"] < 0.05
-    assert all(side["dv_token_sum_vs_dO_token_sum"] < 1e-4 for side in truth.values())
+    assert all(side["dv_token_sum_vs_dO_token_sum"] < 1e-4 for name, side in truth.items() if name != "cudnn_fp8")
 
 
 def test_tensor_scaled_fp8_attention_needs_smoothing_where_values_share_a_component():
