@@ -1,0 +1,126 @@
+"""Are SDPA's bf16 attention gradients right at Wan's shapes? Each kernel against float32 math.
+
+    PYTHONPATH=$PWD python3 bench/sdpa_backward_check.py --json OUT.json      # one CUDA GPU
+
+Why: on a real A14B block's inputs (bench/fp8_attention_grads.py, f715d35) SDPA's bf16 gradients came out
+141-145% off float32 math on two heads, while cuDNN's backward fed those two heads alone was 0.2% off. This
+separates the kernel from the inputs: random q, k (RMS-normed over the full width, as Wan's norms leave
+them), v Gaussian, dO Gaussian / sqrt(L), per shape [B, H, L, D] laid out as the DiT hands them ([B, L, H, D]
+memory). For each SDPA kernel (cuDNN, FlashAttention-2, memory-efficient; forced with `sdpa_kernel`) and for
+`attention_backend: cudnn_fp8`: relative error of dq, dk, dv against float32 math on the first --truth-heads
+heads, and on every head the identity sum_tokens dv = sum_tokens dO (P's rows sum to one), which a correct
+backward meets to rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import emit  # noqa: E402
+from bench.sample_step import git_commit  # noqa: E402
+
+KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+           "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def inputs(batch: int, heads: int, length: int, head_dim: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rms_normed():
+        x = torch.randn(batch, length, heads * head_dim, device="cuda", generator=g)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).unflatten(-1, (heads, head_dim))
+
+    q, k = rms_normed(), rms_normed()
+    v = torch.randn(batch, length, heads, head_dim, device="cuda", generator=g)
+    grad_out = torch.randn(batch, length, heads, head_dim, device="cuda", generator=g) / math.sqrt(length)
+    return tuple(t.to(torch.bfloat16) for t in (q, k, v, grad_out))
+
+
+def sdpa_grads(q, k, v, grad_out, kernel):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    with sdpa_kernel(kernel):
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves)).transpose(1, 2)
+    out.backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def cudnn_fp8_grads(q, k, v, grad_out):
+    from wan_model.cudnn_fp8_attention import cudnn_fp8_attention, new_scaling_state
+
+    state = new_scaling_state("cuda")
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        cudnn_fp8_attention(*leaves, state).backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def float32_grads(q, k, v, grad_out, heads: int):
+    q32, k32, v32 = (t[:, :, :heads].float().clone().requires_grad_(True) for t in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q32, k32) / math.sqrt(q.shape[-1])
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v32)
+    out.backward(grad_out[:, :, :heads].float())
+    return [q32.grad, k32.grad, v32.grad]
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def check(shape, truth_heads: int, with_fp8: bool) -> dict:
+    q, k, v, grad_out = inputs(*shape)
+    truth = float32_grads(q, k, v, grad_out, truth_heads)
+    do_sum = grad_out.float().sum(1)                                   # [B, H, D]
+    sides = {}
+    for name, kernel in KERNELS.items():
+        try:
+            sides[name] = sdpa_grads(q, k, v, grad_out, kernel)
+        except RuntimeError as exc:
+            sides[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if with_fp8:
+        sides["cudnn_fp8"] = cudnn_fp8_grads(q, k, v, grad_out)
+    result = {}
+    for name, grads in sides.items():
+        if isinstance(grads, str):
+            result[name] = grads
+            continue
+        row = {f"{g}_rel_err_vs_float32": round(rel(a[:, :, :truth_heads], b), 5)
+               for g, a, b in zip(("dq", "dk", "dv"), grads, truth)}
+        per_head = ((grads[2].float().sum(1) - do_sum).norm(dim=-1) / do_sum.norm(dim=-1)).flatten()
+        row["dv_token_sum_identity_worst_head"] = round(float(per_head.max()), 5)
+        row["dv_token_sum_identity_heads_over_1pct"] = int((per_head > 0.01).sum())
+        result[name] = row
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["1x40x32760x128", "1x2x32760x128", "1x40x4096x128",
+                                                     "1x24x27280x128", "1x2x80x128", "1x2x1024x128"],
+                    help="BxHxLxD (A14B 480x832x81: 40 heads, 32,760 tokens; TI2V-5B 704x1280x121: 24 x 27,280; 80 tokens: the tiny GPU test)")
+    ap.add_argument("--truth-heads", type=int, default=2)
+    ap.add_argument("--no-fp8", action="store_true", help="leave out attention_backend cudnn_fp8")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sdpa_backward_check: needs a CUDA GPU")
+        return
+    summary = dict(commit=git_commit(), device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   cudnn=torch.backends.cudnn.version(), shapes={})
+    for text in args.shapes:
+        shape = tuple(int(x) for x in text.split("x"))
+        summary["shapes"][text] = check(shape, args.truth_heads, not args.no_fp8)
+        print(text, summary["shapes"][text], flush=True)
+    emit(summary, args.json)
+
+
+if __name__ == "__main__":
+    main()
