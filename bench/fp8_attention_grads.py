@@ -135,7 +135,8 @@ def float32_attention_grads(q, k, v, grad_out) -> tuple[torch.Tensor, ...]:
     return out.detach(), lse.detach(), q32.grad, k32.grad, v32.grad
 
 
-def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int, cudnn_fp8=None) -> dict:
+def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int, cudnn_fp8=None,
+                        others: dict | None = None) -> dict:
     """On the first `heads` heads, against float32 math: bf16 SDPA's gradients, the lever's, and the flash
     backward (`fp8_attention_backward`, cuDNN's and FlashAttention-2's) fed the exact output and LSE of the
     smoothed keys and values, which splits the backward kernel's dv from the forward's and the autograd's;
@@ -154,6 +155,8 @@ def ground_truth_checks(q, k, v, grad_out, reference, eight_bit, heads: int, cud
              "flash_backward_exact_out_lse": fp8_attention_backward(grad_out, q, ks, vs, out_s.to(q.dtype), lse_s)}
     if cudnn_fp8 is not None:
         sides["cudnn_fp8"] = [part(t) for t in cudnn_fp8[1:]]
+    for name, grads in (others or {}).items():
+        sides[name] = [part(t) for t in grads[1:]]
     if q.is_cuda:
         sides["flash2_backward_exact_out_lse"] = fp8_attention_backward(grad_out, q, ks, vs, out_s.to(q.dtype), lse_s,
                                                                         cudnn=False)
@@ -204,9 +207,14 @@ def main(argv=None) -> None:
         if cudnn_fp8 is not None:
             row["cudnn_fp8_vs_bf16_sdpa"] = {f"{n}_rel_err": round(rel(a, b), 5)
                                              for n, a, b in zip(names, cudnn_fp8, reference)}
+        row["input_layout"] = {n: [str(t.dtype), list(t.stride()), t.is_contiguous()]
+                               for n, t in zip(("q", "k", "v", "grad_out"), (q, k, v, grad_out))}
+        # the same SDPA call on contiguous bf16 copies: does the inputs' layout or dtype decide the error?
+        others = {"bf16_sdpa_on_contiguous_bf16_copies": gradients(
+            *(t.to(torch.bfloat16).contiguous() for t in (q, k, v, grad_out)), "auto")}
         if args.truth_heads:
             row["float32_truth"] = ground_truth_checks(q, k, v, grad_out, reference, eight_bit, args.truth_heads,
-                                                       cudnn_fp8)
+                                                       cudnn_fp8, others)
         summary["blocks"][block] = row
         print(block, {key: val for key, val in row.items() if key not in ("shared_component", "rows", "float32_truth")},
               row["shared_component"]["v"][:4],
