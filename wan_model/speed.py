@@ -13,9 +13,11 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
-    at lengths where cuDNN fails). "cudnn_fp8": self-attention forward and backward on cuDNN's FP8 graphs
-    (`cudnn_fp8_attention.py`; Hopper and the cuDNN frontend; opt-in, it changes the gradients: docs/benchmarks.md
-    gives their error and the step time). Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
+    at lengths where cuDNN fails). Not "cudnn_fp8" (self-attention forward and backward on cuDNN's FP8 graphs,
+    `cudnn_fp8_attention.py`: 7.79 s per A14B step, 6-7% from float32 attention alone, but a compiled tiny LoRA
+    model's q gradients came out 170% off bf16's on the GPU, not yet explained; docs/benchmarks.md, issue 16):
+    a bench lever (`set_attention_backend` + `attach_scaling_states`).
+    Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
     runs, and `save_attention` keeps its outputs, but at the A14B shape its self-attention LoRA gradients
     differed from bf16's by 47-95%, not yet explained (docs/benchmarks.md), so it is a bench lever
     (`set_attention_backend`), not an option.
@@ -40,7 +42,6 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from .attention import set_attention_backend
 from .config import TransformerConfig
-from .cudnn_fp8_attention import attach_scaling_states
 from .fp8 import FP8_MODES, quantize_linears_
 from .memory_plan import ActivationPlan, plan_activations
 from .offload import BlockOffloader, HostCheckpointInputs
@@ -70,7 +71,7 @@ class SpeedOptions:
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
-    attention_backend: Literal["auto", "sdpa", "flash", "cudnn_fp8"] = "auto"  # see wan_model/attention.py
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
     # lets more blocks keep attention and is predicted faster
@@ -80,12 +81,16 @@ class SpeedOptions:
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k", "auto"),
                    "fp8_base": ("none", *FP8_MODES),
-                   "attention_backend": ("auto", "sdpa", "flash", "cudnn_fp8"), "offload": ("none", "blocks"),
+                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
                    "host_checkpoints": (False, True, "auto")}
         if self.attention_backend == "fp8":
             raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in "
                              "training its self-attention LoRA gradients differed from bf16's by 47-95% at the A14B "
                              "shape, not yet explained (docs/benchmarks.md, issue 16): use auto")
+        if self.attention_backend == "cudnn_fp8":
+            raise ValueError("speed.attention_backend: cudnn_fp8 is a bench lever for now: a compiled LoRA model's "
+                             "self-attention gradients on it differed from bf16's by up to 170% on the GPU, not yet "
+                             "explained (docs/benchmarks.md, issue 16): use auto")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
@@ -114,8 +119,7 @@ def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budge
     plan = plan_activations(cfg, tokens, budget_gib, rank=rank, fp8_weights=options.fp8_base != "none",
                             fp8_dgrad=options.fp8_base == "matmul_dgrad", streamed_blocks=options.offload == "blocks",
                             host_inputs=None if options.host_checkpoints == "auto" else options.host_checkpoints,
-                            host_available_gib=host_available_gib, samples=samples, shards=shards,
-                            fp8_attention=options.attention_backend == "cudnn_fp8")
+                            host_available_gib=host_available_gib, samples=samples, shards=shards)
     k = plan.saved_attention_blocks
     save = "none" if k == 0 else "all" if k == plan.blocks else "every_k"
     resolved = replace(options, save_attention=save, host_checkpoints=plan.host_checkpoints,
@@ -178,8 +182,6 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
     if options.fp8_base != "none":
         quantize_linears_(model, block_linear_names(model), options.fp8_base)
     set_attention_backend(options.attention_backend)
-    if options.attention_backend == "cudnn_fp8":
-        attach_scaling_states(model, device or next(model.parameters()).device)
     if options.save_attention == "none":
         model.checkpoint_context_fn = None
     else:

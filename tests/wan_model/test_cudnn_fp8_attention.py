@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from wan_model import cudnn_fp8_attention as cfa
-from wan_model.attention import attention, attention_backend
+from wan_model.attention import attention, attention_backend, set_attention_backend
 
 
 def qkv(batch, length, heads, head_dim, device="cpu", dtype=torch.float32, seed=0, value_offset=0.0):
@@ -129,9 +129,9 @@ def test_checkpointing_keeps_the_fp8_forward_instead_of_recomputing_it(monkeypat
             assert len(calls) == runs
 
 
-def test_tiny_model_trains_through_the_backend_and_speed_options_attach_states():
-    """SpeedOptions(attention_backend="cudnn_fp8") attaches one float32 state per block (not in the state dict);
-    a checkpointed tiny model's LoRA-free gradients stay within the emulation's error of bf16-free float32."""
+def test_tiny_model_trains_through_the_backend_and_speed_options_refuse_it():
+    """SpeedOptions refuses cudnn_fp8 (a bench lever); `attach_scaling_states` gives each block one float32 state
+    (not in the state dict); a checkpointed tiny model's gradients stay within the emulation's error of float32."""
     from wan_model.config import PRESETS
     from wan_model.speed import SpeedOptions, apply_speed_options
 
@@ -150,16 +150,18 @@ def test_tiny_model_trains_through_the_backend_and_speed_options_attach_states()
 
     model.enable_gradient_checkpointing()
     want = grads()
+    with pytest.raises(ValueError, match="bench lever"):
+        SpeedOptions(attention_backend="cudnn_fp8")
     try:
-        apply_speed_options(model, SpeedOptions(compile=False, save_attention="all", fp8_base="none",
-                                                attention_backend="cudnn_fp8"))
+        apply_speed_options(model, SpeedOptions(compile=False, save_attention="all", fp8_base="none"))
+        set_attention_backend("cudnn_fp8")
+        assert cfa.attach_scaling_states(model) == cfg.num_layers
         assert set(model.state_dict()) == keys
         states = [b.self_attn.fp8_scaling for b in model.blocks]
         assert len(states) == cfg.num_layers and all(s.dtype == torch.float32 for s in states)
         grads()
         got = grads()
     finally:
-        from wan_model.attention import set_attention_backend
         set_attention_backend("auto")
     assert all(s[cfa.CALLS] == 4 for s in states)   # two steps: one forward and one backward each
     err = rel(got, want)
@@ -213,13 +215,14 @@ def test_compiled_checkpointed_block_trains_on_the_cudnn_fp8_backend():
             block.self_attn.v.weight.requires_grad_(True)
         model.enable_gradient_checkpointing()
         try:
-            apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base="none",
-                                                    attention_backend=backend))
+            apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base="none"))
+            set_attention_backend(backend)
+            if backend == "cudnn_fp8":
+                cfa.attach_scaling_states(model)
             for _ in range(2):
                 model.zero_grad()
                 model(latents, t, context).float().pow(2).mean().backward()
         finally:
-            from wan_model.attention import set_attention_backend
             set_attention_backend("auto")
         results[backend] = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
         if backend == "cudnn_fp8":

@@ -165,7 +165,11 @@ def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, fo
     # issue 16). A bench lever that SpeedOptions refuses; strict, so a fix shows as an unexpected pass.
     pytest.param("matmul_dgrad", "fp8", marks=pytest.mark.xfail(
         strict=True, raises=AssertionError, reason="known: dv of the 8-bit attention lever on the GPU (issue 16)")),
-    ("matmul_dgrad", "cudnn_fp8")])
+    # cuDNN's FP8 attention (a bench lever SpeedOptions refuses): on this tiny LoRA model compiled under autocast,
+    # q's LoRA gradients came out 170% off bf16's at 0fa4238 (6% on the CPU emulation, eager; 6-7% from float32
+    # for the graphs alone at every shape, bench/sdpa_backward_check.py). Strict: a fix shows as a pass.
+    pytest.param("matmul_dgrad", "cudnn_fp8", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="known: cudnn_fp8 in a compiled LoRA model on the GPU (issue 16)"))])
 def test_fast_path_matches_plain_on_gpu(fp8, attention):
     """compile + saved self-attention (+ fp8 weights, + the 8-bit attention forward or cuDNN's FP8 attention)
     against plain checkpointing, bf16 under autocast."""
@@ -176,9 +180,11 @@ def test_fast_path_matches_plain_on_gpu(fp8, attention):
     loss0, grads0 = loss_and_grads(ref, data, autocast=True)
     model = lora_model("cuda", torch.bfloat16, dim=256)
     try:
-        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8,
-                                                attention_backend="cudnn_fp8" if attention == "cudnn_fp8" else "auto"))
+        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8))
         attn_mod.set_attention_backend(attention)
+        if attention == "cudnn_fp8":
+            from wan_model.cudnn_fp8_attention import attach_scaling_states
+            attach_scaling_states(model, "cuda")
         for _ in range(2):  # the second step runs the compiled code warm
             model.zero_grad(set_to_none=True)
             loss1, grads1 = loss_and_grads(model, data, autocast=True)
