@@ -4,7 +4,8 @@
 
 Why: on a real A14B block's inputs (bench/fp8_attention_grads.py, f715d35) SDPA's bf16 gradients came out
 141-145% off float32 math on two heads, while cuDNN's backward fed those two heads alone was 0.2% off. This
-separates the kernel from the inputs: random q, k (RMS-normed over the full width, as Wan's norms leave
+separates the kernel from the inputs (and `--captured` takes a real block's inputs, the truth computed before
+any other side, and checks that no later side writes over an earlier one's results): random q, k (RMS-normed over the full width, as Wan's norms leave
 them), v Gaussian, dO Gaussian / sqrt(L), per shape [B, H, L, D] laid out as the DiT hands them ([B, L, H, D]
 memory). For each SDPA kernel (cuDNN, FlashAttention-2, memory-efficient; forced with `sdpa_kernel`) and for
 `attention_backend: cudnn_fp8`: relative error of dq, dk, dv against float32 math on the first --truth-heads
@@ -75,30 +76,66 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def check(shape, truth_heads: int, with_fp8: bool) -> dict:
-    q, k, v, grad_out = inputs(*shape)
+def attention_grads(q, k, v, grad_out):
+    """Through `wan_model.attention.attention` with the default backend, as the training path calls it."""
+    from wan_model.attention import attention
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    attention(*leaves, self_attention=True).backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def check(q, k, v, grad_out, truth_heads: int, with_fp8: bool) -> dict:
+    """Each side's gradients against float32 math on the first heads (computed first, compared at once)."""
     truth = float32_grads(q, k, v, grad_out, truth_heads)
     do_sum = grad_out.float().sum(1)                                   # [B, H, D]
-    sides = {}
+    sides = {"attention_default": attention_grads(q, k, v, grad_out)}
+    kept = [g.clone() for g in sides["attention_default"]]   # was anything written over them later?
     for name, kernel in KERNELS.items():
         try:
             sides[name] = sdpa_grads(q, k, v, grad_out, kernel)
         except RuntimeError as exc:
             sides[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    few = [t[:, :, :truth_heads].contiguous() for t in (q, k, v, grad_out)]
+    sides["cudnn_first_heads_only"] = sdpa_grads(*few, KERNELS["cudnn"])
     if with_fp8:
         sides["cudnn_fp8"] = cudnn_fp8_grads(q, k, v, grad_out)
-    result = {}
+    result = {"attention_default_changed_by_later_sides": [
+        float((g.float() - c.float()).abs().max()) for g, c in zip(sides["attention_default"], kept)]}
     for name, grads in sides.items():
         if isinstance(grads, str):
             result[name] = grads
             continue
         row = {f"{g}_rel_err_vs_float32": round(rel(a[:, :, :truth_heads], b), 5)
                for g, a, b in zip(("dq", "dk", "dv"), grads, truth)}
-        per_head = ((grads[2].float().sum(1) - do_sum).norm(dim=-1) / do_sum.norm(dim=-1)).flatten()
+        heads = grads[2].shape[2]
+        per_head = ((grads[2].float().sum(1) - do_sum[:, :heads]).norm(dim=-1)
+                    / do_sum[:, :heads].norm(dim=-1)).flatten()
         row["dv_token_sum_identity_worst_head"] = round(float(per_head.max()), 5)
         row["dv_token_sum_identity_heads_over_1pct"] = int((per_head > 0.01).sum())
         result[name] = row
     return result
+
+
+def random_inputs(shapes):
+    for text in shapes:
+        yield text, inputs(*(int(x) for x in text.split("x")))
+
+
+def captured_inputs(blocks):
+    """(name, (q, k, v, dO)) of real blocks' self-attention, as bench/fp8_attention_grads.py takes them."""
+    from bench.fp8_attention_grads import block_attention_inputs
+    from bench.fp8_gradients import build, latent_shape_of, sample
+    from wan_model.config import PRESETS
+
+    preset = PRESETS["t2v-A14B"]
+    model, _ = build(preset.transformer, torch.device("cuda"), torch.bfloat16, "none", rank=32)
+    batch = sample(preset.transformer, latent_shape_of(preset, "480x832", 81), torch.device("cuda"), torch.bfloat16,
+                   990.0, seed=2)
+    for block in blocks:
+        q, k, v = block_attention_inputs(model, batch, torch.device("cuda"), torch.bfloat16, block)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to("cuda", q.dtype)
+        yield f"a14b_block{block}", (q, k, v, grad_out / math.sqrt(q.shape[1]))
 
 
 def main(argv=None) -> None:
@@ -108,6 +145,9 @@ def main(argv=None) -> None:
                     help="BxHxLxD (A14B 480x832x81: 40 heads, 32,760 tokens; TI2V-5B 704x1280x121: 24 x 27,280; 80 tokens: the tiny GPU test)")
     ap.add_argument("--truth-heads", type=int, default=2)
     ap.add_argument("--no-fp8", action="store_true", help="leave out attention_backend cudnn_fp8")
+    ap.add_argument("--captured", type=int, nargs="*", default=None, metavar="BLOCK",
+                    help="instead of random inputs: these blocks' self-attention inputs in the A14B expert at "
+                         "480x832x81, t=990 (bench/fp8_attention_grads.py's model and capture), dO random")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,10 +155,9 @@ def main(argv=None) -> None:
         return
     summary = dict(commit=git_commit(), device=torch.cuda.get_device_name(), torch=torch.__version__,
                    cudnn=torch.backends.cudnn.version(), shapes={})
-    for text in args.shapes:
-        shape = tuple(int(x) for x in text.split("x"))
-        summary["shapes"][text] = check(shape, args.truth_heads, not args.no_fp8)
-        print(text, summary["shapes"][text], flush=True)
+    for name, tensors in captured_inputs(args.captured) if args.captured is not None else random_inputs(args.shapes):
+        summary["shapes"][name] = check(*tensors, args.truth_heads, not args.no_fp8)
+        print(name, summary["shapes"][name], flush=True)
     emit(summary, args.json)
 
 
