@@ -76,12 +76,14 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def attention_grads(q, k, v, grad_out):
-    """Through `wan_model.attention.attention` with the default backend, as the training path calls it."""
-    from wan_model.attention import attention
+def attention_grads(q, k, v, grad_out, backend: str = "auto"):
+    """Through `wan_model.attention.attention` with `backend` ("auto": as the training path calls it; "fp8": the
+    8-bit forward with cuDNN's bf16 backward, a bench lever)."""
+    from wan_model.attention import attention, attention_backend
 
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    attention(*leaves, self_attention=True).backward(grad_out)
+    with attention_backend(backend):
+        attention(*leaves, self_attention=True).backward(grad_out)
     return [t.grad for t in leaves]
 
 
@@ -99,6 +101,7 @@ def check(q, k, v, grad_out, truth_heads: int, with_fp8: bool) -> dict:
     few = [t[:, :, :truth_heads].contiguous() for t in (q, k, v, grad_out)]
     sides["cudnn_first_heads_only"] = sdpa_grads(*few, KERNELS["cudnn"])
     if with_fp8:
+        sides["fp8_lever"] = attention_grads(q, k, v, grad_out, "fp8")
         sides["cudnn_fp8"] = cudnn_fp8_grads(q, k, v, grad_out)
     result = {"attention_default_changed_by_later_sides": [
         float((g.float() - c.float()).abs().max()) for g, c in zip(sides["attention_default"], kept)]}
