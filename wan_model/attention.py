@@ -83,13 +83,20 @@ _cudnn_works: dict[tuple[int, int, int, int, int], bool] = {}
 
 
 def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, device: torch.device) -> bool:
-    """Run cuDNN attention forward+backward once on random bf16 tensors laid out as `attention` passes them."""
+    """Run cuDNN attention forward+backward once on random bf16 tensors laid out as `attention` passes them.
+
+    The probe's backward must look like the training step's: PyTorch caches cuDNN's backward graph per shape,
+    and a graph first built for another output gradient serves every later call of that shape. Under the
+    trainer's autocast, `out.sum().backward()` handed cuDNN a float32, broadcast gradient, and every later
+    backward at that shape came out wrong (dv's token sum 160% off dO's on an H200, torch 2.11, cuDNN 9.19;
+    docs/benchmarks.md, issue 16). So: autocast off, and a bf16 gradient laid out as the output."""
     try:
-        q = torch.randn(batch, q_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-        kv = torch.randn(batch, kv_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-        qt, kt = q.transpose(1, 2), kv.transpose(1, 2)
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, kt, None, True)[0]
-        out.sum().backward()
+        with torch.autocast(device.type, enabled=False):
+            q = torch.randn(batch, q_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            kv = torch.randn(batch, kv_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            qt, kt = q.transpose(1, 2), kv.transpose(1, 2)
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, kt, None, True)[0]
+            out.backward(torch.randn_like(out))
         torch.cuda.synchronize(device)
         return bool(torch.isfinite(q.grad).all())
     except torch.OutOfMemoryError:

@@ -1,0 +1,33 @@
+"""The attention backend's cuDNN probe (wan_model/attention.py) on the GPU: it must not change what later
+backwards compute. PyTorch caches cuDNN's backward graph per shape; a probe run under the trainer's autocast
+with `out.sum().backward()` left every later backward of that shape wrong (docs/benchmarks.md, issue 16)."""
+
+import pytest
+import torch
+
+from wan_model.attention import _cudnn_works, attention, prepare_attention
+
+
+def dv_token_sum_error(length: int, heads: int) -> float:
+    """Worst head's |sum_tokens dv - sum_tokens dO| / |sum_tokens dO| through `attention` (0 up to rounding for
+    any correct backward: P's rows sum to one)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad_out = (torch.randn(1, length, heads, 128, device="cuda", generator=g).to(torch.bfloat16)
+                         for _ in range(4))
+    grad_out = grad_out / length ** 0.5
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    attention(*leaves, self_attention=True).backward(grad_out)
+    dv_sum, do_sum = leaves[2].grad.float().sum(1), grad_out.float().sum(1)
+    return float(((dv_sum - do_sum).norm(dim=-1) / do_sum.norm(dim=-1)).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [4088, 32744])
+def test_cudnn_probe_under_autocast_leaves_later_backwards_right(length):
+    """prepare_attention under no_grad + autocast (as the trainer's forward calls it) at a shape not seen before,
+    then a bf16 backward there: the identity holds. With the old probe: 1.65 at 4,088 and 1.60 at 32,744 tokens
+    (40 heads, H200, torch 2.11, cuDNN 9.19)."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        prepare_attention(1, length, (length,), 40, 128, torch.device("cuda"))
+    assert _cudnn_works[(1, length, length, 40, 128)]
+    assert dv_token_sum_error(length, 40) < 1e-3
