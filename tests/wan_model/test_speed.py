@@ -160,16 +160,15 @@ def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, fo
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8,attention", [
     ("none", "auto"), ("storage", "auto"), ("matmul", "auto"), ("matmul_dgrad", "auto"),
-    # The 8-bit attention forward with the bf16 backward: passed at 57653f5, fails since the value smoothing of
-    # 6e4861f (v's LoRA gradients 52% off on the GPU at f9778ec, 0.2% on the CPU path; docs/benchmarks.md,
-    # issue 16). A bench lever that SpeedOptions refuses; strict, so a fix shows as an unexpected pass.
+    # The two attention bench levers (SpeedOptions refuses both) failed here: the 8-bit forward with cuDNN's bf16
+    # backward (v's LoRA gradients 52% off at f9778ec) and cuDNN's FP8 attention (q's 170% off at 7088204). Both
+    # compare against a reference whose cuDNN backward was wrong: the cuDNN probe run under autocast had left
+    # PyTorch's cached backward graph for that shape wrong (fixed in 5b4a8b5, not yet re-run on the GPU), so they
+    # may pass now; not strict until they have run again (docs/benchmarks.md, issue 16).
     pytest.param("matmul_dgrad", "fp8", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="known: dv of the 8-bit attention lever on the GPU (issue 16)")),
-    # cuDNN's FP8 attention (a bench lever SpeedOptions refuses): on this tiny LoRA model compiled under autocast,
-    # q's LoRA gradients came out 170% off bf16's at 0fa4238 (6% on the CPU emulation, eager; 6-7% from float32
-    # for the graphs alone at every shape, bench/sdpa_backward_check.py). Strict: a fix shows as a pass.
+        strict=False, raises=AssertionError, reason="8-bit lever: failed before the cuDNN probe fix (issue 16)")),
     pytest.param("matmul_dgrad", "cudnn_fp8", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="known: cudnn_fp8 in a compiled LoRA model on the GPU (issue 16)"))])
+        strict=False, raises=AssertionError, reason="cudnn_fp8: failed before the cuDNN probe fix (issue 16)"))])
 def test_fast_path_matches_plain_on_gpu(fp8, attention):
     """compile + saved self-attention (+ fp8 weights, + the 8-bit attention forward or cuDNN's FP8 attention)
     against plain checkpointing, bf16 under autocast."""
