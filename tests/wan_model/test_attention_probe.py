@@ -1,4 +1,4 @@
-"""The attention backend's cuDNN probe (wan_model/attention.py) on the GPU: it must not change what later
+"""The attention backend's cuDNN probe (wan_model/attention.py): it must not change what later
 backwards compute. PyTorch caches cuDNN's backward graph per shape; a probe run under the trainer's autocast
 with `out.sum().backward()` left every later backward of that shape wrong (docs/benchmarks.md, issue 16)."""
 
@@ -31,3 +31,36 @@ def test_cudnn_probe_under_autocast_leaves_later_backwards_right(length):
         prepare_attention(1, length, (length,), 40, 128, torch.device("cuda"))
     assert _cudnn_works[(1, length, length, 40, 128)]
     assert dv_token_sum_error(length, 40) < 1e-3
+
+
+def test_cudnn_probe_backward_is_shaped_like_training_on_any_device(monkeypatch):
+    """CPU stand-in for the GPU test above: under autocast the probe hands its backward a bf16 gradient laid out
+    as the output and dense (the old `out.sum().backward()` gave a broadcast gradient, float32 before the cast,
+    which is what PyTorch's cached cuDNN backward graph then kept for the shape)."""
+    import wan_model.attention as attention_module
+
+    seen = {}
+
+    class FakeCudnnAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            ctx.save_for_backward(q, k, v)
+            return (q * 1.0).transpose(1, 2).contiguous().transpose(1, 2)   # [B, H, L, D] over [B, L, H, D]
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.update(dtype=grad.dtype, stride=grad.stride(), autocast=torch.is_autocast_enabled("cpu"))
+            q, k, v = ctx.saved_tensors
+            return grad, torch.zeros_like(k), torch.zeros_like(v)
+
+    def fake(q, k, v, bias, compute_log_sumexp):
+        out = FakeCudnnAttention.apply(q, k, v)
+        seen["out_stride"] = out.stride()
+        return (out,)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.enable_grad():   # as prepare_attention calls it
+        assert attention_module._try_cudnn(1, 16, 16, 2, 8, torch.device("cpu"))
+    assert seen["dtype"] == torch.bfloat16
+    assert seen["stride"] == seen["out_stride"] and 0 not in seen["stride"]
