@@ -16,7 +16,7 @@ Backends, chosen once per process with `set_attention_backend`:
   * "fp8": self-attention on 8-bit tensor cores (`fp8_attention.py`; it changes the numbers, see its
     docstring), cross-attention as "auto". Set for a render with `attention_backend`. With a gradient the
     forward is 8-bit and the backward cuDNN's bf16 one, fed its LSE: a bench lever only (docs/benchmarks.md:
-    at the A14B shape self-attention's LoRA gradients differed from bf16's by 47-95%, not yet explained).
+    its gradients are not yet measured against a correct bf16 reference).
 `prepare_attention` tries cuDNN forward+backward once per (batch, lengths, heads) and caches the answer;
 the DiT calls it before its blocks, so compiled blocks only read the cache.
 No mask: Wan attends over every video token and over all text_len text tokens (padded rows included).

@@ -4,10 +4,9 @@ At T2V-A14B 480x832x81 (32,760 tokens) self-attention is half a forward's FLOPs 
 1.66 PFLOP); in bf16 it runs near 580 TFLOP/s, and Hopper's 8-bit tensor cores have twice bf16's rate.
 The sampler's opt-in `--fp8-attention`. With a gradient the same forward also writes the log-sum-exp and the
 backward is the exact bf16 flash backward (cuDNN's) fed this forward's output and LSE (`fp8_attention_backward`):
-a third of a training step's attention work at the 8-bit rate, 0.2 s per A14B step, but at the A14B shape its
-self-attention LoRA gradients differed from bf16's by 47-95% (docs/benchmarks.md, issue 16: part of that is
-the bf16 reference's own error where values share a large component, part a dv discrepancy on the GPU not
-yet explained), so training does not offer it.
+a third of a training step's attention work at the 8-bit rate, 0.2 s per A14B step; its gradients were
+only compared with a bf16 reference that the cuDNN probe bug had broken (docs/benchmarks.md, issue 16), so
+training does not offer it until they are measured again.
 
 Quantisation (after SageAttention, Zhang et al. 2024/25), per batch b and head h:
     q:  one scale per token,  sq_i = max_d |q_id| / 127,     Q8 = round(q / sq)   int8

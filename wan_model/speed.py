@@ -14,12 +14,12 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
     at lengths where cuDNN fails). Not "cudnn_fp8" (self-attention forward and backward on cuDNN's FP8 graphs,
-    `cudnn_fp8_attention.py`: 7.79 s per A14B step, 6-7% from float32 attention alone, but a compiled tiny LoRA
-    model's q gradients came out 170% off bf16's on the GPU, not yet explained; docs/benchmarks.md, issue 16):
-    a bench lever (`set_attention_backend` + `attach_scaling_states`).
+    `cudnn_fp8_attention.py`: 7.79 s per A14B step, 6-7% from float32 attention alone; its LoRA gradients have
+    not been measured against a correct bf16 reference yet, the cuDNN probe bug having broken the reference;
+    docs/benchmarks.md, issue 16): a bench lever (`set_attention_backend` + `attach_scaling_states`).
     Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
-    runs, and `save_attention` keeps its outputs, but at the A14B shape its self-attention LoRA gradients
-    differed from bf16's by 47-95%, not yet explained (docs/benchmarks.md), so it is a bench lever
+    runs, and `save_attention` keeps its outputs, but its gradients were only ever compared with a bf16
+    reference the cuDNN probe bug had broken (docs/benchmarks.md), so it is a bench lever
     (`set_attention_backend`), not an option.
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
   * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
@@ -85,12 +85,11 @@ class SpeedOptions:
                    "host_checkpoints": (False, True, "auto")}
         if self.attention_backend == "fp8":
             raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in "
-                             "training its self-attention LoRA gradients differed from bf16's by 47-95% at the A14B "
-                             "shape, not yet explained (docs/benchmarks.md, issue 16): use auto")
+                             "training its gradients are not yet measured against a correct bf16 reference "
+                             "(docs/benchmarks.md, issue 16): use auto")
         if self.attention_backend == "cudnn_fp8":
-            raise ValueError("speed.attention_backend: cudnn_fp8 is a bench lever for now: a compiled LoRA model's "
-                             "self-attention gradients on it differed from bf16's by up to 170% on the GPU, not yet "
-                             "explained (docs/benchmarks.md, issue 16): use auto")
+            raise ValueError("speed.attention_backend: cudnn_fp8 is a bench lever for now: its LoRA gradients are not "
+                             "yet measured against a correct bf16 reference (docs/benchmarks.md, issue 16): use auto")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
