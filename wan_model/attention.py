@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -82,27 +83,54 @@ def attention_backend(name: str):
 _cudnn_works: dict[tuple[int, int, int, int, int], bool] = {}
 
 
-def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, device: torch.device) -> bool:
-    """Run cuDNN attention forward+backward once on random bf16 tensors laid out as `attention` passes them.
+# A correct attention backward gives sum_keys dv = sum_queries dO (P's rows sum to one); bf16 rounding leaves
+# 5e-5 to 5e-4 of it (H200, 80 to 32,760 tokens), the broken cached graph of issue 16 left 1.6.
+IDENTITY_TOLERANCE = 1e-2
 
-    The probe's backward must look like the training step's: PyTorch caches cuDNN's backward graph per shape,
-    and a graph first built for another output gradient serves every later call of that shape. Under the
-    trainer's autocast, `out.sum().backward()` handed cuDNN a float32, broadcast gradient, and every later
-    backward at that shape came out wrong (dv's token sum 160% off dO's on an H200, torch 2.11, cuDNN 9.19;
-    docs/benchmarks.md, issue 16). So: autocast off, and a bf16 gradient laid out as the output."""
+
+def _cudnn_round_trip(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int,
+                      device: torch.device) -> float:
+    """One cuDNN forward + backward on random bf16 tensors laid out as `attention` passes them, with a random
+    output gradient laid out as the output (as training's); returns the worst head's
+    |sum_keys dv - sum_queries dO| / |sum_queries dO| (NaN when a gradient is not finite)."""
+    q = torch.randn(batch, q_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, kv_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2), None, True)[0]
+    grad_out = torch.randn_like(out)                                       # [B, heads, q_len, head_dim]
+    out.backward(grad_out)
+    dv_sum, do_sum = v.grad.float().sum(1), grad_out.float().sum(2)       # [B, heads, head_dim]
+    error = ((dv_sum - do_sum).norm(dim=-1) / do_sum.norm(dim=-1)).max()
+    finite = torch.isfinite(q.grad).all() & torch.isfinite(k.grad).all()
+    return float(torch.where(finite, error, torch.nan))
+
+
+def _try_cudnn(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, device: torch.device) -> bool:
+    """Whether cuDNN attention runs forward and backward at this shape and its backward is right there.
+
+    Two round trips: the first builds the backward graph PyTorch then caches for the shape and serves to every
+    later call of it; the second checks, through that graph, an identity every correct backward meets. The
+    probe must look like the training step: under the trainer's autocast an earlier probe's
+    `out.sum().backward()` handed cuDNN a float32, broadcast gradient, and every later backward at that shape
+    came out wrong (dv's token sum 160% off dO's on an H200, torch 2.11, cuDNN 9.19; docs/benchmarks.md, issue
+    16). So: autocast off, a bf16 gradient laid out as the output, and a failed check falls back to
+    FlashAttention-2 with a warning instead of training on wrong gradients."""
     try:
         with torch.autocast(device.type, enabled=False):
-            q = torch.randn(batch, q_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-            kv = torch.randn(batch, kv_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-            qt, kt = q.transpose(1, 2), kv.transpose(1, 2)
-            out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, kt, None, True)[0]
-            out.backward(torch.randn_like(out))
+            _cudnn_round_trip(batch, q_len, kv_len, heads, head_dim, device)
+            error = _cudnn_round_trip(batch, q_len, kv_len, heads, head_dim, device)
         torch.cuda.synchronize(device)
-        return bool(torch.isfinite(q.grad).all())
     except torch.OutOfMemoryError:
         raise  # no answer about cuDNN: the step itself would not fit either
     except RuntimeError:
         return False
+    if not error < IDENTITY_TOLERANCE:  # NaN too
+        warnings.warn(f"cuDNN attention's backward at batch {batch}, lengths {q_len} x {kv_len}, {heads} heads of "
+                      f"{head_dim} fails a check every correct backward meets (dv's token sum {error:.3g} off "
+                      f"dO's); this shape uses FlashAttention-2 instead")
+        return False
+    return True
 
 
 def prepare_attention(batch: int, q_len: int, kv_lens: tuple[int, ...], heads: int, head_dim: int,

@@ -33,34 +33,55 @@ def test_cudnn_probe_under_autocast_leaves_later_backwards_right(length):
     assert dv_token_sum_error(length, 40) < 1e-3
 
 
-def test_cudnn_probe_backward_is_shaped_like_training_on_any_device(monkeypatch):
-    """CPU stand-in for the GPU test above: under autocast the probe hands its backward a bf16 gradient laid out
-    as the output and dense (the old `out.sum().backward()` gave a broadcast gradient, float32 before the cast,
-    which is what PyTorch's cached cuDNN backward graph then kept for the shape)."""
-    import wan_model.attention as attention_module
-
-    seen = {}
+def fake_cudnn_attention(seen: dict, dv_factor: float = 1.0):
+    """A CPU stand-in for `aten._scaled_dot_product_cudnn_attention`: exact attention, recording the output
+    gradient its backward receives; dv_factor != 1 makes its dv wrong."""
 
     class FakeCudnnAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
             ctx.save_for_backward(q, k, v)
-            return (q * 1.0).transpose(1, 2).contiguous().transpose(1, 2)   # [B, H, L, D] over [B, L, H, D]
+            return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            seen.update(dtype=grad.dtype, stride=grad.stride(), autocast=torch.is_autocast_enabled("cpu"))
-            q, k, v = ctx.saved_tensors
-            return grad, torch.zeros_like(k), torch.zeros_like(v)
+            seen.update(dtype=grad.dtype, stride=grad.stride())
+            leaves = [t.detach().float().requires_grad_(True) for t in ctx.saved_tensors]
+            with torch.enable_grad():
+                out = torch.nn.functional.scaled_dot_product_attention(*leaves)
+            dq, dk, dv = torch.autograd.grad(out, leaves, grad.float())
+            return dq.to(grad.dtype), dk.to(grad.dtype), (dv * dv_factor).to(grad.dtype)
 
     def fake(q, k, v, bias, compute_log_sumexp):
         out = FakeCudnnAttention.apply(q, k, v)
         seen["out_stride"] = out.stride()
         return (out,)
 
-    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake)
+    return fake
+
+
+def test_cudnn_probe_backward_is_shaped_like_training_on_any_device(monkeypatch):
+    """CPU stand-in for the GPU test above: under autocast the probe hands its backward a bf16 gradient laid out
+    as the output and dense (the old `out.sum().backward()` gave a broadcast gradient, strides 0, float32 before
+    the cast: what PyTorch's cached cuDNN backward graph then kept for the shape), and an exact backward passes
+    its identity check."""
+    import wan_model.attention as attention_module
+
+    seen = {}
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake_cudnn_attention(seen))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.enable_grad():   # as prepare_attention calls it
-        assert attention_module._try_cudnn(1, 16, 16, 2, 8, torch.device("cpu"))
+        assert attention_module._try_cudnn(1, 16, 24, 2, 8, torch.device("cpu"))
     assert seen["dtype"] == torch.bfloat16
     assert seen["stride"] == seen["out_stride"] and 0 not in seen["stride"]
+
+
+def test_cudnn_probe_refuses_a_backward_that_fails_the_identity(monkeypatch):
+    """A backward whose dv is off (here doubled, as the broken cached graph's was 160% off) is refused with a
+    warning naming the shape, so `attention` takes FlashAttention-2 there instead of training on it."""
+    import wan_model.attention as attention_module
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake_cudnn_attention({}, 2.0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with torch.enable_grad(), pytest.warns(UserWarning, match="lengths 16 x 24, 2 heads"):
+        assert not attention_module._try_cudnn(1, 16, 24, 2, 8, torch.device("cpu"))
