@@ -26,6 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fp8_attention_grads import block_attention_inputs, float32_attention_grads, gradients, rel  # noqa: E402
+from bench.fp8_gradients import build, latent_shape_of, sample  # noqa: E402
 from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 
@@ -54,44 +56,11 @@ def sdpa_grads(q, k, v, grad_out, kernel):
     return [t.grad for t in leaves]
 
 
-def cudnn_fp8_grads(q, k, v, grad_out):
-    from wan_model.cudnn_fp8_attention import cudnn_fp8_attention, new_scaling_state
-
-    state = new_scaling_state("cuda")
-    for _ in range(2):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-        cudnn_fp8_attention(*leaves, state).backward(grad_out)
-    return [t.grad for t in leaves]
-
-
-def float32_grads(q, k, v, grad_out, heads: int):
-    q32, k32, v32 = (t[:, :, :heads].float().clone().requires_grad_(True) for t in (q, k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q32, k32) / math.sqrt(q.shape[-1])
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v32)
-    out.backward(grad_out[:, :, :heads].float())
-    return [q32.grad, k32.grad, v32.grad]
-
-
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def attention_grads(q, k, v, grad_out, backend: str = "auto"):
-    """Through `wan_model.attention.attention` with `backend` ("auto": as the training path calls it; "fp8": the
-    8-bit forward with cuDNN's bf16 backward, a bench lever)."""
-    from wan_model.attention import attention, attention_backend
-
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    with attention_backend(backend):
-        attention(*leaves, self_attention=True).backward(grad_out)
-    return [t.grad for t in leaves]
-
-
 def check(q, k, v, grad_out, truth_heads: int, with_fp8: bool) -> dict:
     """Each side's gradients against float32 math on the first heads (computed first, compared at once)."""
-    truth = float32_grads(q, k, v, grad_out, truth_heads)
+    truth = float32_attention_grads(*(t[:, :, :truth_heads] for t in (q, k, v, grad_out)))[2:]
     do_sum = grad_out.float().sum(1)                                   # [B, H, D]
-    sides = {"attention_default": attention_grads(q, k, v, grad_out)}
+    sides = {"attention_default": gradients(q, k, v, grad_out, "auto")[1:]}
     kept = [g.clone() for g in sides["attention_default"]]   # was anything written over them later?
     for name, kernel in KERNELS.items():
         try:
@@ -101,8 +70,8 @@ def check(q, k, v, grad_out, truth_heads: int, with_fp8: bool) -> dict:
     few = [t[:, :, :truth_heads].contiguous() for t in (q, k, v, grad_out)]
     sides["cudnn_first_heads_only"] = sdpa_grads(*few, KERNELS["cudnn"])
     if with_fp8:
-        sides["fp8_lever"] = attention_grads(q, k, v, grad_out, "fp8")
-        sides["cudnn_fp8"] = cudnn_fp8_grads(q, k, v, grad_out)
+        sides["fp8_lever"] = gradients(q, k, v, grad_out, "fp8")[1:]
+        sides["cudnn_fp8"] = gradients(q, k, v, grad_out, "cudnn_fp8")[1:]
     result = {"attention_default_changed_by_later_sides": [
         float((g.float() - c.float()).abs().max()) for g, c in zip(sides["attention_default"], kept)]}
     for name, grads in sides.items():
@@ -127,8 +96,6 @@ def random_inputs(shapes):
 
 def captured_inputs(blocks):
     """(name, (q, k, v, dO)) of real blocks' self-attention, as bench/fp8_attention_grads.py takes them."""
-    from bench.fp8_attention_grads import block_attention_inputs
-    from bench.fp8_gradients import build, latent_shape_of, sample
     from wan_model.config import PRESETS
 
     preset = PRESETS["t2v-A14B"]

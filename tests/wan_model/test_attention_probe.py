@@ -85,3 +85,20 @@ def test_cudnn_probe_refuses_a_backward_that_fails_the_identity(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     with torch.enable_grad(), pytest.warns(UserWarning, match="lengths 16 x 24, 2 heads"):
         assert not attention_module._try_cudnn(1, 16, 24, 2, 8, torch.device("cpu"))
+
+
+def test_backward_check_bench_on_the_cpu(monkeypatch):
+    """bench/sdpa_backward_check.py's comparison with SDPA's math kernel standing in for the GPU kernels: exact
+    sides match float32 and meet the dv identity, the quantised levers do not match, nothing is overwritten."""
+    from torch.nn.attention import SDPBackend
+
+    import bench.sdpa_backward_check as check_bench
+
+    monkeypatch.setattr(check_bench, "KERNELS", dict.fromkeys(("cudnn", "flash", "efficient"), SDPBackend.MATH))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 4, 32, generator=g) for _ in range(3))
+    result = check_bench.check(q, k, v, torch.randn(1, 64, 4, 32, generator=g) / 8, 2, True)
+    assert result["attention_default_changed_by_later_sides"] == [0.0, 0.0, 0.0]
+    for side in ("attention_default", "cudnn", "flash", "efficient", "cudnn_first_heads_only"):
+        assert result[side]["dq_rel_err_vs_float32"] < 1e-4 and result[side]["dv_token_sum_identity_worst_head"] < 1e-4
+    assert 1e-3 < result["cudnn_fp8"]["dq_rel_err_vs_float32"] < 0.15
