@@ -28,7 +28,7 @@ Part 2, loss curves: the same LoRA trained with AdamW for --loss-steps steps on 
 mode; reported every --loss-every steps, and the final loss relative to bf16's. --loss-blocks and
 --loss-size shrink the model and clip for this part (the real shape costs ~9 s a step; two blocks at
 240x416x21 run the four curves in under 140 s, eight did not finish them in 260 s). --loss-steps 0 skips
-it. The JSON is rewritten after each part and each curve, so a run cut by a time limit keeps what finished.
+it. The JSON is rewritten after each gradient mode and each curve, so a run cut by a time limit keeps what finished.
 
 FP8 matmul modes run their FP8 kernels on CUDA only; on the CPU every mode dequantises (storage numerics).
 """
@@ -213,8 +213,9 @@ def main(argv=None) -> None:
                 expert = "dense" if not preset.is_moe else "high_noise" if t >= preset.boundary_timestep else "low_noise"
                 rows.append(dict(mode=mode, t=t, expert=expert, **compare(grads[t], reference[t])))
                 print(rows[-1], flush=True)
-        summary.update(gradients=rows, gradient_seconds=round(time.perf_counter() - start, 1))
-        keep(summary, args.json)  # kept if the loss-curve part is cut short
+            del grads
+            summary.update(gradients=rows, gradient_seconds=round(time.perf_counter() - start, 1))
+            keep(summary, args.json)  # kept if a later mode or the loss-curve part is cut short
     if args.loss_steps <= 0:
         emit(summary, args.json)
         return
