@@ -223,6 +223,9 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
         raise ConfigError(f"{where}: speed: compile, fp8_base, offload and host_checkpoints are not combined with "
                           f"DeepSpeed yet; "
                           f"keep only speed.save_attention (and memory_gib) under training.deepspeed")
+    if recipe.training.deepspeed and speed.attention_backend == "cudnn_fp8":
+        raise ConfigError(f"{where}: speed.attention_backend: cudnn_fp8 keeps float32 scaling states on the blocks, "
+                          f"which DeepSpeed's bf16 cast would convert; under training.deepspeed use auto")
     if speed.planned and recipe.training.deepspeed:
         raise ConfigError(f"{where}: speed.save_attention: auto plans one GPU's memory and does not yet count what "
                           f"ZeRO partitions; under training.deepspeed set save_attention: all, every_k or none "

@@ -275,8 +275,18 @@ def _execute(g: _Graph, pack: dict, device: torch.device) -> None:
                     handle=_handle(cudnn, device))
 
 
+# The graphs' constant scalars, one tensor per (value, device): a Python float made into a CUDA tensor on every
+# call is a host-to-device copy that waits for the stream (4 per block and step).
+_constants: dict[tuple[float, str], Tensor] = {}
+
+
 def _scalar_tensor(x: Tensor | float, device) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.float32, device=device).reshape(1, 1, 1, 1).contiguous()
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=torch.float32).reshape(1, 1, 1, 1).contiguous()
+    key = (float(x), str(torch.device(device)))
+    if key not in _constants:
+        _constants[key] = torch.full((1, 1, 1, 1), float(x), dtype=torch.float32, device=device)
+    return _constants[key]
 
 
 def _cudnn_forward(q8, k8, v8, descale_q, descale_k, descale_v, scale_o) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,14 +13,14 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
-    at lengths where cuDNN fails). Not "cudnn_fp8" (self-attention forward and backward on cuDNN's FP8 graphs,
-    `cudnn_fp8_attention.py`: 7.79 s per A14B step, 6-7% from float32 attention alone; its LoRA gradients have
-    not been measured against a correct bf16 reference yet, the cuDNN probe bug having broken the reference;
-    docs/benchmarks.md, issue 16): a bench lever (`set_attention_backend` + `attach_scaling_states`).
-    Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`)
-    runs, and `save_attention` keeps its outputs, but its gradients were only ever compared with a bf16
-    reference the cuDNN probe bug had broken (docs/benchmarks.md), so it is a bench lever
-    (`set_attention_backend`), not an option.
+    at lengths where cuDNN fails). "cudnn_fp8": self-attention forward and backward on cuDNN's FP8 graphs
+    (`cudnn_fp8_attention.py`; Hopper, `pip install nvidia-cudnn-frontend`): 7.79 s instead of 8.80 s per A14B
+    step; its attention outputs are 6-7% from float32, but the LoRA gradients it gives differ from
+    matmul_dgrad's alone by ~0.5% (table at 62971b8 in docs/benchmarks.md), so it is an opt-in, not the
+    default. Each self-attention gets a float32 scaling state (`attach_scaling_states`, done here); not with
+    offload: blocks. Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`) runs, and
+    `save_attention` keeps its outputs, but its gradients were only ever compared with a bf16 reference the
+    cuDNN probe bug had broken (docs/benchmarks.md), so it is a bench lever (`set_attention_backend`).
   * offload: "blocks" streams base weights from pinned host memory one block ahead (`offload.py`).
   * host_checkpoints: the block inputs checkpointing keeps (12.5 GiB at 480p) wait in pinned host memory
     (`offload.HostCheckpointInputs`); with offload: blocks, the 24 GiB mode of an A14B expert.
@@ -42,6 +42,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from .attention import set_attention_backend
 from .config import TransformerConfig
+from .cudnn_fp8_attention import attach_scaling_states
 from .fp8 import FP8_MODES, quantize_linears_
 from .memory_plan import ActivationPlan, plan_activations
 from .offload import BlockOffloader, HostCheckpointInputs
@@ -71,7 +72,7 @@ class SpeedOptions:
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
-    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"  # see wan_model/attention.py
+    attention_backend: Literal["auto", "sdpa", "flash", "cudnn_fp8"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
     # lets more blocks keep attention and is predicted faster
@@ -81,18 +82,18 @@ class SpeedOptions:
     def __post_init__(self):
         choices = {"save_attention": ("none", "all", "every_k", "auto"),
                    "fp8_base": ("none", *FP8_MODES),
-                   "attention_backend": ("auto", "sdpa", "flash"), "offload": ("none", "blocks"),
+                   "attention_backend": ("auto", "sdpa", "flash", "cudnn_fp8"), "offload": ("none", "blocks"),
                    "host_checkpoints": (False, True, "auto")}
         if self.attention_backend == "fp8":
             raise ValueError("speed.attention_backend: fp8 is the sampler's 8-bit attention (--fp8-attention); in "
                              "training its gradients are not yet measured against a correct bf16 reference "
                              "(docs/benchmarks.md, issue 16): use auto")
-        if self.attention_backend == "cudnn_fp8":
-            raise ValueError("speed.attention_backend: cudnn_fp8 is a bench lever for now: its LoRA gradients are not "
-                             "yet measured against a correct bf16 reference (docs/benchmarks.md, issue 16): use auto")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"speed.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.attention_backend == "cudnn_fp8" and self.offload == "blocks":
+            raise ValueError("speed.attention_backend: cudnn_fp8 keeps a scaling state on each block, which offload: "
+                             "blocks does not stream: use attention_backend: auto with offload: blocks")
         if self.save_attention_every < 1:
             raise ValueError(f"speed.save_attention_every: expected an integer >= 1, got {self.save_attention_every}")
         if self.host_checkpoints == "auto" and self.save_attention != "auto":
@@ -117,6 +118,7 @@ def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budge
         return options, None
     plan = plan_activations(cfg, tokens, budget_gib, rank=rank, fp8_weights=options.fp8_base != "none",
                             fp8_dgrad=options.fp8_base == "matmul_dgrad", streamed_blocks=options.offload == "blocks",
+                            fp8_attention=options.attention_backend == "cudnn_fp8",
                             host_inputs=None if options.host_checkpoints == "auto" else options.host_checkpoints,
                             host_available_gib=host_available_gib, samples=samples, shards=shards)
     k = plan.saved_attention_blocks
@@ -181,6 +183,8 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
     if options.fp8_base != "none":
         quantize_linears_(model, block_linear_names(model), options.fp8_base)
     set_attention_backend(options.attention_backend)
+    if options.attention_backend == "cudnn_fp8":
+        attach_scaling_states(model, device)  # after the dtype casts and moves above: float32 on the device
     if options.save_attention == "none":
         model.checkpoint_context_fn = None
     else:

@@ -132,6 +132,10 @@ def test_speed_section_defaults_to_the_plain_path_and_is_typed(tmp_path):
     body["speed"] = {"compile": True}
     body["training"]["deepspeed"] = "zero2"
     fails(tmp_path, body, "not combined with DeepSpeed")
+    body["speed"] = {"compile": False, "fp8_base": "none", "attention_backend": "cudnn_fp8"}
+    fails(tmp_path, body, "cudnn_fp8 keeps float32 scaling states")
+    body["training"]["deepspeed"] = None
+    assert load_recipe(write(tmp_path, body), check_release=False).speed.attention_backend == "cudnn_fp8"
 
 
 def test_validation_schedule_may_change_on_resume_but_not_the_split(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wan_model import attention as attention_mod
 from wan_model import cudnn_fp8_attention as cfa
 from wan_model.attention import attention, attention_backend, set_attention_backend
 
@@ -129,9 +130,10 @@ def test_checkpointing_keeps_the_fp8_forward_instead_of_recomputing_it(monkeypat
             assert len(calls) == runs
 
 
-def test_tiny_model_trains_through_the_backend_and_speed_options_refuse_it():
-    """SpeedOptions refuses cudnn_fp8 (a bench lever); `attach_scaling_states` gives each block one float32 state
-    (not in the state dict); a checkpointed tiny model's gradients stay within the emulation's error of float32."""
+def test_tiny_model_trains_through_the_backend_set_by_speed_options():
+    """SpeedOptions(attention_backend="cudnn_fp8") selects the backend and gives each block one float32 scaling
+    state (not in the state dict), but not with offload: blocks; a checkpointed tiny model's gradients stay
+    within the emulation's error of float32."""
     from wan_model.config import PRESETS
     from wan_model.speed import SpeedOptions, apply_speed_options
 
@@ -150,12 +152,12 @@ def test_tiny_model_trains_through_the_backend_and_speed_options_refuse_it():
 
     model.enable_gradient_checkpointing()
     want = grads()
-    with pytest.raises(ValueError, match="bench lever"):
-        SpeedOptions(attention_backend="cudnn_fp8")
+    with pytest.raises(ValueError, match="offload: blocks"):
+        SpeedOptions(attention_backend="cudnn_fp8", offload="blocks")
     try:
-        apply_speed_options(model, SpeedOptions(compile=False, save_attention="all", fp8_base="none"))
-        set_attention_backend("cudnn_fp8")
-        assert cfa.attach_scaling_states(model) == cfg.num_layers
+        apply_speed_options(model, SpeedOptions(compile=False, save_attention="all", fp8_base="none",
+                                                attention_backend="cudnn_fp8"))
+        assert attention_mod._backend == "cudnn_fp8"
         assert set(model.state_dict()) == keys
         states = [b.self_attn.fp8_scaling for b in model.blocks]
         assert len(states) == cfg.num_layers and all(s.dtype == torch.float32 for s in states)
@@ -231,3 +233,13 @@ def test_compiled_checkpointed_block_trains_on_the_cudnn_fp8_backend():
     errors = [rel(a, b) for a, b in zip(results["cudnn_fp8"], results["auto"])]
     print("cudnn_fp8 vs bf16 SDPA, q / v weight gradients per block", errors)
     assert all(e < 0.15 for e in errors), errors
+
+
+def test_graph_constants_are_made_once_per_device():
+    """The graphs' constant scalars are cached (a Python float made into a CUDA tensor per call is a host-to-device
+    copy that waits for the stream); tensors pass through as [1, 1, 1, 1] float32."""
+    first = cfa._scalar_tensor(cfa.E4M3_MAX, "cpu")
+    assert cfa._scalar_tensor(cfa.E4M3_MAX, torch.device("cpu")) is first
+    assert first.shape == (1, 1, 1, 1) and first.dtype == torch.float32 and float(first) == cfa.E4M3_MAX
+    passed = cfa._scalar_tensor(torch.tensor([0.5], dtype=torch.float64), "cpu")
+    assert passed.shape == (1, 1, 1, 1) and passed.dtype == torch.float32 and float(passed) == 0.5

@@ -160,15 +160,13 @@ def test_fp8_attention_backend_trains_and_is_kept_through_checkpointing(save, fo
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8,attention", [
     ("none", "auto"), ("storage", "auto"), ("matmul", "auto"), ("matmul_dgrad", "auto"),
-    # The two attention bench levers (SpeedOptions refuses both) failed here: the 8-bit forward with cuDNN's bf16
-    # backward (v's LoRA gradients 52% off at f9778ec) and cuDNN's FP8 attention (q's 170% off at 7088204). Both
-    # compare against a reference whose cuDNN backward was wrong: the cuDNN probe run under autocast had left
-    # PyTorch's cached backward graph for that shape wrong (fixed in 5b4a8b5, not yet re-run on the GPU), so they
-    # may pass now; not strict until they have run again (docs/benchmarks.md, issue 16).
+    # cuDNN's FP8 attention (a SpeedOptions choice since the table at 62971b8) failed here at 7088204 (q's LoRA
+    # gradients 170% off) against a reference whose cuDNN backward was wrong: the cuDNN probe run under autocast had
+    # left PyTorch's cached backward graph for that shape wrong (fixed in 5b4a8b5). The 8-bit bench lever failed
+    # likewise (v's 52% off at f9778ec); it stays a non-strict xfail until it has run again (issue 16).
+    ("matmul_dgrad", "cudnn_fp8"),
     pytest.param("matmul_dgrad", "fp8", marks=pytest.mark.xfail(
-        strict=False, raises=AssertionError, reason="8-bit lever: failed before the cuDNN probe fix (issue 16)")),
-    pytest.param("matmul_dgrad", "cudnn_fp8", marks=pytest.mark.xfail(
-        strict=False, raises=AssertionError, reason="cudnn_fp8: failed before the cuDNN probe fix (issue 16)"))])
+        strict=False, raises=AssertionError, reason="8-bit lever: failed before the cuDNN probe fix (issue 16)"))])
 def test_fast_path_matches_plain_on_gpu(fp8, attention):
     """compile + saved self-attention (+ fp8 weights, + the 8-bit attention forward or cuDNN's FP8 attention)
     against plain checkpointing, bf16 under autocast."""
@@ -179,11 +177,10 @@ def test_fast_path_matches_plain_on_gpu(fp8, attention):
     loss0, grads0 = loss_and_grads(ref, data, autocast=True)
     model = lora_model("cuda", torch.bfloat16, dim=256)
     try:
-        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8))
+        backend = attention if attention != "fp8" else "auto"  # the 8-bit lever is not a SpeedOptions choice
+        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base=fp8,
+                                                attention_backend=backend))
         attn_mod.set_attention_backend(attention)
-        if attention == "cudnn_fp8":
-            from wan_model.cudnn_fp8_attention import attach_scaling_states
-            attach_scaling_states(model, "cuda")
         for _ in range(2):  # the second step runs the compiled code warm
             model.zero_grad(set_to_none=True)
             loss1, grads1 = loss_and_grads(model, data, autocast=True)
@@ -346,6 +343,26 @@ def test_auto_is_resolved_by_the_memory_plan_before_it_is_applied():
     assert (resolved.save_attention, resolved.host_checkpoints) == ("all", False)
     fixed = SpeedOptions(save_attention="all")
     assert plan_speed(fixed, a14b, 75600, 10.0, rank=32, host_available_gib=0.0) == (fixed, None)
+
+
+def test_the_plan_counts_cudnn_fp8_attentions_e4m3_output():
+    """attention_backend cudnn_fp8 keeps an e4m3 output per saved block beside the bf16 one: the plan's
+    prediction grows by L x d bytes a block, and with a budget between the two only the bf16 setting saves all."""
+    from wan_model.memory_plan import MARGIN
+    from wan_model.speed import plan_speed
+
+    a14b = PRESETS["t2v-A14B"].transformer
+    auto = SpeedOptions(save_attention="auto", fp8_base="matmul_dgrad")
+    _, plain = plan_speed(auto, a14b, 32760, 120.0, rank=32, host_available_gib=0.0)
+    _, fp8 = plan_speed(dataclasses.replace(auto, attention_backend="cudnn_fp8"), a14b, 32760, 120.0, rank=32,
+                        host_available_gib=0.0)
+    assert plain.saved_attention_blocks == fp8.saved_attention_blocks == 40
+    assert fp8.predicted_peak_gib - plain.predicted_peak_gib == pytest.approx(40 * 32760 * a14b.dim / 2**30, rel=1e-3)
+    between = (plain.predicted_peak_gib + fp8.predicted_peak_gib) / 2 / (1 - MARGIN)
+    _, plain = plan_speed(auto, a14b, 32760, between, rank=32, host_available_gib=0.0)
+    _, fp8 = plan_speed(dataclasses.replace(auto, attention_backend="cudnn_fp8"), a14b, 32760, between, rank=32,
+                        host_available_gib=0.0)
+    assert plain.saved_attention_blocks == 40 > fp8.saved_attention_blocks
     model = WanTransformer(PRESETS["tiny-t2v"].transformer)
     with pytest.raises(ValueError, match="plan_speed"):
         apply_speed_options(model, auto)
