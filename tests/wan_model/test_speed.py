@@ -343,6 +343,9 @@ def test_auto_is_resolved_by_the_memory_plan_before_it_is_applied():
     assert (resolved.save_attention, resolved.host_checkpoints) == ("all", False)
     fixed = SpeedOptions(save_attention="all")
     assert plan_speed(fixed, a14b, 75600, 10.0, rank=32, host_available_gib=0.0) == (fixed, None)
+    model = WanTransformer(PRESETS["tiny-t2v"].transformer)
+    with pytest.raises(ValueError, match="plan_speed"):
+        apply_speed_options(model, auto)
 
 
 def test_the_plan_counts_cudnn_fp8_attentions_e4m3_output():
@@ -363,9 +366,6 @@ def test_the_plan_counts_cudnn_fp8_attentions_e4m3_output():
     _, fp8 = plan_speed(dataclasses.replace(auto, attention_backend="cudnn_fp8"), a14b, 32760, between, rank=32,
                         host_available_gib=0.0)
     assert plain.saved_attention_blocks == 40 > fp8.saved_attention_blocks
-    model = WanTransformer(PRESETS["tiny-t2v"].transformer)
-    with pytest.raises(ValueError, match="plan_speed"):
-        apply_speed_options(model, auto)
 
 
 def test_auto_options_validated():
