@@ -51,7 +51,6 @@ from bench.report import emit  # noqa: E402
 from bench.sample_step import git_commit  # noqa: E402
 from bench.train_step import OUR_TARGETS, add_lora  # noqa: E402
 from wan_model.attention import set_attention_backend  # noqa: E402
-from wan_model.cudnn_fp8_attention import attach_scaling_states  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
 from wan_model.transformer import WanTransformer  # noqa: E402
@@ -81,12 +80,10 @@ def build(cfg, device, dtype, mode: str, rank: int) -> tuple[nn.Module, list[tup
     weights, _, attention = mode.partition("+")
     if weights == "fp8_attention":
         weights, attention = "none", "fp8_attention"
-    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=weights))
+    apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=weights,
+                                            attention_backend="cudnn_fp8" if attention == "cudnn_fp8" else "auto"))
     if attention == "fp8_attention":
-        set_attention_backend("fp8")  # bench levers, not SpeedOptions choices (wan_model/speed.py says why)
-    elif attention == "cudnn_fp8":
-        set_attention_backend("cudnn_fp8")
-        attach_scaling_states(model, device)
+        set_attention_backend("fp8")  # a bench lever, not a SpeedOptions choice (wan_model/speed.py says why)
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

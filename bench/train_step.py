@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import memory_fraction_for, profiled_kernels  # noqa: E402
 from wan_model.attention import set_attention_backend  # noqa: E402
-from wan_model.cudnn_fp8_attention import attach_scaling_states  # noqa: E402
 from wan_model.config import PRESETS, TransformerConfig  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options, plan_speed  # noqa: E402
 
@@ -131,7 +130,7 @@ def speed_options(args) -> SpeedOptions:
     host = {"on": True, "off": False, "auto": "auto"}[args.host_checkpoints]
     return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
                         save_attention_every=args.save_every, fp8_base=args.fp8,
-                        attention_backend="auto" if args.attention in ("fp8", "cudnn_fp8") else args.attention,
+                        attention_backend="auto" if args.attention == "fp8" else args.attention,
                         offload=args.offload, host_checkpoints=host, memory_gib=args.memory_gib)
 
 
@@ -168,10 +167,8 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         params = add_lora(model, OUR_TARGETS, args.rank)
         options, plan = planned_speed(args, cfg, tokens, device)
         apply_speed_options(model, options)
-        if args.attention in ("fp8", "cudnn_fp8"):  # bench levers, not SpeedOptions choices (speed.py says why)
-            set_attention_backend(args.attention)
-            if args.attention == "cudnn_fp8":
-                attach_scaling_states(model, device)
+        if args.attention == "fp8":  # a bench lever, not a SpeedOptions choice (speed.py says why)
+            set_attention_backend("fp8")
         if args.fp8_fast_accum:  # the sampler's fast accumulation on training's forward GEMMs (issue 16 lever)
             from wan_model.fp8 import FP8Linear
 
@@ -343,7 +340,7 @@ def main(argv=None) -> None:
         except RuntimeError as err:
             r = dict(impl=impl, error=str(err).splitlines()[0][:300])
         finally:
-            set_attention_backend("auto")  # --attention fp8 sets it for our row only
+            set_attention_backend("auto")  # --attention fp8 / cudnn_fp8 set it for our row only
         if "tflops" in r:
             r["utilisation"] = round(r["tflops"] / ceiling, 3)
         results.append(r)
