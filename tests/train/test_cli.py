@@ -46,3 +46,24 @@ def test_sample_mistakes_print_one_error_line_and_exit_2(tmp_path):
         assert "Traceback" not in proc.stderr, what
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and expected in lines[-1], (what, lines)
+
+
+def test_run_cli_ends_the_process_group_after_main_returns(tmp_path):
+    """A process group formed by the run ends once main has returned, also after a user error: left to the
+    interpreter's exit, a finished two-process gloo run aborted now and then (train.cli.end_process_group)."""
+    import torch.distributed as dist
+
+    from data.typed_config import ConfigError
+    from train.cli import run_cli
+
+    def forms_group(fail: bool):
+        def main(_argv):
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg-{fail}", rank=0, world_size=1)
+            assert dist.is_initialized()
+            if fail:
+                raise ConfigError("bad recipe")
+            return 0
+        return main
+
+    assert run_cli(forms_group(False)) == 0 and not dist.is_initialized()
+    assert run_cli(forms_group(True)) == 2 and not dist.is_initialized()

@@ -78,22 +78,28 @@ DDP_SCRIPT = """
 import json, sys
 from pathlib import Path
 from tests.train.test_loop import MemorySource, tiny_models, tiny_recipe
+from train.cli import run_cli
 from train.loop import Trainer, make_accelerator
-out, grad_accum = Path(sys.argv[1]), int(sys.argv[2])
-acc = make_accelerator(tiny_recipe(out).training)
-recipe = tiny_recipe(out, steps=2, routing="phased", phase_steps=1, grad_accum=grad_accum)
-base = MemorySource("tiny-t2v", n=8, batch_size=2)
 
-class Shard:  # global batch g = index * processes + rank, as train.loop.LoaderSource reads a loader
-    def batch(self, index):
-        return base.batch(index * acc.num_processes + acc.process_index)
+def main(_argv):  # under run_cli, as train_lora.py runs: the process group ends after the trainer is gone
+    out, grad_accum = Path(sys.argv[1]), int(sys.argv[2])
+    acc = make_accelerator(tiny_recipe(out).training)
+    recipe = tiny_recipe(out, steps=2, routing="phased", phase_steps=1, grad_accum=grad_accum)
+    base = MemorySource("tiny-t2v", n=8, batch_size=2)
 
-trainer = Trainer(recipe, tiny_models(recipe), Shard(), acc)
-for _ in range(2):
-    trainer.train_step()
-if acc.is_main_process:
-    weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
-    (out / f"weights-{acc.num_processes}x{grad_accum}.json").write_text(json.dumps(weights))
+    class Shard:  # global batch g = index * processes + rank, as train.loop.LoaderSource reads a loader
+        def batch(self, index):
+            return base.batch(index * acc.num_processes + acc.process_index)
+
+    trainer = Trainer(recipe, tiny_models(recipe), Shard(), acc)
+    for _ in range(2):
+        trainer.train_step()
+    if acc.is_main_process:
+        weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
+        (out / f"weights-{acc.num_processes}x{grad_accum}.json").write_text(json.dumps(weights))
+    return 0
+
+sys.exit(run_cli(main))
 """
 
 
@@ -105,8 +111,9 @@ def _weights(path):
 
 
 def _run_alone_then_on_two_processes(tmp_path, source: str, alone_arg: str, pair_arg: str, port: int) -> None:
-    """Run a script once as one process, then under torchrun with 2 (gloo); each must exit 0. One retry:
-    a gloo rendezvous on a busy 2-core machine can fail once (seen: an abort); a real fault fails twice."""
+    """Run a script once as one process, then under torchrun with 2 (gloo); each must exit 0. One retry: a gloo
+    rendezvous on a busy 2-core machine can fail once; a real fault fails twice. (An abort after the work was
+    done, twice in a row in CI, was the process group left to exit-time destructors: train.cli.run_cli ends it.)"""
     script = tmp_path / "run.py"
     script.write_text(source)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -138,16 +145,22 @@ SP_SCRIPT = """
 import json, sys
 from pathlib import Path
 from tests.train.test_loop import MemorySource, tiny_models, tiny_recipe
+from train.cli import run_cli
 from train.loop import Trainer, make_accelerator
-out, sp = Path(sys.argv[1]), int(sys.argv[2])
-acc = make_accelerator(tiny_recipe(out).training)
-recipe = tiny_recipe(out, steps=2, routing="phased", phase_steps=1, sequence_parallel=sp)
-trainer = Trainer(recipe, tiny_models(recipe), MemorySource("tiny-t2v", n=8, batch_size=2), acc)
-for _ in range(2):
-    trainer.train_step()
-if acc.is_main_process:
-    weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
-    (out / f"weights-sp{sp}.json").write_text(json.dumps(weights))
+
+def main(_argv):  # under run_cli, as train_lora.py runs: the process group ends after the trainer is gone
+    out, sp = Path(sys.argv[1]), int(sys.argv[2])
+    acc = make_accelerator(tiny_recipe(out).training)
+    recipe = tiny_recipe(out, steps=2, routing="phased", phase_steps=1, sequence_parallel=sp)
+    trainer = Trainer(recipe, tiny_models(recipe), MemorySource("tiny-t2v", n=8, batch_size=2), acc)
+    for _ in range(2):
+        trainer.train_step()
+    if acc.is_main_process:
+        weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
+        (out / f"weights-sp{sp}.json").write_text(json.dumps(weights))
+    return 0
+
+sys.exit(run_cli(main))
 """
 
 
