@@ -42,18 +42,19 @@ ATTENTION_KERNEL_MARKS = ("sdpa", "fmha", "flash", "attention", "cudnn")
 
 
 def inputs(batch: int, seq: int, heads: int, head_dim: int, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rms_rows(x):  # RMS norm over the whole H*D row, as the block's norm_q / norm_k
         flat = x.reshape(batch, seq, heads * head_dim)
         return (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)).reshape_as(x)
 
     shape = (batch, seq, heads, head_dim)
-    q = rms_rows(torch.randn(shape, generator=g))
-    k = rms_rows(torch.randn(shape, generator=g)) + torch.randn(heads, head_dim, generator=g)
-    v = torch.randn(shape, generator=g)
-    d_out = torch.randn(shape, generator=g) / seq ** 0.5
-    return [t.to(device, torch.bfloat16) for t in (q, k, v, d_out)]
+    q = rms_rows(torch.randn(shape, generator=g, device=device))
+    k = rms_rows(torch.randn(shape, generator=g, device=device)) + torch.randn(heads, head_dim, generator=g,
+                                                                                device=device)
+    v = torch.randn(shape, generator=g, device=device)
+    d_out = torch.randn(shape, generator=g, device=device) / seq ** 0.5
+    return [t.to(torch.bfloat16) for t in (q, k, v, d_out)]
 
 
 def sdpa_bf16(q, k, v, device: torch.device):
