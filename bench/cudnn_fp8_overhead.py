@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     base = result["variants"].get("bf16", {}).get("forward_backward_ms")
     for name, entry in result["variants"].items():
         if base and "forward_backward_ms" in entry:
-            # Under the recipes' save_attention: all a step runs each of the 40 blocks' self-attention once
-            # forward and once backward (the checkpoint recompute keeps the saved output).
+            # Under the recipes' save_attention: all a step runs each of the 40 blocks' attention op once
+            # forward and once backward; the checkpoint recompute keeps the op's saved output but runs the
+            # smoothing and casts before it again, so a step pays their forward share once more than this.
             entry["step_saving_s_40_blocks"] = round(40 * (base - entry["forward_backward_ms"]) / 1e3, 3)
     save()
     print(json.dumps(result, indent=1))
