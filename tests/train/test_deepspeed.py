@@ -75,8 +75,9 @@ def test_zero_on_cpu_matches_the_plain_first_loss_and_keeps_the_idle_expert(tmp_
 
 
 DDP_SCRIPT = """
-import json, sys
+import sys
 from pathlib import Path
+from tests.train.test_deepspeed import write_lora_weights
 from tests.train.test_loop import MemorySource, tiny_models, tiny_recipe
 from train.cli import run_cli
 from train.loop import Trainer, make_accelerator
@@ -95,12 +96,17 @@ def main(_argv):  # under run_cli, as train_lora.py runs: the process group ends
     for _ in range(2):
         trainer.train_step()
     if acc.is_main_process:
-        weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
-        (out / f"weights-{acc.num_processes}x{grad_accum}.json").write_text(json.dumps(weights))
+        write_lora_weights(trainer, out / f"weights-{acc.num_processes}x{grad_accum}.json")
     return 0
 
 sys.exit(run_cli(main))
 """
+
+
+def write_lora_weights(trainer, path: Path) -> None:
+    """The trainer's LoRA weights of every expert as JSON, read back by `_weights` (the two-process scripts)."""
+    weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
+    path.write_text(json.dumps(weights))
 
 
 def _weights(path):
@@ -142,8 +148,9 @@ def test_two_cpu_processes_give_the_one_process_update_on_the_same_global_batch(
 
 
 SP_SCRIPT = """
-import json, sys
+import sys
 from pathlib import Path
+from tests.train.test_deepspeed import write_lora_weights
 from tests.train.test_loop import MemorySource, tiny_models, tiny_recipe
 from train.cli import run_cli
 from train.loop import Trainer, make_accelerator
@@ -156,8 +163,7 @@ def main(_argv):  # under run_cli, as train_lora.py runs: the process group ends
     for _ in range(2):
         trainer.train_step()
     if acc.is_main_process:
-        weights = {n: {k: v.tolist() for k, v in trainer.lora_weights(n).items()} for n in trainer.states}
-        (out / f"weights-sp{sp}.json").write_text(json.dumps(weights))
+        write_lora_weights(trainer, out / f"weights-sp{sp}.json")
     return 0
 
 sys.exit(run_cli(main))
