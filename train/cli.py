@@ -41,7 +41,7 @@ def end_process_group() -> None:
     DDP wrappers holding the group is gone. Left to the interpreter's exit, a gloo group was torn down by
     static destructors and a finished two-process run aborted now and then ("terminate called without an
     active exception": 2 of 50 runs under load, and a CI run twice in a row); destroyed while a DDP wrapper
-    still held it, as often. Freed first and then destroyed: none in 80. Not on an unexpected exception,
+    still held it, as often. Freed first and then destroyed: none in 140. Not on an unexpected exception,
     whose traceback keeps the trainer alive and whose peers may still wait in a collective."""
     import gc
 
