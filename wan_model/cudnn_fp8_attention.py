@@ -357,22 +357,38 @@ def _backward_pass(q8, k8, v8, o8, do8, lse, descales, state) -> tuple[Tensor, T
 
 # ---- the ops and their autograd ---------------------------------------------------------------------------------
 
+# Two ops, so that selective checkpointing keeps only what the backward needs. The forward graph's op is what
+# save_attention keeps (MUST_SAVE: its e4m3 output, log-sum-exp and descale, 1 byte an element); the bf16 output
+# is taken from them by a second op, cheap to recompute, which carries the gradient. One op returning both kept
+# the bf16 copy too: 2 more bytes an element, 12.5 GiB over the 40 blocks of an A14B step at 480p.
+
 @torch.library.custom_op("wanlora::cudnn_fp8_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, q8: Tensor, k8: Tensor, v8: Tensor, descale_q: Tensor,
-                  descale_k: Tensor, descale_v: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out [B, Lq, H, D] bf16, o8 e4m3, lse [B, H, Lq, 1] float32, descale_o [1, 1, 1, 1]). q, k, v (bf16)
-    carry the gradient; the arithmetic uses their e4m3 copies. `state` is updated in place (declared pure to
+def _attention_op(q8: Tensor, k8: Tensor, v8: Tensor, descale_q: Tensor, descale_k: Tensor, descale_v: Tensor,
+                  state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(o8 [B, Lq, H, D] e4m3, lse [B, H, Lq, 1] float32, descale_o [1, 1, 1, 1]): the forward graph on the e4m3
+    inputs; no gradient of its own (`_output_op` carries it). `state` is updated in place (declared pure to
     torch.compile so that it stays one opaque call that selective checkpointing can keep)."""
-    o8, lse, descale_o = _forward_pass(q8, k8, v8, descale_q, descale_k, descale_v, state)
-    out = (o8.float() * descale_o.reshape(())).to(q.dtype)
-    return out, o8, lse, descale_o
+    return _forward_pass(q8, k8, v8, descale_q, descale_k, descale_v, state)
 
 
 @_attention_op.register_fake
-def _(q, k, v, q8, k8, v8, descale_q, descale_k, descale_v, state):
-    batch, q_len, heads, _ = q.shape
-    return (torch.empty_like(q), torch.empty_like(q8), q.new_empty((batch, heads, q_len, 1), dtype=torch.float32),
-            q.new_empty((1, 1, 1, 1), dtype=torch.float32))
+def _(q8, k8, v8, descale_q, descale_k, descale_v, state):
+    batch, q_len, heads, _ = q8.shape
+    return (torch.empty_like(q8), q8.new_empty((batch, heads, q_len, 1), dtype=torch.float32),
+            q8.new_empty((1, 1, 1, 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("wanlora::cudnn_fp8_attention_output", mutates_args=())
+def _output_op(q: Tensor, k: Tensor, v: Tensor, q8: Tensor, k8: Tensor, v8: Tensor, o8: Tensor, lse: Tensor,
+               descale_q: Tensor, descale_k: Tensor, descale_v: Tensor, descale_o: Tensor, state: Tensor) -> Tensor:
+    """out [B, Lq, H, D] in q's dtype = o8 x descale_o. q, k, v (bf16) take the gradient, which the backward
+    graph computes from the e4m3 copies, o8 and lse."""
+    return (o8.float() * descale_o.reshape(())).to(q.dtype)
+
+
+@_output_op.register_fake
+def _(q, k, v, q8, k8, v8, o8, lse, descale_q, descale_k, descale_v, descale_o, state):
+    return torch.empty_like(q)
 
 
 @torch.library.custom_op("wanlora::cudnn_fp8_attention_backward", mutates_args=())
@@ -389,12 +405,11 @@ def _(q8, k8, v8, o8, do8, lse, descale_q, descale_k, descale_v, descale_o, desc
 
 
 def _setup_context(ctx, inputs, output):
-    _q, _k, _v, q8, k8, v8, descale_q, descale_k, descale_v, state = inputs
-    _out, o8, lse, descale_o = output
-    ctx.save_for_backward(q8, k8, v8, o8, lse, descale_q, descale_k, descale_v, descale_o, state)
+    _q, _k, _v, *kept = inputs  # q8, k8, v8, o8, lse, descale_q, descale_k, descale_v, descale_o, state
+    ctx.save_for_backward(*kept)
 
 
-def _backward(ctx, grad_out, _grad_o8, _grad_lse, _grad_descale_o):
+def _backward(ctx, grad_out):
     q8, k8, v8, o8, lse, descale_q, descale_k, descale_v, descale_o, state = ctx.saved_tensors
     do8, descale_do = quantize_per_tensor(grad_out)
     dq8, dk8, dv8, descales = _backward_op(q8, k8, v8, o8, do8, lse, descale_q, descale_k, descale_v, descale_o,
@@ -403,7 +418,7 @@ def _backward(ctx, grad_out, _grad_o8, _grad_lse, _grad_descale_o):
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_output_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cudnn_fp8_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> Tensor:
@@ -421,5 +436,6 @@ def cudnn_fp8_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> Tenso
     v_mean = v.float().mean(dim=1, keepdim=True)
     v = (v.float() - v_mean).to(v.dtype)
     (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(t.detach()) for t in (q, k, v))
-    out = _attention_op(q, k, v, q8, k8, v8, dq, dk, dv, state)[0]
+    o8, lse, descale_o = _attention_op(q8, k8, v8, dq, dk, dv, state)
+    out = _output_op(q, k, v, q8, k8, v8, o8, lse, dq, dk, dv, descale_o, state)
     return (out.float() + v_mean).to(q.dtype)

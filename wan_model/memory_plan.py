@@ -11,7 +11,8 @@ width d, FFN width f, n blocks, H heads, LoRA rank r:
     inputs     = n x L d x 2             each block's checkpointed input, bf16
                  (`host_checkpoints`: they wait in pinned host memory; one is back on the device at a time)
     saved      = k x (L d x 2 + H L x 4) k blocks keep self-attention's output and log-sum-exp
-                 (+ L d x 1 each with `attention_backend: cudnn_fp8`: its e4m3 output for the backward)
+                 (L d x 1 instead of L d x 2 with `attention_backend: cudnn_fp8`: its e4m3 output, from
+                 which the bf16 one is recomputed)
     transient  = a x L d x 2 + b x L f x 2   one block's recompute and backward in flight
                  (+ c x L f x 2 with fp8 input gradients, `matmul_dgrad`: the FFN's float32 dy copy)
     peak       = setup + lora_state + inputs + saved + transient
@@ -109,7 +110,7 @@ def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, ra
         "setup": (model_bytes(cfg, fp8_weights, streamed_blocks) + 4 * lora) / GIB,
         "lora_state": 12 * lora / GIB,
         "inputs": (1 if host_inputs else n) * tokens * d * 2 / GIB,
-        "saved_attention": saved_blocks * (tokens * d * (3 if fp8_attention else 2) + h * tokens * 4) / GIB,
+        "saved_attention": saved_blocks * (tokens * d * (1 if fp8_attention else 2) + h * tokens * 4) / GIB,
         "transient": (TRANSIENT_PER_TOKEN_DIM * tokens * d * 2
                       + (TRANSIENT_PER_TOKEN_FFN + TRANSIENT_DGRAD_PER_TOKEN_FFN * fp8_dgrad) * tokens * f * 2) / GIB,
     }

@@ -8,16 +8,17 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
   * save_attention: selective activation checkpointing. Blocks are still recomputed in backward, but
     the self-attention kernel's outputs (out [B, heads, L, head_dim] bf16 and its log-sum-exp) are kept
     from the first forward, so the recomputation skips the most expensive op. Costs L * dim * 2 bytes
-    per saved block (335 MB at the A14B 480p shape: 13.1 GiB for 40 blocks); "every_k" saves every k-th.
+    per saved block (335 MB at the A14B 480p shape: 12.5 GiB for 40 blocks; 1 byte an element, the e4m3 output,
+    with attention_backend cudnn_fp8); "every_k" saves every k-th.
   * fp8_base: e4m3 storage of the frozen block linears (`fp8.py`): 28.1 -> 14.0 GB on A14B, which pays
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
     at lengths where cuDNN fails). "cudnn_fp8": self-attention forward and backward on cuDNN's FP8 graphs
-    (`cudnn_fp8_attention.py`; Hopper, `pip install nvidia-cudnn-frontend`): 7.79 s instead of 8.80 s per A14B
-    step; its attention outputs are 6-7% from float32, but the LoRA gradients it gives differ from
-    matmul_dgrad's alone by ~0.5% (table at 62971b8 in docs/benchmarks.md), so it is an opt-in, not the
-    default. Each self-attention gets a float32 scaling state (`attach_scaling_states`, done here); not with
+    (`cudnn_fp8_attention.py`; Hopper, `pip install nvidia-cudnn-frontend`): 7.77 s instead of 8.80 s per A14B
+    step (47fa9ab); its attention outputs are 6-7% from float32, and the LoRA gradients it gives are 5.9-6.3%
+    from bf16's against matmul_dgrad's 5.8-6.2% (table at 62971b8 in docs/benchmarks.md), so it is an
+    opt-in, not the default. Each self-attention gets a float32 scaling state (`attach_scaling_states`, done here); not with
     offload: blocks. Not "fp8": the 8-bit forward with cuDNN's bf16 backward (`fp8_attention.py`) runs, and
     `save_attention` keeps its outputs, but its gradients were only ever compared with a bf16 reference the
     cuDNN probe bug had broken (docs/benchmarks.md), so it is a bench lever (`set_attention_backend`).
