@@ -4,12 +4,13 @@ take turns on it (training.offload_inactive_expert).
 Each tensor of the expert (parameters, buffers, every optimizer state tensor) gets one host buffer, made
 at its first park and kept. What a park copies back is decided by what a tensor is, never by whether it
 looks changed:
-  * constant: parameters with requires_grad=False (the frozen base weights) and buffers of modules that
-    hold no running statistics (fp8 weights and their scales). Nothing writes them in LoRA training, so
-    after an expert's first park their host buffers already hold their values and later parks only swap
-    the pointer back.
-  * everything else, i.e. what trains: LoRA weights and all optimizer state (Adam's moments and, for a
-    fused or capturable AdamW, its device `step` counters). Copied at every park.
+  * constant: parameters with requires_grad=False (the frozen base weights) and buffers (fp8 weights and
+    their scales), except those training writes. Nothing writes them in LoRA training, so after an expert's
+    first park their host buffers already hold their values and later parks only swap the pointer back.
+  * everything else, i.e. what trains: LoRA weights, all optimizer state (Adam's moments and, for a fused or
+    capturable AdamW, its device `step` counters), and the buffers training writes: running statistics of
+    norm layers and those a module names in its `mutable_buffers` attribute (the FP8 attention's scaling
+    states, `wan_model.cudnn_fp8_attention.attach_scaling_states`). Copied at every park.
 Version counters are no guide: a fused AdamW updates weights and moments without bumping them, and a
 write through `.data` bypasses them, so a "copy only what changed" rule silently puts back stale moments.
 Tensors are swapped through `param.data`, so Parameter objects (the optimizer's keys, compiled code's
@@ -66,10 +67,12 @@ class HostParking:
                        constant=not p.requires_grad)
         for module_name, module in self.model.named_modules():
             running_stats = isinstance(module, _NormBase) and module.track_running_stats
+            written = getattr(module, "mutable_buffers", ())
             for name, b in module._buffers.items():
                 if b is not None:
                     yield Slot(("buffer", module_name, name), lambda m=module, n=name: m._buffers[n],
-                               lambda t, m=module, n=name: m._buffers.__setitem__(n, t), constant=not running_stats)
+                               lambda t, m=module, n=name: m._buffers.__setitem__(n, t),
+                               constant=not (running_stats or name in written))
         host_steps = {id(p) for group in self.optimizer.param_groups for p in group["params"]
                       if not (group.get("fused") or group.get("capturable"))}
         for param, per_param in self.optimizer.state.items():

@@ -264,16 +264,9 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
         raise ConfigError(f"{where}: experts: no expert has train: true; set it on at least one of "
                           f"{', '.join(valid)}")
     s = recipe.training
-    if speed.attention_backend == "cudnn_fp8":
-        if sum(trains(recipe, name) for name in valid) > 1 and s.offload_inactive_expert != "never":
-            raise ConfigError(f"{where}: speed.attention_backend: cudnn_fp8 is not combined with parking the idle "
-                              f"expert yet (a swap would restore each block's FP8 scaling state from before "
-                              f"training; docs/benchmarks.md): set training.offload_inactive_expert: never if both "
-                              f"experts fit the GPU, train one expert per run (train: false on the other), or use "
-                              f"attention_backend: auto")
-        if s.sequence_parallel > 1:
-            raise ConfigError(f"{where}: speed.attention_backend: cudnn_fp8 does not reach the sequence-parallel "
-                              f"attention path yet; with training.sequence_parallel > 1 use attention_backend: auto")
+    if speed.attention_backend == "cudnn_fp8" and s.sequence_parallel > 1:
+        raise ConfigError(f"{where}: speed.attention_backend: cudnn_fp8 does not reach the sequence-parallel "
+                          f"attention path yet; with training.sequence_parallel > 1 use attention_backend: auto")
     if s.sample_every and preset.task == "i2v" and s.sample_image is None and not recipe.validation.enabled:
         raise ConfigError(f"{where}: training.sample_every: {preset.name} is image-to-video, so previews need a "
                           f"first frame: set training.sample_image to an image file, or add a validation: section "

@@ -32,6 +32,7 @@ so that tiny models train through this path in tests; the GPU tests compare cuDN
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,20 +61,20 @@ def quantize_per_tensor(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def new_scaling_state(device: torch.device | str = "cpu") -> Tensor:
     """A block's delayed-scaling state: float32 [STATE_SIZE], zero (not yet calibrated)."""
-    state = torch.zeros(STATE_SIZE, dtype=torch.float32, device=device)
-    for pass_name in ("forward", "backward"):
-        _calibrated.discard(_state_key(state, pass_name))
-    return state
+    return torch.zeros(STATE_SIZE, dtype=torch.float32, device=device)
 
 
 def attach_scaling_states(model: nn.Module, device: torch.device | str | None = None) -> int:
     """Give every self-attention module of a WanTransformer (`blocks.*.self_attn`) a scaling state on
     `device` (default: where its weights are), a non-persistent float32 buffer: not in the state dict, and
-    attached after the model's dtype casts. Returns how many were attached."""
+    attached after the model's dtype casts. The module names it in `mutable_buffers`: training writes it, so
+    whatever moves the model between memories (train.parking) must copy it back each time. Returns how many
+    were attached."""
     count = 0
     for block in getattr(model, "blocks", []):
         attn = block.self_attn
         attn.register_buffer("fp8_scaling", new_scaling_state(device or attn.q.weight.device), persistent=False)
+        attn.mutable_buffers = ("fp8_scaling",)
         count += 1
     return count
 
@@ -97,22 +98,21 @@ def _record(state: Tensor, slots: slice, amax: Tensor, scales: Tensor) -> None:
     state[slots] = amax
 
 
-# Scaling states calibrated in this process, by (pass, device, address): compiled code may hand the op another
-# Python object over the same buffer, so identity would not do. A new state forgets its address's entry
-# (`new_scaling_state`), and a zero state still gets finite scales from the fallbacks in `_delayed_scales`.
-_calibrated: set[tuple[str, str, int]] = set()
-
-
-def _state_key(state: Tensor, pass_name: str) -> tuple[str, str, int]:
-    return pass_name, str(state.device), state.data_ptr()
+# Scaling states whose calibration was decided, per pass, by their storage: compiled code may hand the op another
+# tensor object over the same buffer, and a storage object lives exactly as long as its memory (PyTorch keeps one
+# Python object per storage), so a freed state leaves the set and a new state at a reused address is a stranger.
+# The first meeting reads the state once (a host sync): one that already holds amaxes, as an expert's states do
+# after parking in host memory and coming back to the device in new buffers, needs no calibration.
+_seen: dict[str, weakref.WeakSet] = {"forward": weakref.WeakSet(), "backward": weakref.WeakSet()}
+_PASS_SLOTS = {"forward": slice(AMAX_O, AMAX_O + 1), "backward": slice(AMAX_DP, AMAX_DV + 1)}
 
 
 def _needs_calibration(state: Tensor, pass_name: str) -> bool:
-    key = _state_key(state, pass_name)
-    if key in _calibrated:
+    storage = state.untyped_storage()
+    if storage in _seen[pass_name]:
         return False
-    _calibrated.add(key)
-    return True
+    _seen[pass_name].add(storage)
+    return not bool((state[_PASS_SLOTS[pass_name]] > 0).all())
 
 
 # ---- the arithmetic, emulated in float32 (CPU) --------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tests.train.test_loop import MemorySource, tiny_recipe
 from train.checkpoints import load_checkpoint, save_checkpoint
 from train.loop import Trainer
 from wan_model.config import get_preset
+from wan_model.cudnn_fp8_attention import CALLS
 from wan_model.speed import SpeedOptions
 from wan_model.transformer import WanTransformer
 
@@ -41,17 +42,18 @@ def wide_models(recipe, dim: int = 128, layers: int = 3) -> dict[str, WanTransfo
     return models
 
 
-def train(recipe, resume_at: int | None = None) -> tuple[list[float], dict[str, dict[str, torch.Tensor]], Trainer]:
+def train(recipe, resume_at: int | None = None,
+          dim: int = 128) -> tuple[list[float], dict[str, dict[str, torch.Tensor]], Trainer]:
     """Run the recipe's steps; returns the losses, each expert's LoRA weights and AdamW state (host copies).
     resume_at: checkpoint there, build a new trainer, resume from the checkpoint and finish with it."""
     source = MemorySource(recipe.model.preset, batch_size=recipe.training.batch_size, frames=3, size=8)
-    trainer = Trainer(recipe, wide_models(recipe), source)
+    trainer = Trainer(recipe, wide_models(recipe, dim), source)
     stop = recipe.training.steps if resume_at is None else resume_at
     losses = [trainer.train_step()["loss"] for _ in range(stop)]
     if resume_at is not None:
         path = save_checkpoint(trainer, keep_last=1)
         del trainer
-        trainer = Trainer(recipe, wide_models(recipe), source)
+        trainer = Trainer(recipe, wide_models(recipe, dim), source)
         load_checkpoint(trainer, path)
         losses += [trainer.train_step()["loss"] for _ in range(recipe.training.steps - resume_at)]
     torch.cuda.synchronize()
@@ -93,6 +95,34 @@ def test_parking_trains_bitwise_as_keeping_both_experts(tmp_path):
             assert not changed, f"resume at {resume_at}, {name}: {len(changed)} tensors differ, e.g. {changed[:3]}"
         del trainer
         parked_recipe = recipe_with(tmp_path, "parked-resumed", fast, offload_inactive_expert="always")
+
+
+def test_parking_under_cudnn_fp8_attention_trains_bitwise_as_keeping_both_experts(tmp_path):
+    """attention_backend cudnn_fp8 gives each block a scaling state that training writes: a parked expert carries
+    it through host memory (train.parking copies `mutable_buffers` at every park) and, back in new device
+    buffers, needs no second calibration, so parking changes no bit. Heads of 128, as cuDNN's FP8 graphs take.
+    (A resume calibrates again: the states are not in checkpoints.)"""
+    pytest.importorskip("cudnn")
+    from wan_model.attention import set_attention_backend
+
+    fast = SpeedOptions(compile=True, save_attention="all", fp8_base="storage", attention_backend="cudnn_fp8")
+    runs = {}
+    try:
+        for offload in ("never", "always"):
+            losses, final, trainer = train(recipe_with(tmp_path, offload, fast, offload_inactive_expert=offload),
+                                           dim=256)
+            assert trainer.offload == (offload == "always")
+            states = [b.self_attn.fp8_scaling for s in trainer.states.values() for b in s.model.blocks]
+            assert all(float(state[CALLS]) > 0 for state in states)  # every block's attention ran
+            runs[offload] = losses, final
+            del trainer
+    finally:
+        set_attention_backend("auto")
+    (kept_losses, kept), (parked_losses, parked) = runs["never"], runs["always"]
+    assert parked_losses == kept_losses
+    for name in kept:
+        changed = [k for k in kept[name] if not torch.equal(parked[name][k], kept[name][k])]
+        assert not changed, f"{name}: {len(changed)} tensors differ, e.g. {changed[:3]}"
 
 
 def test_block_streaming_and_host_checkpoints_train_as_plain(tmp_path):

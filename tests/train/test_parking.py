@@ -12,8 +12,6 @@ import torch.nn as nn
 
 from train.parking import HostParking
 
-pytestmark = pytest.mark.gpu
-
 # The AdamW implementations a trainer may run: foreach (the default on CUDA), fused and plain loops.
 # foreach leaves exp_avg's version counter unchanged, fused every counter: a version rule loses updates.
 OPTIMIZERS = {"foreach": dict(foreach=True), "fused": dict(fused=True), "loop": dict(foreach=False),
@@ -37,6 +35,7 @@ def same(a: dict, b: dict, skip=()) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k not in skip)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 def test_park_and_unpark_round_trip(kind):
     torch.manual_seed(0)
@@ -101,9 +100,45 @@ def test_park_and_unpark_round_trip(kind):
     assert same(snapshot(model, optimizer), trained, skip={"0.weight"})
 
 
+@pytest.mark.gpu
 def test_park_refuses_pending_gradients():
     model = nn.Linear(8, 8).cuda()
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 8, device="cuda")).sum().backward()
     with pytest.raises(RuntimeError, match="gradients"):
         HostParking(model, optimizer, pin=True).park()
+
+
+def test_buffers_are_constant_unless_training_writes_them():
+    """Frozen weights and plain buffers are constant (copied at the first park only); running statistics and
+    buffers a module names in `mutable_buffers` (the FP8 attention's scaling states) are copied at every park."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    model[0].requires_grad_(False)
+    model[0].register_buffer("scale", torch.ones(4))
+    model[2].register_buffer("fp8_scaling", torch.zeros(8))
+    model[2].mutable_buffers = ("fp8_scaling",)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    constant = {s.key: s.constant for s in HostParking(model, optimizer, pin=False)._slots()}
+    assert constant[("param", "0.weight")] and constant[("buffer", "0", "scale")]
+    assert not constant[("param", "2.weight")] and not constant[("buffer", "2", "fp8_scaling")]
+    assert not constant[("buffer", "1", "running_mean")] and not constant[("buffer", "1", "num_batches_tracked")]
+
+
+@pytest.mark.gpu
+def test_buffers_training_writes_come_back_as_last_written():
+    """A scaling state written in place on the device between parks comes back with its last values (before,
+    every park after the first put back the first park's copy: the state before training)."""
+    model = nn.Linear(8, 8).cuda()
+    model.register_buffer("fp8_scaling", torch.zeros(8, device="cuda"))
+    model.mutable_buffers = ("fp8_scaling",)
+    parking = HostParking(model, torch.optim.AdamW(model.parameters()), pin=True)
+    parking.park()
+    for value in (3.0, 5.0):
+        parking.unpark(torch.device("cuda"))
+        model.fp8_scaling.fill_(value)  # as the attention ops update it
+        parking.park()
+        torch.cuda.synchronize()
+        assert torch.equal(model.fp8_scaling, torch.full((8,), value))
+    parking.unpark(torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert model.fp8_scaling.is_cuda and torch.equal(model.fp8_scaling.cpu(), torch.full((8,), 5.0))

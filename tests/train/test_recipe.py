@@ -135,9 +135,9 @@ def test_speed_section_defaults_to_the_plain_path_and_is_typed(tmp_path):
     body["speed"] = {"compile": False, "fp8_base": "none", "attention_backend": "cudnn_fp8"}
     fails(tmp_path, body, "cudnn_fp8 keeps float32 scaling states")
     body["training"]["deepspeed"] = None
-    fails(tmp_path, body, "not combined with parking the idle expert", "offload_inactive_expert: never")
-    body["training"]["offload_inactive_expert"] = "never"
-    assert load_recipe(write(tmp_path, body), check_release=False).speed.attention_backend == "cudnn_fp8"
+    for offload in ("always", "never"):  # parking carries the scaling states (train.parking's mutable buffers)
+        body["training"]["offload_inactive_expert"] = offload
+        assert load_recipe(write(tmp_path, body), check_release=False).speed.attention_backend == "cudnn_fp8"
     body["training"]["sequence_parallel"] = 2
     fails(tmp_path, body, "does not reach the sequence-parallel attention path")
     one_expert = base(high_noise={})  # the experts listed are the ones trained

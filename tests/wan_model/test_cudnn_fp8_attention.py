@@ -94,11 +94,23 @@ def test_delayed_scaling_state_records_amaxes_and_counts_saturation():
 def test_new_state_at_a_reused_address_is_calibrated_again():
     state = cfa.new_scaling_state()
     assert cfa._needs_calibration(state, "forward") and not cfa._needs_calibration(state, "forward")
+    assert not cfa._needs_calibration(state.view(1, -1)[0], "forward")  # another tensor over the same buffer
     address = state.data_ptr()
     del state
     again = cfa.new_scaling_state()
     if again.data_ptr() == address:  # the allocator usually hands the block back
         assert cfa._needs_calibration(again, "forward")
+
+
+def test_a_state_moved_to_new_memory_keeps_its_calibration_and_a_zero_one_calibrates():
+    """An expert parked in host memory comes back with its states in new buffers: one that holds amaxes needs no
+    second calibration; one that never ran (parked before its first step) still calibrates, whatever address."""
+    q, k, v = qkv(1, 64, 2, 32)
+    state = cfa.new_scaling_state()
+    fp8_forward_backward(q, k, v, torch.ones_like(q), state)
+    moved, fresh = state.clone(), cfa.new_scaling_state().clone()
+    assert not cfa._needs_calibration(moved, "forward") and not cfa._needs_calibration(moved, "backward")
+    assert cfa._needs_calibration(fresh, "forward") and cfa._needs_calibration(fresh, "backward")
 
 
 def test_backend_needs_the_scaling_state():
