@@ -98,21 +98,28 @@ def _record(state: Tensor, slots: slice, amax: Tensor, scales: Tensor) -> None:
     state[slots] = amax
 
 
-# Scaling states whose calibration was decided, per pass, by their storage: compiled code may hand the op another
+# Scaling states already calibrated, per pass, keyed by storage and offset: compiled code may hand the op another
 # tensor object over the same buffer, and a storage object lives exactly as long as its memory (PyTorch keeps one
-# Python object per storage), so a freed state leaves the set and a new state at a reused address is a stranger.
-# The first meeting reads the state once (a host sync): one that already holds amaxes, as an expert's states do
-# after parking in host memory and coming back to the device in new buffers, needs no calibration.
-_seen: dict[str, weakref.WeakSet] = {"forward": weakref.WeakSet(), "backward": weakref.WeakSet()}
+# Python object per storage), so a freed state leaves the map and a new state at a reused address is a stranger.
+# A state met for the first time is read once (a host sync): one that already holds amaxes, as an expert's states
+# do after parking in host memory and coming back to the device in new buffers, needs no calibration. A state is
+# recorded only once its calibration has run, so a failed call leaves it to calibrate again.
+_calibrated: dict[str, weakref.WeakKeyDictionary] = {"forward": weakref.WeakKeyDictionary(),
+                                                     "backward": weakref.WeakKeyDictionary()}
 _PASS_SLOTS = {"forward": slice(AMAX_O, AMAX_O + 1), "backward": slice(AMAX_DP, AMAX_DV + 1)}
 
 
 def _needs_calibration(state: Tensor, pass_name: str) -> bool:
-    storage = state.untyped_storage()
-    if storage in _seen[pass_name]:
+    if state.storage_offset() in _calibrated[pass_name].get(state.untyped_storage(), ()):
         return False
-    _seen[pass_name].add(storage)
-    return not bool((state[_PASS_SLOTS[pass_name]] > 0).all())
+    if bool((state[_PASS_SLOTS[pass_name]] > 0).all()):
+        _mark_calibrated(state, pass_name)
+        return False
+    return True
+
+
+def _mark_calibrated(state: Tensor, pass_name: str) -> None:
+    _calibrated[pass_name].setdefault(state.untyped_storage(), set()).add(state.storage_offset())
 
 
 # ---- the arithmetic, emulated in float32 (CPU) --------------------------------------------------------------------
@@ -331,6 +338,7 @@ def _forward_pass(q8, k8, v8, descale_q, descale_k, descale_v, state) -> tuple[T
     slots = slice(AMAX_O, AMAX_O + 1)
     if _needs_calibration(state, "forward"):
         state[slots] = run(q8, k8, v8, descale_q, descale_k, descale_v, safe)[2]
+        _mark_calibrated(state, "forward")
     scale_o = _delayed_scales(state, slots, safe)
     o8, lse, amax_o = run(q8, k8, v8, descale_q, descale_k, descale_v, scale_o)
     _record(state, slots, amax_o, scale_o)
@@ -349,6 +357,7 @@ def _backward_pass(q8, k8, v8, o8, do8, lse, descales, state) -> tuple[Tensor, T
     if _needs_calibration(state, "backward"):
         state[slots] = run(q8, k8, v8, o8, do8, lse, descales, fallback)[3]       # dP's amax is now right
         state[slots] = run(q8, k8, v8, o8, do8, lse, descales, _delayed_scales(state, slots, fallback))[3]
+        _mark_calibrated(state, "backward")
     scales = _delayed_scales(state, slots, fallback)
     dq8, dk8, dv8, amax = run(q8, k8, v8, o8, do8, lse, descales, scales)
     _record(state, slots, amax, scales)
@@ -383,7 +392,7 @@ def _output_op(q: Tensor, k: Tensor, v: Tensor, q8: Tensor, k8: Tensor, v8: Tens
                descale_q: Tensor, descale_k: Tensor, descale_v: Tensor, descale_o: Tensor, state: Tensor) -> Tensor:
     """out [B, Lq, H, D] in q's dtype = o8 x descale_o. q, k, v (bf16) take the gradient, which the backward
     graph computes from the e4m3 copies, o8 and lse."""
-    return (o8.float() * descale_o.reshape(())).to(q.dtype)
+    return o8.float().mul_(descale_o.reshape(())).to(q.dtype)   # in place: one float32 temporary, not two
 
 
 @_output_op.register_fake
@@ -414,7 +423,7 @@ def _backward(ctx, grad_out):
     do8, descale_do = quantize_per_tensor(grad_out)
     dq8, dk8, dv8, descales = _backward_op(q8, k8, v8, o8, do8, lse, descale_q, descale_k, descale_v, descale_o,
                                            descale_do, state)
-    grads = tuple((g8.float() * d).to(grad_out.dtype) for g8, d in zip((dq8, dk8, dv8), descales))
+    grads = tuple(g8.float().mul_(d).to(grad_out.dtype) for g8, d in zip((dq8, dk8, dv8), descales))
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 

@@ -93,13 +93,26 @@ def test_delayed_scaling_state_records_amaxes_and_counts_saturation():
 
 def test_new_state_at_a_reused_address_is_calibrated_again():
     state = cfa.new_scaling_state()
-    assert cfa._needs_calibration(state, "forward") and not cfa._needs_calibration(state, "forward")
+    assert cfa._needs_calibration(state, "forward")
+    assert cfa._needs_calibration(state, "forward")                     # not recorded before calibration ran
+    cfa._mark_calibrated(state, "forward")
+    assert not cfa._needs_calibration(state, "forward")
     assert not cfa._needs_calibration(state.view(1, -1)[0], "forward")  # another tensor over the same buffer
+    assert len(cfa._calibrated["forward"]) == 1
     address = state.data_ptr()
     del state
+    assert len(cfa._calibrated["forward"]) == 0                         # freed with the state's memory
     again = cfa.new_scaling_state()
     if again.data_ptr() == address:  # the allocator usually hands the block back
         assert cfa._needs_calibration(again, "forward")
+
+
+def test_states_sharing_one_allocation_calibrate_each():
+    """Two states in one buffer (offsets 0 and STATE_SIZE) are two states: calibrating one leaves the other."""
+    both = torch.zeros(2 * cfa.STATE_SIZE)
+    first, second = both[: cfa.STATE_SIZE], both[cfa.STATE_SIZE:]
+    cfa._mark_calibrated(first, "backward")
+    assert not cfa._needs_calibration(first, "backward") and cfa._needs_calibration(second, "backward")
 
 
 def test_a_state_moved_to_new_memory_keeps_its_calibration_and_a_zero_one_calibrates():
