@@ -297,3 +297,21 @@ def test_compiled_blocks_match_eager_on_gpu():
     compiled_out, compiled_grad = run()
     assert rel_err(compiled_out, eager_out) < 1e-5
     assert rel_err(compiled_grad, eager_grad) < 1e-5
+
+
+def test_compile_blocks_raises_the_shared_recompile_limit_and_never_lowers_it():
+    """The blocks of every model share one code object, so dynamo's default 8 recompilations run out across
+    shapes, grad modes and experts, and past them the blocks run eagerly (slower, more memory than planned)."""
+    from wan_model.transformer import RECOMPILE_LIMIT
+
+    config = torch._dynamo.config
+    saved = config.recompile_limit
+    try:
+        config.recompile_limit = 8
+        tiny_model("tiny-t2v").compile_blocks()
+        assert config.recompile_limit == RECOMPILE_LIMIT > 8
+        config.recompile_limit = 10 * RECOMPILE_LIMIT
+        tiny_model("tiny-t2v").compile_blocks()
+        assert config.recompile_limit == 10 * RECOMPILE_LIMIT
+    finally:
+        config.recompile_limit = saved
