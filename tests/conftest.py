@@ -22,12 +22,3 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
 
-
-@pytest.fixture(autouse=True)
-def _fresh_compile_caches(request):
-    """GPU tests start with dynamo's caches empty: the blocks' compiled code is shared process-wide, and the
-    recompilations of earlier tests (other widths, autocast states, backends) would otherwise count against
-    this test's limit. A memory test once ran its blocks eagerly for that reason (19.7 GiB against 13.3
-    planned)."""
-    if "gpu" in request.keywords and torch.cuda.is_available():
-        torch._dynamo.reset()
