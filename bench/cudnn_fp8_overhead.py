@@ -113,17 +113,22 @@ def kernel_split(fn, device: torch.device, top: int) -> dict:
             "top": [{"kernel": name[:160], "ms": round(ms, 3), "calls": calls} for name, (ms, calls) in ranked]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", default=None, help="where the results go (rewritten after every stage)")
+def add_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """The attention call's shape (default: one A14B self-attention at 480x832x81), timing and seed."""
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=32760)
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--top", type=int, default=15, help="kernels listed per variant")
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="where the results go (rewritten after every stage)")
+    add_shape_arguments(ap)
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per variant")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
     args = ap.parse_args(argv)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wan_model.cudnn_fp8_attention as cfa  # noqa: E402
-from bench.cudnn_fp8_overhead import inputs  # noqa: E402
+from bench.cudnn_fp8_overhead import add_shape_arguments, inputs, timed  # noqa: E402
 
 
 def scalar(x: float) -> torch.Tensor:
@@ -78,20 +77,6 @@ def run_plan(graph, tensors: dict, pack: dict, index: int):
     graph.execute_plan_at_index({tensors[n]: t for n, t in pack.items()}, workspace, index=index, handle=handle)
 
 
-def timed(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def outputs(pass_name: str, pack: dict) -> list[torch.Tensor]:
     names = ("out", "stats") if pass_name == "forward" else ("dQ", "dK", "dV")
     return [pack[n].float().clone() for n in names]
@@ -99,14 +84,8 @@ def outputs(pass_name: str, pack: dict) -> list[torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=32760)
-    ap.add_argument("--heads", type=int, default=40)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="where the results go (rewritten after every plan)")
+    add_shape_arguments(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("cudnn_fp8_plans: needs a CUDA GPU (Hopper) and nvidia-cudnn-frontend", file=sys.stderr)
@@ -150,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"index": index, "name": graph.get_plan_name_at_index(index)}
             try:
                 row["workspace_mib"] = round(graph.get_workspace_size_plan_at_index(index) / 2**20, 1)
-                row["ms"] = round(timed(lambda: run_plan(graph, tensors, pack, index), args.iters, args.warmup), 3)
+                row["ms"] = round(timed(lambda: run_plan(graph, tensors, pack, index), args.iters, args.warmup,
+                                         torch.device("cuda")), 3)
                 row["tflops"] = round(flop[pass_name] / row["ms"] / 1e9, 1)
                 got = outputs(pass_name, pack)
                 row["max_diff_vs_plan0"] = [round(float((a - b).abs().amax() / b.abs().amax().clamp_min(1e-30)), 5)
