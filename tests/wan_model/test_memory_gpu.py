@@ -50,7 +50,6 @@ def fresh_compile_caches() -> None:
 def step_peak(blocks: int, host_checkpoints: bool) -> int:
     """Peak device bytes of the second training step (moments exist by then) of a `blocks`-deep model
     in the 24 GiB mode's settings (eager), counted from what was allocated before the model existed."""
-    fresh_compile_caches()
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
