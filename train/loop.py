@@ -65,14 +65,18 @@ def make_accelerator(settings: TrainingSettings):
     (single device, or DDP under `accelerate launch --num_processes N`). Mixed precision is ours (autocast),
     so accelerate does not wrap the models."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
     launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if settings.deepspeed is None:
         if launched_ds:
             raise ValueError("launched with a DeepSpeed accelerate config but the recipe has training.deepspeed: "
                              "null; set it to zero2 / zero3, or launch with recipes/accelerate/single.yaml")
-        return Accelerator(cpu=not torch.cuda.is_available())
+        # DDP (several processes) would copy rank 0's buffers into every rank at each forward. The model's only
+        # buffers training writes are attention_backend cudnn_fp8's scaling states, which each rank keeps from
+        # its own data (its amaxes and saturation counts); the rest are loaded, the same on every rank.
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)  # `python train_lora.py` without a launcher: one process

@@ -97,6 +97,8 @@ def main(_argv):  # under run_cli, as train_lora.py runs: the process group ends
         trainer.train_step()
     if acc.is_main_process:
         write_lora_weights(trainer, out / f"weights-{acc.num_processes}x{grad_accum}.json")
+    if acc.num_processes > 1:  # each rank keeps its own buffers (cudnn_fp8's scaling states): none broadcast
+        assert all(not state.model.broadcast_buffers for state in trainer.states.values())
     return 0
 
 sys.exit(run_cli(main))
