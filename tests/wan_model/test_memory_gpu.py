@@ -40,13 +40,6 @@ BLOCK_INPUT = TOKENS * A14B.dim * 2
 GIB = 2**30
 
 
-def fresh_compile_caches() -> None:
-    """Empty dynamo's caches: the blocks' compiled code is shared process-wide, and earlier tests'
-    recompilations (other widths, autocast states, backends) count against one limit; past it the blocks ran
-    eagerly here once (19.7 GiB measured against 13.3 planned). Only the memory tests pay for the recompile."""
-    torch._dynamo.reset()
-
-
 def step_peak(blocks: int, host_checkpoints: bool) -> int:
     """Peak device bytes of the second training step (moments exist by then) of a `blocks`-deep model
     in the 24 GiB mode's settings (eager), counted from what was allocated before the model existed."""
@@ -120,7 +113,10 @@ def test_auto_plan_peak_stays_within_its_prediction():
     auto = SpeedOptions(compile=True, save_attention="auto", fp8_base="matmul", memory_gib=budget)
     options, plan = plan_speed(auto, cfg, TOKENS, budget, rank=RANK, host_available_gib=0.0)
     assert (options.save_attention, options.save_attention_every, plan.saved_attention_blocks) == ("every_k", 2, 2)
-    fresh_compile_caches()
+    # Dynamo's caches emptied: the blocks' compiled code is shared process-wide, and earlier tests'
+    # recompilations (other widths, autocast states, backends) count against one limit; past it the blocks ran
+    # eagerly here once (19.7 GiB measured against 13.3 planned).
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
