@@ -85,9 +85,8 @@ def saturation_count(model: nn.Module) -> int:
     return int(torch.stack([s[SATURATED] for s in states]).sum().item()) if states else 0
 
 
-def _delayed_scales(state: Tensor, slots: slice, fallback: Tensor) -> Tensor:
+def _delayed_scales(amax: Tensor, fallback: Tensor) -> Tensor:
     """448 / (AMAX_MARGIN x the last amax) per slot, `fallback` where no amax was recorded yet; [n] float32."""
-    amax = state[slots]
     return torch.where(amax > 0, E4M3_MAX / (AMAX_MARGIN * amax.clamp_min(_TINY)), fallback)
 
 
@@ -349,7 +348,7 @@ def _forward_pass(q8, k8, v8, descale_q, descale_k, descale_v, state) -> tuple[T
     if _needs_calibration(state, "forward"):
         state[slots] = run(q8, k8, v8, descale_q, descale_k, descale_v, safe)[2]
         _mark_calibrated(state, "forward")
-    scale_o = _delayed_scales(state, slots, safe)
+    scale_o = _delayed_scales(state[slots], safe)
     o8, lse, amax_o = run(q8, k8, v8, descale_q, descale_k, descale_v, scale_o)
     _record(state, slots, amax_o, scale_o)
     return o8, lse, (1.0 / scale_o).reshape(1, 1, 1, 1)
@@ -367,10 +366,11 @@ def _backward_pass(q8, k8, v8, o8, do8, lse, descales, state) -> tuple[Tensor, T
     fallback = torch.stack([E4M3_MAX / bound.clamp_min(_TINY), *(torch.ones((), device=q8.device),) * 3])
     slots = slice(AMAX_DP, AMAX_DV + 1)
     if _needs_calibration(state, "backward"):
-        state[slots] = run(q8, k8, v8, o8, do8, lse, descales, fallback)[3]       # dP's amax is now right
-        state[slots] = run(q8, k8, v8, o8, do8, lse, descales, _delayed_scales(state, slots, fallback))[3]
+        # the state is written once, after both runs: a call that fails between them leaves it to calibrate again
+        amax = run(q8, k8, v8, o8, do8, lse, descales, fallback)[3]               # dP's amax is now right
+        state[slots] = run(q8, k8, v8, o8, do8, lse, descales, _delayed_scales(amax, fallback))[3]
         _mark_calibrated(state, "backward")
-    scales = _delayed_scales(state, slots, fallback)
+    scales = _delayed_scales(state[slots], fallback)
     dq8, dk8, dv8, amax = run(q8, k8, v8, o8, do8, lse, descales, scales)
     _record(state, slots, amax, scales)
     return dq8, dk8, dv8, 1.0 / scales[1:]
@@ -395,7 +395,7 @@ def _attention_op(q8: Tensor, k8: Tensor, v8: Tensor, descale_q: Tensor, descale
 @_attention_op.register_fake
 def _(q8, k8, v8, descale_q, descale_k, descale_v, state):
     batch, q_len, heads, _ = q8.shape
-    return (torch.empty_like(q8), q8.new_empty((batch, heads, q_len, 1), dtype=torch.float32),
+    return (q8.new_empty(q8.shape), q8.new_empty((batch, heads, q_len, 1), dtype=torch.float32),
             q8.new_empty((1, 1, 1, 1), dtype=torch.float32))
 
 
@@ -409,7 +409,7 @@ def _output_op(q: Tensor, k: Tensor, v: Tensor, q8: Tensor, k8: Tensor, v8: Tens
 
 @_output_op.register_fake
 def _(q, k, v, q8, k8, v8, o8, lse, descale_q, descale_k, descale_v, descale_o, state):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the real op's (o8 is)
 
 
 @torch.library.custom_op("wanlora::cudnn_fp8_attention_backward", mutates_args=())
@@ -422,7 +422,7 @@ def _backward_op(q8: Tensor, k8: Tensor, v8: Tensor, o8: Tensor, do8: Tensor, ls
 
 @_backward_op.register_fake
 def _(q8, k8, v8, o8, do8, lse, descale_q, descale_k, descale_v, descale_o, descale_do, state):
-    return torch.empty_like(q8), torch.empty_like(k8), torch.empty_like(v8), q8.new_empty(3, dtype=torch.float32)
+    return q8.new_empty(q8.shape), k8.new_empty(k8.shape), v8.new_empty(v8.shape), q8.new_empty(3, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

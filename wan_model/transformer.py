@@ -260,7 +260,9 @@ class WanTransformer(nn.Module):
         recompile limit, 8 by default: past it dynamo runs the blocks eagerly, silently slower and with more
         memory than the activation plan counted (+49% in a GPU test). The limit is raised to
         RECOMPILE_LIMIT, never lowered."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in 2.7
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         for block in self.blocks:
             block.forward = torch.compile(block.forward, **compile_kwargs)
 

@@ -299,3 +299,26 @@ def test_graph_constants_are_made_once_per_device():
     assert first.shape == (1, 1, 1, 1) and first.dtype == torch.float32 and float(first) == cfa.E4M3_MAX
     passed = cfa._scalar_tensor(torch.tensor([0.5], dtype=torch.float64), "cpu")
     assert passed.shape == (1, 1, 1, 1) and passed.dtype == torch.float32 and float(passed) == 0.5
+
+
+def test_backward_calibration_cut_between_its_runs_leaves_the_state_to_calibrate(monkeypatch):
+    """The backward calibrates in two runs (dP's amax first, then the gradients' at dP's scale) and writes the
+    state once, after both: a failure in the second (out of memory, say) must not leave half-calibrated amaxes
+    that the next call would take as calibrated."""
+    q, k, v = qkv(1, 64, 2, 32)
+    state = cfa.new_scaling_state()
+    real, runs = cfa._emulated_backward, []
+
+    def second_run_fails(*args):
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(cfa, "_emulated_backward", second_run_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fp8_forward_backward(q, k, v, torch.ones_like(q), state)
+    assert bool((state[cfa.AMAX_DP:cfa.AMAX_DV + 1] == 0).all()) and cfa._needs_calibration(state, "backward")
+    monkeypatch.setattr(cfa, "_emulated_backward", real)
+    fp8_forward_backward(q, k, v, torch.ones_like(q), state)
+    assert bool((state[cfa.AMAX_DP:cfa.AMAX_DV + 1] > 0).all())
