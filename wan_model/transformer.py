@@ -279,7 +279,10 @@ class WanTransformer(nn.Module):
         """
         cfg = self.config
         grid = self._token_grid(latents)
-        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        # Token-major memory: the transpose alone leaves [B, L, d] with the tokens contiguous, a layout that every
+        # element-wise op of every block then keeps (the residual stream, its norms, the saved activations), so
+        # each row reduction over d reads with a stride of L. One copy here instead.
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
         e, e0 = self._embed_time(timestep, latents.shape[0], x.shape[1])
         context = self._embed_text(context, context_lens)
         rope = rope_tables(grid, cfg.head_dim, x.device)
