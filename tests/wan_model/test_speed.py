@@ -13,6 +13,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan_model import attention as attn_mod
+from wan_model import cudnn_fp8_attention as cfa
 from wan_model.config import PRESETS
 from wan_model.fp8 import FP8Linear
 from wan_model.speed import _ATTENTION_OPS, BLOCK_LINEARS, SpeedOptions, apply_speed_options
@@ -374,3 +375,112 @@ def test_auto_options_validated():
     for bad in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="memory_gib"):
             SpeedOptions(memory_gib=bad)
+
+
+CKPT_CONFIG = dict(model_type="t2v", dim=64, ffn_dim=96, num_heads=2, num_layers=6, in_dim=16, out_dim=16,
+                   text_len=16, text_dim=32, freq_dim=32)
+
+
+def ckpt_model(compiled: bool, backend: str = "auto", checkpointing: bool = True):
+    """A 6-block model with random non-zero weights, q / FFN weights trained, every second block keeping its
+    self-attention through checkpointing; (model, trained weights)."""
+    from wan_model.config import TransformerConfig
+
+    torch.manual_seed(0)
+    model = WanTransformer(TransformerConfig(**CKPT_CONFIG))
+    model.init_weights()
+    with torch.no_grad():  # zero-initialised projections (the head's, FFN down's) would leave no gradient
+        for w in model.parameters():
+            if w.dim() == 2 and not w.any():
+                w.normal_(std=w.shape[1] ** -0.5)
+    model.requires_grad_(False)
+    trained = [w for b in model.blocks for w in (b.self_attn.q.weight, b.ffn[0].weight, b.ffn[2].weight)]
+    for w in trained:
+        w.requires_grad_(True)
+    model.enable_gradient_checkpointing(checkpointing)
+    apply_speed_options(model, SpeedOptions(compile=compiled, save_attention="every_k", save_attention_every=2,
+                                            fp8_base="none", attention_backend=backend))
+    return model, trained
+
+
+def ckpt_step(model, trained, profiled: bool = False):
+    """One loss.backward() on fixed inputs; (gradients, backward profile or None)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(1)
+    latents, context, t = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 16, 32), torch.tensor([600.0])
+    model.zero_grad()
+    loss = model(latents, t, context).float().pow(2).mean()
+    if not profiled:
+        loss.backward()
+        return torch.cat([w.grad.flatten() for w in trained]), None
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    return torch.cat([w.grad.flatten() for w in trained]), prof
+
+
+def ffn_down_shaped_gemms(prof) -> int:
+    """GEMMs in a profile whose operands have FFN down's forward shapes, [L, ffn] x [ffn, dim] (FFN up's input
+    gradient has them too: compare against a run without checkpointing)."""
+    tokens, ffn, dim = 3 * 4 * 4, CKPT_CONFIG["ffn_dim"], CKPT_CONFIG["dim"]
+    want = [[tokens, ffn], [ffn, dim]]
+    count = 0
+    for e in prof.events():
+        shapes = [list(s) for s in e.input_shapes]
+        if (e.name == "aten::addmm" and shapes[1:3] == want) or (e.name == "aten::mm" and shapes[:2] == want):
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("backend", ["auto", "cudnn_fp8"])
+def test_compiled_checkpoint_trains_as_eager_without_recomputing_ffn_down(backend):
+    """compile_blocks also compiles the checkpointed call, so the recompute is part of the compiled backward and
+    runs only what the backward uses: FFN down's forward GEMM (its output feeds only the block's output) is
+    not run again, where the checkpoint around the compiled block replays it in every block. Gradients as
+    eager. Blocks that share a save policy share a graph: 3 for 6 blocks with every_k 2 (block 0, whose input
+    needs no gradient; the keeping blocks; the others), where a context_fn per block index made 6. With
+    cudnn_fp8 (the CPU emulation) the keeping blocks run its forward graph once per step."""
+    def run(compiled: bool, around: bool = False, checkpointing: bool = True):
+        model, trained = ckpt_model(compiled, backend, checkpointing)
+        if around:
+            model._compiled_checkpoint = None  # the checkpoint around the compiled block
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        ckpt_step(model, trained)
+        grads, prof = ckpt_step(model, trained, profiled=True)
+        calls = [int(b.self_attn.fp8_scaling[cfa.CALLS]) for b in model.blocks] if backend == "cudnn_fp8" else None
+        return grads, ffn_down_shaped_gemms(prof), torch._dynamo.utils.counters["stats"]["unique_graphs"], calls
+
+    try:
+        want, _, _, _ = run(compiled=False)
+        got, gemms, graphs, calls = run(compiled=True)
+        _, gemms_around, _, _ = run(compiled=True, around=True)
+        _, gemms_plain, _, _ = run(compiled=True, checkpointing=False)
+    finally:
+        attn_mod.set_attention_backend("auto")
+    assert gemms == gemms_plain < gemms_around, (gemms, gemms_plain, gemms_around)
+    assert graphs == 3, graphs
+    if backend == "cudnn_fp8":  # two steps: forward and backward graph each in the keeping blocks 0, 2, 4
+        assert calls[0] == calls[2] == calls[4] == 4, calls
+    # float32 sums in another order can move a value across an e4m3 rounding boundary: 1e-4 with cudnn_fp8
+    assert rel(got, want) < (1e-5 if backend == "auto" else 1e-3), rel(got, want)
+
+
+def test_compiled_checkpoint_that_cannot_compile_whole_warns_and_keeps_training():
+    """A graph break in the checkpointed block (fullgraph fails before anything runs): a warning, the model
+    goes back to the checkpoint around the compiled block for good, and the gradients stay eager's."""
+    want, _ = ckpt_step(*ckpt_model(compiled=False))
+    model, trained = ckpt_model(compiled=True)
+    for block in model.blocks:
+        forward = block.eager_forward
+
+        def broken(*args, _forward=forward):
+            torch._dynamo.graph_break()
+            return _forward(*args)
+
+        block.eager_forward = broken
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="compiled checkpointing failed"):
+        got, _ = ckpt_step(model, trained)
+    assert model._compiled_checkpoint is None
+    assert rel(got, want) < 1e-5, rel(got, want)
