@@ -133,7 +133,13 @@ def main(argv=None) -> None:
     cfg = dataclasses.replace(preset.transformer, num_layers=args.blocks)
     h, w = (int(v) for v in args.size.split("x"))
     latent_shape = (1, cfg.in_dim, *preset.latent_size(h, w, args.frames))
-    results = [measure(v, args, cfg, latent_shape, device) for v in args.variants]
+    results = []
+    for variant in args.variants:  # each printed as it comes: a variant that fails leaves the others' results
+        try:
+            results.append(measure(variant, args, cfg, latent_shape, device))
+        except (RuntimeError, SystemError) as err:
+            results.append(dict(variant=variant, error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
+        print(json.dumps(results[-1]), flush=True)
     emit(dict(preset=args.preset, size=args.size, frames=args.frames, blocks=args.blocks, fp8=args.fp8,
               attention=args.attention, save_attention=args.save_attention, device=torch.cuda.get_device_name(),
               torch=torch.__version__, results=results), args.json)
