@@ -33,14 +33,13 @@ backend, checkpoint policy, offload (moves weights to the host), compile last.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Literal
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
 
 from .attention import set_attention_backend
 from .config import TransformerConfig
@@ -142,22 +141,14 @@ def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _self_attention_kept() -> tuple[ContextManager, ContextManager]:
-    return create_selective_checkpoint_contexts(_save_self_attention)
-
-
-# The checkpoint context_fn of every block that keeps its self-attention outputs: one object, since compiled
-# checkpointing guards on the context_fn it is given (a partial over the block index compiled every block
-# again); a partial, as dynamo traces one.
-keep_self_attention = functools.partial(_self_attention_kept)
-
-
-def self_attention_saver(every: int = 1) -> Callable[[int], Callable[[], tuple[ContextManager, ContextManager]] | None]:
+def self_attention_saver(every: int = 1) -> Callable[[int], tuple[ContextManager, ContextManager]]:
     """A `WanTransformer.checkpoint_context_fn`: blocks i with i % every == 0 keep their self-attention
-    outputs through checkpointing (context_fn `keep_self_attention`), the others recompute everything (None)."""
-    def context_fn_for(block_index: int) -> Callable[[], tuple[ContextManager, ContextManager]] | None:
-        return None if block_index % every else keep_self_attention
-    return context_fn_for
+    outputs through checkpointing, the others recompute everything."""
+    def context_fn(block_index: int) -> tuple[ContextManager, ContextManager]:
+        if block_index % every:
+            return noop_context_fn()
+        return create_selective_checkpoint_contexts(_save_self_attention)
+    return context_fn
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
