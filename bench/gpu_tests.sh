@@ -35,12 +35,13 @@ mkdir -p docs/bench
   echo "commit: $sha"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1
-  echo "command: $PY -m pytest -m gpu tests -v -p no:cacheprovider -p no:logging -rA --durations=15 $*"
+  echo "command: $PY -m pytest -m gpu tests -vv -p no:cacheprovider -p no:logging -rA --durations=15 $*"
 } > "$log"
-# -v names each test as it finishes, and the log streams into $OUT as well: a run cut by a time limit
-# still records which tests passed (one was cut after 26 of 28 and only its dots survived).
+# -vv names each test as it finishes (pyproject's addopts has -q, which one -v only cancels), and the log
+# streams into $OUT as well: a run cut by a time limit still records which tests passed (two were cut and
+# only their dots survived).
 copies=("$log")
 if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/"; copies+=("$OUT/$(basename "$log")"); fi
-PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -v -p no:cacheprovider -p no:logging -rA --durations=15 "$@" 2>&1 \
+PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -vv -p no:cacheprovider -p no:logging -rA --durations=15 "$@" 2>&1 \
   | tee -a "${copies[@]}"
 exit "${PIPESTATUS[0]}"
