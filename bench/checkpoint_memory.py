@@ -82,7 +82,7 @@ def measure(args, cfg, latent_shape, device) -> dict:
     step()  # compiles, and makes AdamW's state
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")  # C++ frames name no buffer
     step()
     torch.cuda.synchronize()
     peak_gib = (torch.cuda.max_memory_allocated() - before) / GIB
