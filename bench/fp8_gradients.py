@@ -12,7 +12,8 @@ ten block linears, its B factors random (PEFT's zero B would give A no gradient)
 block as in training. For each timestep (spread over the high-noise range [875, 1000) and the low-noise
 range [0, 875)) and each `fp8_base` mode (and `fp8_attention`, `matmul_dgrad+fp8_attention`: the 8-bit
 self-attention forward fed to the bf16 backward, `set_attention_backend('fp8')`, with bf16 or FP8 weights;
-`matmul_dgrad+cudnn_fp8`: cuDNN's FP8 self-attention forward and backward, `attention_backend: cudnn_fp8`),
+`matmul_dgrad+cudnn_fp8`: cuDNN's FP8 self-attention forward and backward, `attention_backend: cudnn_fp8`;
+`+fast_accum`: the forward FP8 GEMMs with fast accumulation, as the sampler's; asked for by name),
 the LoRA gradient of the flow-matching loss on one fixed sample (x_t = (1 - s) x_0 + s n, target n - x_0)
 against the bf16 model's: cosine similarity and relative error ||g - g_bf16|| / ||g_bf16|| over all LoRA
 parameters, and over each kind of linear.
@@ -52,13 +53,15 @@ from bench.sample_step import git_commit  # noqa: E402
 from bench.train_step import OUR_TARGETS, add_lora  # noqa: E402
 from wan_model.attention import set_attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
+from wan_model.fp8 import FP8Linear  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options  # noqa: E402
 from wan_model.transformer import WanTransformer  # noqa: E402
 
 # fp8_base modes; "+fp8_attention": with the 8-bit self-attention forward too (attention backend "fp8");
-# "+cudnn_fp8": with cuDNN's FP8 self-attention forward and backward (attention backend "cudnn_fp8")
+# "+cudnn_fp8": with cuDNN's FP8 self-attention forward and backward (attention backend "cudnn_fp8");
+# "+fast_accum": the forward FP8 GEMMs with fast accumulation (the sampler's; training's default promotes)
 MODES = ("none", "storage", "matmul", "matmul_dgrad", "fp8_attention", "matmul_dgrad+fp8_attention",
-         "matmul_dgrad+cudnn_fp8")
+         "matmul_dgrad+cudnn_fp8", "matmul_dgrad+fast_accum", "matmul_dgrad+cudnn_fp8+fast_accum")
 KINDS = {"self_attn": "self_attn.", "cross_attn": "cross_attn.", "ffn": "ffn."}
 
 
@@ -77,13 +80,17 @@ def build(cfg, device, dtype, mode: str, rank: int) -> tuple[nn.Module, list[tup
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     model.enable_gradient_checkpointing(True)
-    weights, _, attention = mode.partition("+")
+    weights, *levers = mode.split("+")
     if weights == "fp8_attention":
-        weights, attention = "none", "fp8_attention"
+        weights, levers = "none", ["fp8_attention"]
     apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base=weights,
-                                            attention_backend="cudnn_fp8" if attention == "cudnn_fp8" else "auto"))
-    if attention == "fp8_attention":
+                                            attention_backend="cudnn_fp8" if "cudnn_fp8" in levers else "auto"))
+    if "fp8_attention" in levers:
         set_attention_backend("fp8")  # a bench lever, not a SpeedOptions choice (wan_model/speed.py says why)
+    if "fast_accum" in levers:  # as bench/train_step.py --fp8-fast-accum: not yet a recipe option
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                module.fast_accum = True
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -182,7 +189,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default="480x832")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=list(MODES[1:]), choices=MODES[1:])
+    ap.add_argument("--modes", nargs="+", choices=MODES[1:],
+                    default=[m for m in MODES[1:] if "fast_accum" not in m])
     ap.add_argument("--timesteps", type=float, nargs="+", default=[990.0, 930.0, 880.0, 700.0, 400.0, 100.0])
     ap.add_argument("--loss-steps", type=int, default=300)
     ap.add_argument("--loss-every", type=int, default=10)
