@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import linecache
+import math
 import os
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def measure(args, cfg, latent_shape, device) -> dict:
     peak_gib = (torch.cuda.max_memory_allocated() - before) / GIB
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    tokens = latent_shape[2] * latent_shape[3] * latent_shape[4] // (cfg.patch_size[1] * cfg.patch_size[2])
+    tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
     saved = cfg.num_layers if args.save_attention == "all" else 0
     parts = predicted_peak(cfg, tokens, saved, rank=args.rank, fp8_weights=args.fp8 != "none",
                            fp8_dgrad=args.fp8 == "matmul_dgrad", fp8_attention=args.attention == "cudnn_fp8")
@@ -99,7 +100,6 @@ def measure(args, cfg, latent_shape, device) -> dict:
                   transient_excess_in_ld=round((transient - parts["transient"]) / ld, 2),
                   transient_excess_in_lf=round((transient - parts["transient"]) / lf, 2),
                   live_at_peak=live_at_peak(snapshot, args.top))
-    del model, optimizer, params
     return result
 
 
