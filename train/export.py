@@ -75,7 +75,11 @@ def lora_weights_from_peft(source: torch.nn.Module | Mapping[str, Tensor], alpha
         if set(ab) != {"A", "B"}:
             raise ValueError(f"export: module {module} has only lora_{''.join(ab)}; both lora_A and lora_B are needed")
         down, up = (ab["A"], ab["B"]) if dtype is None else (ab["A"].to(dtype), ab["B"].to(dtype))
-        out[module] = LoraModule(down=down.cpu(), up=up.cpu(), alpha=float(alpha))
+        try:
+            out[module] = LoraModule(down=down.cpu(), up=up.cpu(), alpha=float(alpha))
+        except ValueError as err:
+            raise ValueError(f"export: module {module}: lora_A must be [r, in] and lora_B [out, r] (PEFT layout); "
+                             f"{err}") from None
     return out
 
 
@@ -111,12 +115,23 @@ def export_expert_adapter(peft_model_or_lora_state_dict: torch.nn.Module | Mappi
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"export: formats {list(formats)} must be a non-empty list of {FORMATS}")
-    weights = lora_weights_from_peft(peft_model_or_lora_state_dict, alpha, adapter_name, dtype)
+    try:
+        weights = lora_weights_from_peft(peft_model_or_lora_state_dict, alpha, adapter_name, dtype)
+    except ValueError as err:
+        raise ValueError(f"{err}. {adapter_path(path, step, expert, formats[0])} not written. Fix: pass the "
+                         f"{expert} expert's PEFT LoRA adapter as trained (lora_A [r, in], lora_B [out, r], "
+                         f"adapter {adapter_name!r}).") from None
     wrong = {n: m.rank for n, m in weights.items() if m.rank != rank}
     if wrong:
         raise ValueError(f"export: expert {expert} was declared rank {rank} but modules have other ranks: "
                          f"{dict(list(wrong.items())[:3])}; pass the rank the adapter was trained with")
-    check_lora(weights, None, PRESETS[base_model].transformer)
+    try:
+        check_lora(weights, None, PRESETS[base_model].transformer)
+    except ValueError as err:
+        raise ValueError(f"export: {adapter_path(path, step, expert, formats[0])} not written: the {expert} adapter "
+                         f"does not fit base_model {base_model!r}. {err} Fix: pass as base_model the preset the "
+                         f"adapter was trained on, and an adapter of wanlora's WanTransformer (official module "
+                         f"names such as 'blocks.0.self_attn.q', not diffusers' 'blocks.0.attn1.to_q').") from None
     metadata = adapter_metadata(base_model=base_model, expert=expert, timestep_range=(lo, hi), rank=rank,
                                 alpha=alpha, trigger=trigger, recipe_hash=recipe_hash, step=step)
     return [save_lora(weights, adapter_path(path, step, expert, fmt), metadata, format=fmt) for fmt in formats]

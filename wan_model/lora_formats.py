@@ -338,23 +338,23 @@ def check_lora(weights: Mapping[str, LoraModule], report: LoraReport | None, con
     """Raise ValueError when `weights` (and the file behind `report`) do not fit a model of `config`.
 
     Checks: no Wan 2.1 I2V keys; every module exists in the model; every (in, out) shape is the model's."""
-    where = report.path if report else "LoRA"
+    where = f"LoRA file {report.path}" if report else "LoRA"
     if report is not None and report.foreign_model:
         keys = [k for k, why in report.unmatched.items() if why.startswith(report.foreign_model)]
-        raise ValueError(f"LoRA file {where} is a {report.foreign_model} (keys such as {keys[:3]}), not a Wan 2.2 "
+        raise ValueError(f"{where} is a {report.foreign_model} (keys such as {keys[:3]}), not a Wan 2.2 "
                          f"LoRA; it cannot be applied to a Wan 2.2 {config.model_type} model. Use a LoRA trained "
                          f"on Wan 2.2 (or on Wan 2.1 T2V, whose blocks match the A14B experts)")
     targets = lora_targets(config)
     absent = sorted(n for n in weights if n not in targets)
     if absent:
-        raise ValueError(f"LoRA file {where}: modules {absent[:4]}{' ...' if len(absent) > 4 else ''} do not exist in "
+        raise ValueError(f"{where}: modules {absent[:4]}{' ...' if len(absent) > 4 else ''} do not exist in "
                          f"this model ({config.num_layers} blocks); the file has {_num_layers(weights)} blocks. "
                          f"{describe_fit(weights)}")
     wrong = [(n, targets[n], (m.down.shape[1], m.up.shape[0])) for n, m in weights.items()
              if (m.down.shape[1], m.up.shape[0]) != targets[n]]
     if wrong:
         name, want, got = wrong[0]
-        raise ValueError(f"LoRA file {where}: {len(wrong)} modules have shapes of another model, e.g. {name} is "
+        raise ValueError(f"{where}: {len(wrong)} modules have shapes of another model, e.g. {name} is "
                          f"in {got[0]} -> out {got[1]} in the file but in {want[0]} -> out {want[1]} in this model "
                          f"(dim {config.dim}). {describe_fit(weights)}")
 

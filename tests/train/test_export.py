@@ -113,3 +113,31 @@ def test_bad_arguments_fail_clearly(tmp_path, change, match):
 def test_non_lora_keys_are_refused():
     with pytest.raises(ValueError, match="lora_magnitude_vector"):
         lora_weights_from_peft({"blocks.0.self_attn.q.lora_magnitude_vector.default.weight": torch.ones(4)}, 1.0)
+
+
+def _wrong_key_or_shape(kind):
+    _, model = trained()
+    state = get_peft_model_state_dict(model)
+    if kind == "diffusers names":  # an adapter trained on diffusers' WanTransformer3DModel
+        return {official_key_to_diffusers(k): v for k, v in state.items()}, ARGS
+    if kind == "transposed factor":
+        key = "blocks.0.ffn.0.lora_B.weight"
+        return {**state, key: state[key].T.contiguous()}, ARGS
+    return model, {**ARGS, "base_model": "t2v-A14B"}  # shapes of another model
+
+
+@pytest.mark.parametrize("kind,names", [
+    ("another model's preset", ["base_model", "tiny-t2v"]),
+    ("diffusers names", ["blocks.0.attn1.to_q", "official module names"]),
+    ("transposed factor", ["blocks.0.ffn.0", "lora_B"]),
+])
+def test_refusal_names_the_file_and_the_fix(tmp_path, kind, names):
+    """A wrong-shaped or wrong-key adapter is refused naming the file that was not written and what to change."""
+    source, args = _wrong_key_or_shape(kind)
+    with pytest.raises(ValueError) as err:
+        export_expert_adapter(source, tmp_path, **args)
+    message = str(err.value)
+    assert str(adapter_path(tmp_path, 2000, "high_noise")) in message, message
+    assert "LoRA file LoRA" not in message and "Fix:" in message, message
+    assert all(n in message for n in names), message
+    assert not (tmp_path / "adapters").exists()
