@@ -27,6 +27,7 @@ from data.typed_config import ConfigError, from_dict, load_yaml
 from wan_model.config import ModelPreset, get_preset
 from wan_model.release import EXPERT_NAMES, load_release
 from wan_model.speed import SpeedOptions
+from wan_model.transformer import FLOAT32_LINEARS
 
 # Self- and cross-attention q, k, v, o and both FFN linears of every block (official module names;
 # PEFT matches them as name suffixes, so 'self_attn.q' hits 'blocks.<i>.self_attn.q').
@@ -66,6 +67,13 @@ class LoraSettings:
             raise ValueError(f"dropout must be in [0, 1), found {self.dropout}")
         if not self.target_modules:
             raise ValueError("target_modules is empty; list module names such as 'self_attn.q'")
+        # PEFT takes a target for every module whose name is it or ends in "." + it.
+        untrainable = [t for t in self.target_modules
+                       if any(m == t or m.endswith("." + t) for m in FLOAT32_LINEARS)]
+        if untrainable:
+            raise ValueError(f"target_modules {untrainable} reach {', '.join(FLOAT32_LINEARS)}, which the DiT computes "
+                             "in float32 from their weights, so LoRA there would not train; target block linears "
+                             "by their full names, such as 'ffn.0' or 'self_attn.q'")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
+# The linears the DiT runs through `linear_fp32`, which reads their weights directly: a PEFT LoRA layer wrapped
+# around one is never called, so an adapter on it would not train (train/recipe.py refuses them as targets).
+FLOAT32_LINEARS = ("head.head", "time_embedding.0", "time_embedding.2", "time_projection.1")
+
+
 def linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
     """`layer(x)` in float32 whatever the weights' dtype and any autocast around it."""
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -49,6 +49,15 @@ def test_rank_zero_is_refused(tmp_path):
     fails(tmp_path, base(low_noise={"lora": {"rank": 0}}), "experts.low_noise.lora", "rank must be >= 1")
 
 
+def test_lora_targets_the_dit_never_calls_are_refused(tmp_path):
+    """The head and the time embedding run in float32 straight from their weights (linear_fp32): a LoRA layer
+    there is never called and its B would stay zero. Refused by name, also where a short target ("0") reaches
+    one of them through PEFT's suffix match."""
+    for target in ("head.head", "time_embedding.0", "0", "1"):
+        fails(tmp_path, base(high_noise={"lora": {"target_modules": ["ffn.2", target]}}), "experts.high_noise.lora",
+              f"['{target}']", "would not train")
+
+
 def test_overlapping_ranges(tmp_path):
     fails(tmp_path, base(high_noise={"timesteps": [800, 1000]}), "experts.low_noise.timesteps [0, 875)",
           "overlaps high_noise [800, 1000)")
