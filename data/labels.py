@@ -346,10 +346,11 @@ def validate_user_labels(user: Mapping[str, object]) -> dict[str, object]:
     'color_tone' is accepted for 'colour_tone'. None values count as absent.
     """
     fields = list(LABEL_VALUES) + ["score"]
+    by_key = {_key(n): n for n in fields} | {_key(alias): n for alias, n in FIELD_ALIASES.items()}
     out: dict[str, object] = {}
     for raw_name, value in user.items():
-        name = FIELD_ALIASES.get(str(raw_name), str(raw_name))
-        if name not in fields:
+        name = by_key.get(_key(str(raw_name)))
+        if name is None:
             raise LabelError(f"unknown label {raw_name!r}{_suggest(str(raw_name), fields)}; "
                              f"valid labels: {', '.join(fields)}")
         if value is None:

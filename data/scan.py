@@ -42,14 +42,15 @@ class ClipItem:
     """One video or image with everything the user said about it.
 
     clip_id: path relative to the dataset root with '/' separators (stable across machines).
-    labels: user-given label values by LABEL_COLUMNS name (only those given)."""
+    labels: user-given label values by LABEL_COLUMNS name (only those given), as given: data.labels checks them.
+    score: a number, or the value given when it is not one (data.labels rejects it by name)."""
 
     path: Path
     clip_id: str
     kind: str  # 'video' | 'image'
     captions: tuple[str, ...]
-    labels: dict[str, str] = field(default_factory=dict)
-    score: float | None = None
+    labels: dict[str, object] = field(default_factory=dict)
+    score: object = None
 
 
 @dataclass(frozen=True)
@@ -204,12 +205,17 @@ def _scan_metadata(root: Path, meta_path: Path) -> ScanResult:
         nested = row.get("labels") if isinstance(row.get("labels"), dict) else {}
         flat = {c: row[c] for c in (*LABEL_COLUMNS, "score") if row.get(c) is not None}
         for column, value in {**nested, **flat}.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)) or \
+                    (isinstance(value, str) and not value.strip()):
+                continue  # an empty cell: not given
+            # Names and values are checked against the vocabulary by data.labels (a bad one skips the clip), so
+            # a value of the wrong type ('0.2' as text, a number for a label) is kept as given, never dropped.
             if column == "score":
-                if entry["score"] is None and isinstance(value, (int, float)) and not math.isnan(value):
-                    entry["score"] = float(value)
-            elif isinstance(value, str) and value.strip() and column not in entry["labels"]:
-                # Names and values are checked against the vocabulary by data.labels (a bad one skips the clip).
-                entry["labels"][FIELD_ALIASES.get(column, column)] = value.strip()
+                if entry["score"] is None:
+                    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                    entry["score"] = float(value) if number else value
+            elif (name := FIELD_ALIASES.get(column, column)) not in entry["labels"]:
+                entry["labels"][name] = value.strip() if isinstance(value, str) else value
     items = []
     for clip_id, entry in merged.items():
         if not entry["captions"]:

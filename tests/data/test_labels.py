@@ -8,7 +8,7 @@ import torch
 
 from data.demo_clips import ClipSpec, render_clip
 from data.labels import (LABEL_EVIDENCE, AestheticLabels, LabelError, Measurements, labels_from_measurements,
-                         measure, resolve_labels)
+                         measure, resolve_labels, validate_user_labels)
 
 SIZE, FRAMES = (64, 96), 17
 
@@ -135,3 +135,10 @@ def test_as_dict_is_json_ready():
     restored = json.loads(json.dumps(labels.as_dict()))
     assert restored["score"] == 0.5 and restored["source"]["camera_motion"] == "computed"
     assert AestheticLabels(**restored) == labels
+
+
+def test_label_names_are_matched_ignoring_case_and_separators():
+    """validate_user_labels promises names as forgiving as values: a metadata 'labels' mapping written as
+    {"Shot Size": ..., "Colour-Tone": ...} is the user's shot_size and colour_tone, not a skipped clip."""
+    labels = validate_user_labels({"Shot Size": "wide", "Colour-Tone": "warm", "COLOR_TONE": "warm", "Score": 0.5})
+    assert labels == {"shot_size": "wide", "colour_tone": "warm", "score": 0.5}

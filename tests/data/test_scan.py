@@ -87,3 +87,37 @@ def test_missing_root_and_named_metadata(tmp_path):
         scan_folder(tmp_path / "nope")
     with pytest.raises(ScanError, match="not found"):
         scan_folder(tmp_path, metadata="meta.jsonl")
+
+
+def test_metadata_label_values_of_the_wrong_type_reach_validation(tmp_path):
+    """A score written as text ('0.2') or a label that is not text was dropped without a word, so a
+    min_score filter kept the clip; they must reach data.labels, which rejects them naming label and value."""
+    from data.labels import LabelError, validate_user_labels
+
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    _touch(flat / "a.mp4")
+    (flat / "metadata.jsonl").write_text(json.dumps({"file_name": "a.mp4", "caption": "c", "score": "0.2",
+                                                     "lighting": 3}), encoding="utf-8")
+    _touch(nested / "b.mp4")
+    (nested / "metadata.jsonl").write_text(json.dumps({"file_name": "b.mp4", "caption": "c",
+                                                       "labels": {"contrast": ["high"], "score": True}}),
+                                           encoding="utf-8")
+    (a,) = scan_folder(flat).items
+    (b,) = scan_folder(nested).items
+    assert a.score == "0.2" and a.labels == {"lighting": 3}
+    assert b.score is True and b.labels == {"contrast": ["high"]}
+    with pytest.raises(LabelError, match="'score' must be a finite number, found '0.2'"):
+        validate_user_labels({"score": a.score})
+    with pytest.raises(LabelError, match="'lighting' has unknown value 3"):
+        validate_user_labels(a.labels)
+    with pytest.raises(LabelError, match="'contrast' has unknown value \\['high'\\]"):
+        validate_user_labels(b.labels)
+
+
+def test_metadata_first_row_wins_for_a_label_under_either_spelling(tmp_path):
+    _touch(tmp_path / "a.mp4")
+    rows = [{"file_name": "a.mp4", "caption": "c", "colour_tone": "warm"},
+            {"file_name": "a.mp4", "caption": "d", "color_tone": "cool"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (item,) = scan_folder(tmp_path).items
+    assert item.labels == {"colour_tone": "warm"}
