@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps is not None and not 1 <= args.max_steps <= s.steps:
         parser.error(f"--max-steps must be in [1, training.steps = {s.steps}], got {args.max_steps}")
     accelerator = make_accelerator(s)
+    # Before any weights load, and before the run folder's recipe.yaml is rewritten below: what run() and
+    # load_checkpoint would refuse later (another run's checkpoints without --resume, a checkpoint of a
+    # different recipe or process count) is refused here, so a refused command leaves that folder as it was.
+    resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
+    check_resume(recipe, resume, accelerator.num_processes)
     release = load_release(recipe.model.release, recipe.preset.name)
     dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
     # Loaded on the host; the trainer moves them to the device (or keeps the idle one on the host).
@@ -73,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
         batches = held_out_batches(recipe.dataset.cache_dir, recipe.validation.max_items, recipe.preset.text_len)
         validator = Validator(batches, recipe.validation)
-    resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
     lock = RunLock(s.output_dir) if accelerator.is_main_process else None
     if lock:
         # fp32 LoRA weights + two AdamW moments per checkpoint, kept twice while the next one is written.
@@ -95,6 +99,37 @@ def main(argv: list[str] | None = None) -> int:
         for name, best in best_steps(trainer.validation_history).items():
             print(f"best validation step of {name}: {best['step']} (loss {best['loss']:.4f})")
     return 0
+
+
+def check_resume(recipe, resume: Path | None, processes: int) -> None:
+    """Refuse, as one `error:` line, a start that run() / load_checkpoint would refuse only after the models
+    load: checkpoints of an earlier run without --resume (FileExistsError), or a resume checkpoint written by
+    a different recipe or process count (CheckpointError; load_checkpoint raises a plain ValueError)."""
+    import json
+
+    from train.checkpoints import CheckpointError, checkpoint_root, list_checkpoints
+    from train.recipe import recipe_hash
+
+    output_dir = recipe.training.output_dir
+    if resume is None:
+        if list_checkpoints(checkpoint_root(output_dir)):
+            raise FileExistsError(f"{checkpoint_root(output_dir)} holds checkpoints of an earlier run; continue it "
+                                  f"with --resume latest, or set another training.output_dir (or delete that folder)")
+        return
+    try:
+        meta = json.loads((Path(resume) / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{Path(resume) / 'state.json'}: unreadable ({err}); resume from an earlier checkpoint "
+                              f"folder in {Path(resume).parent}") from None
+    expected = recipe_hash(recipe)
+    if meta.get("recipe_hash") != expected:
+        raise CheckpointError(f"{resume}: written by a different recipe (hash {meta.get('recipe_hash')}, this one "
+                              f"{expected}); only steps/logging/output keys may change between a run and its resume: "
+                              f"resume with the recipe that started the run, or start a new run in another "
+                              f"training.output_dir")
+    if meta.get("processes", processes) != processes:
+        raise CheckpointError(f"{resume}: written by {meta['processes']} processes, resumed with {processes}; the "
+                              f"data order would change; launch with --num_processes {meta['processes']}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,10 +47,12 @@ class SamplerSettings:
     logit_std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.shift <= 0:
+        if not (self.shift > 0 and math.isfinite(self.shift)):
             raise ValueError(f"shift must be > 0, found {self.shift}")
-        if self.logit_std <= 0:
+        if not (self.logit_std > 0 and math.isfinite(self.logit_std)):
             raise ValueError(f"logit_std must be > 0, found {self.logit_std}")
+        if not math.isfinite(self.logit_mean):
+            raise ValueError(f"logit_mean must be a finite number, found {self.logit_mean}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, found {self.rank}; a rank-0 adapter has no weights (use 4..64)")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be > 0, found {self.alpha}; the adapter's output is scaled by alpha / rank, "
+                             f"so alpha 0 trains nothing (alpha = rank is the usual choice)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), found {self.dropout}")
         if not self.target_modules:
@@ -86,8 +93,13 @@ class OptimizerSettings:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, found {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be > 0 and finite, found {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be >= 0, found {self.weight_decay} (0: none)")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be > 0, found {self.eps}; Adam divides by sqrt(v) + eps, and LoRA A's first "
+                             f"gradients are 0 (B starts at 0), so eps 0 gives 0/0 = nan (use 1.0e-8)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), found {self.betas}")
 
@@ -170,6 +182,8 @@ class TrainingSettings:
                              "(training.deepspeed: null)")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, found {self.sample_steps}")
+        if not (self.max_grad_norm >= 0):  # also nan
+            raise ValueError(f"max_grad_norm must be >= 0, found {self.max_grad_norm} (0: no clipping)")
         if not 0.0 <= self.ti2v_image_prob <= 1.0:
             raise ValueError(f"ti2v_image_prob must be in [0, 1], found {self.ti2v_image_prob}")
 
@@ -308,9 +322,46 @@ def load_recipe(path: str | Path, check_release: bool = True) -> Recipe:
     raw = load_yaml(path)
     if "dataset" not in raw:
         raise ConfigError(f"{where}: no 'dataset' section; add one with at least 'root: <folder of clips>'")
-    recipe = from_dict(Recipe, raw, where)
+    try:
+        recipe = from_dict(Recipe, raw, where)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{yaml_hint(str(err))}") from None
     check_recipe(recipe, where, check_release)
     return recipe
+
+
+# A number in exponent notation that YAML 1.1 (PyYAML) reads as text: '1e-4', '5E3' (its floats need a dot
+# and a signed exponent: 1.0e-4, 5.0e+3).
+_EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def yaml_hint(message: str) -> str:
+    """The fix for a typed_config error that a YAML 1.1 reading caused, appended to its message ('' if none):
+    exponent numbers without a dot read as text, unquoted yes/no/on/off read as booleans, and for
+    training.deepspeed the spelling of 'none' (null)."""
+    hint = ""
+    found = re.search(r"expected a (number|whole number), found str '([^']*)'$", message)
+    if found and _EXPONENT_TEXT.fullmatch(found.group(2)):
+        value = float(found.group(2))
+        if found.group(1) == "whole number":
+            spelled = str(int(value)) if value.is_integer() else None
+        else:  # the user's digits: 1e-4 -> 1.0e-4, 5E3 -> 5.0E+3
+            mantissa, mark, exponent = re.split(r"([eE])", found.group(2))
+            mantissa = mantissa if "." in mantissa else mantissa + ".0"
+            mantissa = re.sub(r"^([-+]?)\.", r"\g<1>0.", mantissa)
+            spelled = f"{mantissa}{mark}{exponent if exponent[0] in '+-' else '+' + exponent}"
+        if spelled is not None:
+            hint = (f"; YAML reads {found.group(2)} as text (its exponent numbers need a dot and a signed "
+                    f"exponent): write {spelled}")
+    elif re.search(r": (True|False) is not allowed; choose one of", message) or re.search(
+            r"expected text, found bool (True|False)$", message):
+        hint = ("; YAML reads an unquoted yes / no / on / off / true / false as a boolean: write the value in "
+                "quotes")
+    elif re.search(r"expected text, found (int|float) ", message):
+        hint = "; write the value in quotes to keep it as text"
+    if re.search(r"training\.deepspeed: .* is not allowed", message):
+        hint += "; for no DeepSpeed write null (or leave the key out)"
+    return hint
 
 
 # Keys that may change between a run and its resume without changing what is trained.

@@ -67,3 +67,33 @@ def test_run_cli_ends_the_process_group_after_main_returns(tmp_path):
 
     assert run_cli(forms_group(False)) == 0 and not dist.is_initialized()
     assert run_cli(forms_group(True)) == 2 and not dist.is_initialized()
+
+
+def test_a_refused_run_keeps_the_recipe_in_the_run_folder_and_prints_one_error_line(tmp_path):
+    """train_lora.py on an output_dir that holds another run's checkpoints, without --resume or with --resume
+    of a different recipe, is refused, before any weights load: one `error:` line, exit 2, and the run's
+    recipe.yaml (what the evaluation report shows) is the recipe that trained it. It was overwritten by the
+    new recipe before the refusal, and the different-recipe refusal was a ValueError traceback."""
+    import yaml
+
+    from tests.train.test_checkpoints import _tiny_run
+
+    recipe = _tiny_run(tmp_path, steps=2, out="run")
+    proc = subprocess.run([sys.executable, "train_lora.py", str(recipe)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert kept == recipe.read_text()
+    body = yaml.safe_load(recipe.read_text())
+    body["training"]["seed"] = 7  # defines the trajectory: a different recipe
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(body))
+    for extra, expected in (([], "--resume latest"), (["--resume", "latest"], "different recipe"),
+                            (["--resume", str(tmp_path / "run" / "checkpoints" / "step-00000002")],
+                             "different recipe")):
+        proc = subprocess.run([sys.executable, "train_lora.py", str(other), *extra], cwd=ROOT, capture_output=True,
+                              text=True)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: ") and expected in lines[-1], (extra, lines)
+        assert (tmp_path / "run" / "recipe.yaml").read_text() == kept, extra

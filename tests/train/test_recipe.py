@@ -207,3 +207,62 @@ def test_auto_memory_plan_refused_where_it_cannot_plan(tmp_path):
     with pytest.raises(ConfigError, match="gradient_checkpointing: true"):
         check_recipe(plain, "r.yaml", check_release=False)
     check_recipe(base, "r.yaml", check_release=False)
+
+
+def write_text(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {preset: tiny-t2v}\ndataset: {root: clips}\n" + text)
+    return path
+
+
+def text_fails(tmp_path, text: str, *needles) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write_text(tmp_path, text), check_release=False)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_exponent_numbers_without_a_dot_name_the_yaml_fix(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as the text '1e-4': the error names the key and a spelling it reads as a
+    number, where it said only 'expected a number, found str'."""
+    text_fails(tmp_path, "experts: {high_noise: {optimizer: {lr: 1e-4}}}\n", "experts.high_noise.optimizer.lr",
+               "'1e-4'", "write 1.0e-4")
+    text_fails(tmp_path, "experts: {low_noise: {optimizer: {eps: 2E-8}}}\n", "optimizer.eps", "write 2.0E-8")
+    text_fails(tmp_path, "training: {steps: 3e3}\n", "training.steps", "write 3000")
+    text_fails(tmp_path, "training: {steps: many}\n", "training.steps", "'many'")  # no hint for plain text
+    # the spelling the hint gives loads
+    assert load_recipe(write_text(tmp_path, "experts: {high_noise: {optimizer: {lr: 1.0e-4}}}\n"),
+                       check_release=False).experts["high_noise"].optimizer.lr == 1e-4
+
+
+def test_yes_no_on_off_read_as_booleans_name_the_yaml_fix(tmp_path):
+    """`deepspeed: no` / `off` reach the recipe as False (YAML 1.1 booleans), `deepspeed: none` as the text
+    'none': the error says how to write 'no DeepSpeed' (null) and that such words need quotes."""
+    for word in ("no", "off", "false"):
+        text_fails(tmp_path, f"training: {{deepspeed: {word}}}\n", "training.deepspeed", "null")
+    text_fails(tmp_path, "training: {deepspeed: none}\n", "training.deepspeed", "null")
+    text_fails(tmp_path, "training: {offload_inactive_expert: no}\n", "training.offload_inactive_expert",
+               "boolean", "quote")
+    text_fails(tmp_path, "dataset: {root: clips, trigger: on}\n", "dataset.trigger", "quote")
+    assert load_recipe(write_text(tmp_path, "training: {deepspeed: null}\n"), check_release=False).training.deepspeed \
+        is None
+
+
+def test_optimizer_lora_and_clipping_values_out_of_range_are_refused_at_load(tmp_path):
+    """Each of these used to load: eps 0 makes Adam's first update 0/0 (LoRA A's gradient is 0 while B is 0),
+    a negative weight decay or a nan lr failed in torch only after the base weights had loaded, an infinite lr
+    trains nan, alpha 0 scales the adapter to nothing (it trains nothing), and a negative or nan
+    max_grad_norm turned clipping off silently."""
+    for optimizer, needle in (({"eps": 0.0}, "eps must be > 0"), ({"eps": -1.0e-8}, "eps must be > 0"),
+                              ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+                              ({"lr": float("inf")}, "lr must be"), ({"lr": float("nan")}, "lr must be")):
+        fails(tmp_path, base(high_noise={"optimizer": optimizer}), "experts.high_noise.optimizer", needle)
+    for alpha in (0, -16):
+        fails(tmp_path, base(low_noise={"lora": {"alpha": alpha}}), "experts.low_noise.lora", "alpha must be > 0")
+    for norm in (-1.0, float("nan")):
+        body = base()
+        body["training"]["max_grad_norm"] = norm
+        fails(tmp_path, body, "recipe.yaml: training", "max_grad_norm must be >= 0")
+    body = base(high_noise={"sampler": {"kind": "shift", "shift": float("nan")}})
+    fails(tmp_path, body, "experts.high_noise.sampler", "shift must be > 0")
