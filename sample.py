@@ -8,7 +8,8 @@ Generate one video (T2V-A14B, I2V-A14B or TI2V-5B, from an official release fold
   --lora PATH[:STRENGTH][@EXPERT]  a LoRA file, or a folder of per-expert files (our export:
                                    high_noise.safetensors / low_noise.safetensors / dense.safetensors).
                                    A file that names its expert in its metadata (ours do) applies to
-                                   that expert only; @high_noise / @low_noise forces it. Repeatable.
+                                   that expert only; @high_noise / @low_noise forces it (on a step
+                                   folder: that expert's file alone). Repeatable.
   --image IMG                      the first frame (I2V-A14B needs it; TI2V-5B uses it when given).
 
 Compare adapters on a prompt suite (same seeds, base model first), writing a contact sheet PNG per
@@ -104,6 +105,23 @@ def load_release_pipeline(args, dtype):
         raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
 
 
+def output_stem(out: Path) -> Path:
+    """--out is a path without extension; save_video swaps the suffix for .mp4 / .png, so a name with a dot
+    ('fox-0.5') keeps its dot by getting '.mp4' appended first ('fox-0.5.mp4'); 'fox.mp4' stays 'fox'."""
+    return out if out.suffix.lower() in ("", ".mp4", ".png") else out.with_name(out.name + ".mp4")
+
+
+def _release_task(args) -> str | None:
+    """The release's task (t2v / i2v / ti2v) from its config files alone; None when that cannot be told
+    (load_release_pipeline then reports what is wrong with the folder)."""
+    from wan_model.release import load_release
+
+    try:
+        return load_release(args.release, args.preset).preset.task
+    except Exception:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "evaluate":
@@ -125,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             raise UsageError(f"--lora {spec}: {path} does not exist; give a LoRA .safetensors file or an adapters "
                              f"step folder (PATH[:STRENGTH][@EXPERT])")
+        if expert and path.is_dir() and (path / f"{expert}.safetensors").is_file():
+            path = path / f"{expert}.safetensors"  # that expert's file of an export folder, not all its files
         specs.append((spec, path, strength, expert))
     image = None
     if args.image is not None:
@@ -133,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             image = read_image(args.image)
         except ValueError as err:
             raise UsageError(f"--image: {err}; give a PNG or JPEG file") from None
+    if image is None and _release_task(args) == "i2v":  # before minutes of weight loading
+        raise UsageError(f"--release {args.release} is an image-to-video model: give the first frame with "
+                         f"--image FILE (a PNG or JPEG)")
     dtype = getattr(torch, args.dtype)
     pipe = load_release_pipeline(args, dtype)
     for spec, path, strength, expert in specs:
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                                 height=height, width=width, frames=args.frames, steps=args.steps,
                                 shift=args.shift, guide_scale=args.guide, solver=args.solver, image=image)
     result = pipe.generate(request, progress=True)
-    mp4, png = save_video(result.video, args.out, fps=pipe.preset.sample_fps)
+    mp4, png = save_video(result.video, output_stem(args.out), fps=pipe.preset.sample_fps)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"wrote {mp4} and {png} ({timing})")
     return 0

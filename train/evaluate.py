@@ -120,7 +120,11 @@ def load_suite(path: str | Path) -> list[SuiteEntry]:
         height, width = _parse_size(merged.get("size", "480x832"), where)
         guide = merged.get("guide")
         if guide is not None:
-            guide = tuple(float(g) for g in (guide if isinstance(guide, list) else [guide, guide]))
+            values = guide if isinstance(guide, list) else [guide, guide]
+            if len(values) != 2 or not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in values):
+                raise ConfigError(f"{where}: guide must be a number or a list [LOW, HIGH] of two numbers, "
+                                  f"got {guide!r}")
+            guide = tuple(float(g) for g in values)
         for key in ("frames", "steps"):
             if key in merged and (not isinstance(merged[key], int) or merged[key] < 1):
                 raise ConfigError(f"{where}: {key} must be a positive whole number, got {merged[key]!r}")
@@ -251,17 +255,18 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     that stopped resumes where it was. A progress bar shows the renders left and the ETA."""
     from tqdm.auto import tqdm
 
-    from wan_model.media import read_image, save_frames, save_png, to_uint8_frames
+    from wan_model.media import save_frames, save_png, to_uint8_frames
     from wan_model.pipeline import GenerationRequest
 
     started = time.perf_counter()
     stems = [render_file_name("", v.name) for v in variants]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"variants {[v.name for v in variants]} would share render files; give them distinct names")
+    check_adapters(pipe, variants)
+    images = suite_images(pipe, suite)
     reference = training_palette(clips_dir) if clips_dir is not None else None
     metrics: dict = {"training_palette": reference, "renders": {}, "switches": []}
     jobs = [(f"p{p_index}-s{seed}", entry, seed) for p_index, entry in enumerate(suite) for seed in entry.seeds]
-    images = {id(entry): read_image(entry.image) for _, entry, _ in jobs if entry.image}
     sheet_rows: dict[str, list] = {key: [] for key, _, _ in jobs}
     videos: dict[str, list[Path]] = {key: [] for key, _, _ in jobs}
     bar = tqdm(total=len(jobs) * len(variants), desc="evaluate", unit="render", disable=not progress,
@@ -296,6 +301,9 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                     video = pipe.generate(request).video
                     seconds = time.perf_counter() - t0
                     all_frames = to_uint8_frames(video)
+                    # The old sidecar goes first: stopped while the new files are written, a later run must
+                    # not take them for the renders the old sidecar describes.
+                    sidecar.unlink(missing_ok=True)
                     save_frames(all_frames, stem, fps=pipe.preset.sample_fps)
                     idx = np.linspace(0, len(all_frames) - 1, num=min(5, len(all_frames))).round().astype(int)
                     frames = all_frames[idx]
@@ -329,6 +337,60 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     metrics["summary"] = summarise(metrics["renders"], [v.name for v in variants])
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return write_report(out, sheets, videos, metrics, run)
+
+
+def check_adapters(pipe, variants: list[Variant]) -> None:
+    """Read every adapter file of the grid once before the first render: a missing, damaged or empty one, or
+    one made for another model or expert, is a ConfigError naming the file (not a traceback after the base
+    renders)."""
+    from wan_model.lora_formats import META_EXPERT, load_lora
+
+    seen = set()
+    for variant in variants:
+        for path in map(Path, variant.adapters):
+            if path in seen:
+                continue
+            seen.add(path)
+            files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+            if not files:
+                raise ConfigError(f"adapter {path}: no .safetensors LoRA files in this folder; give an adapters "
+                                  f"step folder (high_noise/low_noise/dense.safetensors) or a LoRA file")
+            for f in files:
+                try:
+                    _, report = load_lora(f, config=pipe.preset.transformer)
+                except Exception as err:  # safetensors' own error type for a damaged file, ValueError, ...
+                    if isinstance(err, (MemoryError, KeyboardInterrupt, torch.OutOfMemoryError)):
+                        raise
+                    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    hint = "" if isinstance(err, (ValueError, FileNotFoundError)) else \
+                        "; not a readable .safetensors file: re-export or re-download it"
+                    raise ConfigError(f"adapter {f}: {message}{hint}") from None
+                expert = report.metadata.get(META_EXPERT)
+                if expert and expert not in pipe.experts:
+                    raise ConfigError(f"adapter {f}: LoRA is for expert {expert!r}, but {pipe.preset.name} has "
+                                      f"experts {sorted(pipe.experts)}; is it an adapter of another model?")
+
+
+def suite_images(pipe, suite: list[SuiteEntry]) -> dict[int, torch.Tensor]:
+    """The first frames of the suite's entries, by id(entry); an I2V suite entry without one, or an image
+    that cannot be read, is a ConfigError naming the entry's line and the fix."""
+    from wan_model.media import read_image
+
+    images = {}
+    for entry in suite:
+        where = f"suite entry at line {entry.line} ({entry.prompt!r})"
+        if entry.image is None:
+            if pipe.preset.task == "i2v":
+                raise ConfigError(f"{where}: {pipe.preset.name} is image-to-video; give the first frame with "
+                                  f"'image: FILE' (a PNG or JPEG, relative to the suite file) in the entry or "
+                                  f"in defaults")
+            continue
+        try:
+            images[id(entry)] = read_image(entry.image)
+        except ValueError as err:
+            raise ConfigError(f"{where}: image: {err}; give a PNG or JPEG file (a relative path is read from "
+                              f"the suite file's folder)") from None
+    return images
 
 
 def grid_variants(adapters: list[Path], strengths: list[float]) -> list[Variant]:
@@ -403,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                              speed=speed_from_args(args))
     except (ValueError, KeyError) as err:
         raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
-    variants = [Variant("base")] + grid_variants(args.adapters, args.strengths or [args.strength or 1.0])
+    strengths = args.strengths or [1.0 if args.strength is None else args.strength]
+    variants = [Variant("base")] + grid_variants(args.adapters, strengths)
     report = evaluate(pipe, suite, variants, out, run=args.run, clips_dir=args.clips,
                       identity={"release": str(args.release.resolve())})
     print(f"wrote {report}")

@@ -97,3 +97,63 @@ def test_a_refused_run_keeps_the_recipe_in_the_run_folder_and_prints_one_error_l
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and expected in lines[-1], (extra, lines)
         assert (tmp_path / "run" / "recipe.yaml").read_text() == kept, extra
+
+
+def test_sample_out_with_a_dot_writes_that_name_with_the_frames_and_fps(tmp_path):
+    """--out is a path without extension: 'fox-0.5' writes fox-0.5.mp4 (it wrote fox-0.mp4, and
+    'fox-0.8' then overwrote it); the mp4 has the requested frames at the preset's fps."""
+    import av
+
+    import sample
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    for out in ("fox-0.5", "fox-0.8", "fox.mp4"):
+        assert sample.main(["--release", str(release), "--prompt", "a fox", "--size", "32x32", "--frames", "5",
+                            "--steps", "1", "--device", "cpu", "--dtype", "float32",
+                            "--out", str(tmp_path / out)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("fox*")) == [
+        "fox-0.5.mp4", "fox-0.5.png", "fox-0.8.mp4", "fox-0.8.png", "fox.mp4", "fox.png"]
+    with av.open(str(tmp_path / "fox-0.5.mp4")) as container:
+        assert container.streams.video[0].average_rate == 16
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_i2v_without_image_is_one_error_naming_the_option_before_loading_weights(tmp_path, monkeypatch):
+    import pytest
+
+    import sample
+    import wan_model.pipeline
+    from train.cli import UsageError
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-i2v")
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the missing --image was reported")
+
+    monkeypatch.setattr(wan_model.pipeline, "load_pipeline", no_load)
+    with pytest.raises(UsageError, match="--image"):
+        sample.main(["--release", str(release), "--prompt", "a fox", "--size", "32x32", "--frames", "5",
+                     "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "out")])
+
+
+def test_lora_folder_at_an_expert_applies_that_experts_file_only(tmp_path, capsys):
+    """`--lora adapters/step-N@high_noise` (our export folder, one file per expert) puts high_noise.safetensors
+    on the high-noise expert; it used to stack low_noise.safetensors on the high-noise expert as well."""
+    import sample
+    from tests.wan_model.test_pipeline import random_lora
+    from wan_model.config import PRESETS
+    from wan_model.lora_formats import META_EXPERT, save_lora
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    step = tmp_path / "step-00000002"
+    for seed, expert in enumerate(("high_noise", "low_noise")):
+        save_lora(random_lora(PRESETS["tiny-t2v"].transformer, seed=seed), step / f"{expert}.safetensors",
+                  {META_EXPERT: expert})
+    assert sample.main(["--release", str(release), "--prompt", "a fox", "--size", "32x32", "--frames", "5",
+                        "--steps", "1", "--device", "cpu", "--dtype", "float32", "--lora", f"{step}@high_noise",
+                        "--out", str(tmp_path / "out")]) == 0
+    applied = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LoRA ")]
+    assert len(applied) == 1 and "high_noise.safetensors" in applied[0] and applied[0].endswith("-> high_noise")

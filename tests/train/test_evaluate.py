@@ -30,6 +30,8 @@ def test_suite_defaults_seeds_and_relative_image(tmp_path):
     ("  - prompt: ok\n  - seeds: [1]\n", r"suite.yaml:3: each entry needs a non-empty 'prompt'"),
     ("  - prompt: ok\n    size: big\n", r"suite.yaml:2: size must be HEIGHTxWIDTH"),
     ("  - prompt: ok\n    seeds: [a]\n", r"suite.yaml:2: seeds must be a list of whole numbers"),
+    ("  - prompt: ok\n    guide: strong\n", r"suite.yaml:2: guide must be"),
+    ("  - prompt: ok\n    guide: [1, 2, 3]\n", r"suite.yaml:2: guide must be"),
 ])
 def test_bad_entry_names_its_line(tmp_path, entry, message):
     suite = tmp_path / "suite.yaml"
@@ -195,3 +197,124 @@ def test_card_of_a_low_noise_only_run_loads_it_into_the_low_noise_transformer(tm
     loads = [line for line in card.splitlines() if "load_lora_weights" in line]
     assert len(loads) == 1 and "low_noise.safetensors" in loads[0] and "load_into_transformer_2=True" in loads[0]
     assert "base_model: Wan-AI/Wan2.2-T2V-A14B" in card
+
+
+def _tiny_pipe(tmp_path, preset="tiny-t2v"):
+    import torch
+
+    from wan_model.pipeline import load_pipeline
+    from wan_model.tiny_release import write_tiny_release
+
+    return load_pipeline(write_tiny_release(tmp_path / f"release-{preset}", preset), device="cpu",
+                         dtype=torch.float32)
+
+
+def test_a_bad_adapter_is_a_user_error_naming_the_file_before_any_render(tmp_path):
+    """A damaged adapter file, or one made for another model size, stops the evaluation before the first
+    render with a user error (one `error:` line) naming the file; it was a traceback after the base renders."""
+    import torch
+    from safetensors.torch import save_file
+
+    from train.cli import user_errors
+    from train.evaluate import SuiteEntry, Variant, evaluate
+
+    pipe = _tiny_pipe(tmp_path)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00not a safetensors file")
+    other = tmp_path / "other.safetensors"
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 5120),
+               "blocks.0.self_attn.q.lora_B.weight": torch.zeros(5120, 4)}, str(other))
+    suite = [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=1)]
+    generate = pipe.generate
+    calls = []
+    pipe.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    for bad in (corrupt, other):
+        with pytest.raises(user_errors()) as err:
+            evaluate(pipe, suite, [Variant("base"), Variant("bad", [bad])], tmp_path / "eval", progress=False)
+        assert str(bad) in str(err.value), err.value
+        assert calls == []
+
+
+def test_i2v_suite_without_a_readable_image_is_a_user_error_naming_the_fix(tmp_path):
+    from train.cli import user_errors
+    from train.evaluate import SuiteEntry, Variant, evaluate
+
+    pipe = _tiny_pipe(tmp_path, "tiny-i2v")
+    no_image = [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=1, line=3)]
+    with pytest.raises(user_errors(), match=r"line 3.*image:"):
+        evaluate(pipe, no_image, [Variant("base")], tmp_path / "eval", progress=False)
+    missing = tmp_path / "nope.png"
+    gone = [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=1, image=missing, line=4)]
+    with pytest.raises(user_errors(), match=rf"line 4.*{missing}"):
+        evaluate(pipe, gone, [Variant("base")], tmp_path / "eval", progress=False)
+
+
+def test_strength_0_is_strength_0(tmp_path, monkeypatch):
+    """`--strength 0` (the adapter switched off: must match the base render) was read as 1.0."""
+    import train.evaluate as ev
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("prompts:\n  - a fox\n")
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"")
+    seen = {}
+    monkeypatch.setattr(ev, "evaluate", lambda pipe, suite, variants, out, **k: seen.setdefault("v", variants))
+    ev.main(["--release", str(release), "--suite", str(suite), "--adapters", str(adapter), "--strength", "0",
+             "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert [(v.name, v.strength) for v in seen["v"]] == [("base", 1.0), ("a", 0.0)]
+
+
+def test_a_render_stopped_while_saving_is_not_reused_for_the_old_settings(tmp_path, monkeypatch):
+    """Render with settings A; re-render the same file with settings B but stop before its sidecar is written
+    (the new mp4 and sheet are on disk, the old sidecar still says A); ask for A again: the files hold B,
+    so they must be rendered again, not reused."""
+    import train.evaluate as ev
+    from train.evaluate import SuiteEntry, Variant, evaluate
+
+    pipe = _tiny_pipe(tmp_path)
+    out = tmp_path / "eval"
+    entry = lambda steps: [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=steps)]  # noqa
+    evaluate(pipe, entry(1), [Variant("base")], out, progress=False)
+    sheet_a = np.load(out / "videos" / "p0-s0-base.sheet.npy")
+    write = ev.atomic_write_text
+
+    def stop_at_sidecar(path, text):
+        if str(path).endswith("p0-s0-base.json"):
+            raise KeyboardInterrupt
+        return write(path, text)
+
+    monkeypatch.setattr(ev, "atomic_write_text", stop_at_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(pipe, entry(3), [Variant("base")], out, progress=False)
+    monkeypatch.setattr(ev, "atomic_write_text", write)
+    assert not np.array_equal(np.load(out / "videos" / "p0-s0-base.sheet.npy"), sheet_a)
+    evaluate(pipe, entry(1), [Variant("base")], out, progress=False)
+    again = json.loads((out / "metrics.json").read_text())["renders"]["p0-s0-base"]
+    assert not again["reused"]
+    assert np.array_equal(np.load(out / "videos" / "p0-s0-base.sheet.npy"), sheet_a)
+
+
+def test_base_and_adapter_renders_share_the_noise_and_the_adapter_is_detached_after(tmp_path):
+    """Same seed, same noise: an adapter at strength 0 renders the base video bit for bit; after the grid
+    the pipeline is the base model again."""
+    from tests.wan_model.test_pipeline import random_lora
+    from train.evaluate import SuiteEntry, Variant, evaluate
+    from wan_model.config import PRESETS
+    from wan_model.lora_formats import save_lora
+    from wan_model.pipeline import GenerationRequest
+
+    pipe = _tiny_pipe(tmp_path)
+    lora = tmp_path / "style.safetensors"
+    save_lora(random_lora(PRESETS["tiny-t2v"].transformer, seed=0), lora, {})
+    suite = [SuiteEntry(prompt="a fox", seeds=[3], height=32, width=32, frames=5, steps=2)]
+    out = tmp_path / "eval"
+    evaluate(pipe, suite, [Variant("base"), Variant("off", [lora], 0.0), Variant("on", [lora], 1.0)], out,
+             progress=False)
+    sheet = lambda v: np.load(out / "videos" / f"p0-s3-{v}.sheet.npy")  # noqa: E731
+    assert np.array_equal(sheet("base"), sheet("off")) and not np.array_equal(sheet("base"), sheet("on"))
+    request = GenerationRequest(prompt="a fox", seed=3, height=32, width=32, frames=5, steps=2)
+    from wan_model.media import to_uint8_frames
+    frames = to_uint8_frames(pipe.generate(request).video)
+    assert np.array_equal(frames[[0, 1, 2, 3, 4]], sheet("base"))  # no adapter left attached
