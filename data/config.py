@@ -93,6 +93,9 @@ class DatasetConfig:
                 raise ValueError(f"{name} must be in [0, 1], found {value}")
         if self.prompt_variants < 1:
             raise ValueError(f"prompt_variants must be at least 1, found {self.prompt_variants}")
+        if self.fps is not None and self.fps < 1:  # 0 fell back to the model's rate, silently
+            raise ValueError(f"fps must be at least 1, found {self.fps}; leave it out (null) for the model's rate "
+                             f"(16 for A14B, 24 for TI2V-5B)")
         if self.windows.max_windows < 1:
             raise ValueError(f"windows.max_windows must be at least 1, found {self.windows.max_windows}")
 

@@ -253,6 +253,10 @@ def test_yaml_recipe_reads_model_and_dataset_only(tmp_path):
     recipe.write_text("dataset: {root: clips, label_dropout: 1.5}\n")
     with pytest.raises(ConfigError, match=r"label_dropout must be in \[0, 1\]"):
         load_prepare_config(recipe)
+    for fps in (0, -16):  # 0 fell back to the model's rate silently
+        recipe.write_text(f"dataset: {{root: clips, fps: {fps}}}\n")
+        with pytest.raises(ConfigError, match="fps must be at least 1"):
+            load_prepare_config(recipe)
 
 
 def test_cli_with_a_tiny_release(demo, tmp_path):
