@@ -15,9 +15,10 @@ from wan_model.release import write_transformer_release
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-def write(tmp_path, body: dict, name="recipe.yaml") -> Path:
+def write(tmp_path, body: dict | str, name="recipe.yaml") -> Path:
+    """A recipe file: `body` as YAML, or as it is written when text (to reach PyYAML's own readings)."""
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(body))
+    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
     return path
 
 
@@ -209,30 +210,19 @@ def test_auto_memory_plan_refused_where_it_cannot_plan(tmp_path):
     check_recipe(base, "r.yaml", check_release=False)
 
 
-def write_text(tmp_path, text: str) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text("model: {preset: tiny-t2v}\ndataset: {root: clips}\n" + text)
-    return path
-
-
-def text_fails(tmp_path, text: str, *needles) -> str:
-    with pytest.raises(ConfigError) as err:
-        load_recipe(write_text(tmp_path, text), check_release=False)
-    for needle in needles:
-        assert needle in str(err.value), str(err.value)
-    return str(err.value)
+HEAD = "model: {preset: tiny-t2v}\ndataset: {root: clips}\n"  # the sections every text recipe below starts with
 
 
 def test_exponent_numbers_without_a_dot_name_the_yaml_fix(tmp_path):
     """PyYAML (YAML 1.1) reads `1e-4` as the text '1e-4': the error names the key and a spelling it reads as a
     number, where it said only 'expected a number, found str'."""
-    text_fails(tmp_path, "experts: {high_noise: {optimizer: {lr: 1e-4}}}\n", "experts.high_noise.optimizer.lr",
+    fails(tmp_path, HEAD + "experts: {high_noise: {optimizer: {lr: 1e-4}}}\n", "experts.high_noise.optimizer.lr",
                "'1e-4'", "write 1.0e-4")
-    text_fails(tmp_path, "experts: {low_noise: {optimizer: {eps: 2E-8}}}\n", "optimizer.eps", "write 2.0E-8")
-    text_fails(tmp_path, "training: {steps: 3e3}\n", "training.steps", "write 3000")
-    text_fails(tmp_path, "training: {steps: many}\n", "training.steps", "'many'")  # no hint for plain text
+    fails(tmp_path, HEAD + "experts: {low_noise: {optimizer: {eps: 2E-8}}}\n", "optimizer.eps", "write 2.0E-8")
+    fails(tmp_path, HEAD + "training: {steps: 3e3}\n", "training.steps", "write 3000")
+    fails(tmp_path, HEAD + "training: {steps: many}\n", "training.steps", "'many'")  # no hint for plain text
     # the spelling the hint gives loads
-    assert load_recipe(write_text(tmp_path, "experts: {high_noise: {optimizer: {lr: 1.0e-4}}}\n"),
+    assert load_recipe(write(tmp_path, HEAD + "experts: {high_noise: {optimizer: {lr: 1.0e-4}}}\n"),
                        check_release=False).experts["high_noise"].optimizer.lr == 1e-4
 
 
@@ -240,13 +230,13 @@ def test_yes_no_on_off_read_as_booleans_name_the_yaml_fix(tmp_path):
     """`deepspeed: no` / `off` reach the recipe as False (YAML 1.1 booleans), `deepspeed: none` as the text
     'none': the error says how to write 'no DeepSpeed' (null) and that such words need quotes."""
     for word in ("no", "off", "false"):
-        text_fails(tmp_path, f"training: {{deepspeed: {word}}}\n", "training.deepspeed", "null")
-    text_fails(tmp_path, "training: {deepspeed: none}\n", "training.deepspeed", "null")
-    text_fails(tmp_path, "training: {offload_inactive_expert: no}\n", "training.offload_inactive_expert",
+        fails(tmp_path, HEAD + f"training: {{deepspeed: {word}}}\n", "training.deepspeed", "null")
+    fails(tmp_path, HEAD + "training: {deepspeed: none}\n", "training.deepspeed", "null")
+    fails(tmp_path, HEAD + "training: {offload_inactive_expert: no}\n", "training.offload_inactive_expert",
                "boolean", "quote")
-    text_fails(tmp_path, "dataset: {root: clips, trigger: on}\n", "dataset.trigger", "quote")
-    assert load_recipe(write_text(tmp_path, "training: {deepspeed: null}\n"), check_release=False).training.deepspeed \
-        is None
+    fails(tmp_path, HEAD + "dataset: {root: clips, trigger: on}\n", "dataset.trigger", "quote")
+    recipe = load_recipe(write(tmp_path, HEAD + "training: {deepspeed: null}\n"), check_release=False)
+    assert recipe.training.deepspeed is None
 
 
 def test_optimizer_lora_and_clipping_values_out_of_range_are_refused_at_load(tmp_path):
