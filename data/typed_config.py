@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,30 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+# YAML 1.1 (PyYAML) readings a user does not expect, and what to write instead: exponent numbers without a dot
+# ('1e-4', '5E3') are text (its floats need a dot and a signed exponent: 1.0e-4, 5.0E+3); unquoted yes / no /
+# on / off are booleans; and the word none is text, not null.
+_EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_BOOLEAN_HINT = "; YAML reads an unquoted yes / no / on / off / true / false as a boolean: write the value in quotes"
+_NULL_WORDS = ("none", "no", "off")
+
+
+def _exponent_hint(text: str, whole: bool) -> str:
+    """'' unless `text` is an exponent number YAML read as text; then its spelling that YAML reads as a number."""
+    if not _EXPONENT_TEXT.fullmatch(text):
+        return ""
+    if whole:
+        value = float(text)
+        if not value.is_integer():
+            return ""
+        spelled = str(int(value))
+    else:  # the user's digits: 1e-4 -> 1.0e-4, 5E3 -> 5.0E+3
+        mantissa, mark, exponent = re.split(r"([eE])", text)
+        mantissa = mantissa if "." in mantissa else mantissa + ".0"
+        mantissa = re.sub(r"^([-+]?)\.", r"\g<1>0.", mantissa)
+        spelled = f"{mantissa}{mark}{exponent if exponent[0] in '+-' else '+' + exponent}"
+    return f"; YAML reads {text} as text (its exponent numbers need a dot and a signed exponent): write {spelled}"
 
 
 class ConfigError(ValueError):
@@ -70,11 +95,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_name(tp)}")
+        message = errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_name(tp)}"
+        if type(None) in args and (value is False or str(value).strip().lower() in _NULL_WORDS):
+            message += "; for no value write null (or leave the key out)"
+        raise ConfigError(message)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
+                              + (_BOOLEAN_HINT if isinstance(value, bool) else ""))
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -94,11 +123,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return {_convert(kt, k, f"{where}"): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, found {type(value).__name__} {value!r}")
+            hint = _exponent_hint(value, whole=False) if isinstance(value, str) else ""
+            raise ConfigError(f"{where}: expected a number, found {type(value).__name__} {value!r}{hint}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, found {type(value).__name__} {value!r}")
+            hint = _exponent_hint(value, whole=True) if isinstance(value, str) else ""
+            raise ConfigError(f"{where}: expected a whole number, found {type(value).__name__} {value!r}{hint}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -106,7 +137,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, found {type(value).__name__} {value!r}")
+            hint = (_BOOLEAN_HINT if isinstance(value, bool) else
+                    "; write the value in quotes to keep it as text" if isinstance(value, (int, float)) else "")
+            raise ConfigError(f"{where}: expected text, found {type(value).__name__} {value!r}{hint}")
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -322,46 +321,9 @@ def load_recipe(path: str | Path, check_release: bool = True) -> Recipe:
     raw = load_yaml(path)
     if "dataset" not in raw:
         raise ConfigError(f"{where}: no 'dataset' section; add one with at least 'root: <folder of clips>'")
-    try:
-        recipe = from_dict(Recipe, raw, where)
-    except ConfigError as err:
-        raise ConfigError(f"{err}{yaml_hint(str(err))}") from None
+    recipe = from_dict(Recipe, raw, where)
     check_recipe(recipe, where, check_release)
     return recipe
-
-
-# A number in exponent notation that YAML 1.1 (PyYAML) reads as text: '1e-4', '5E3' (its floats need a dot
-# and a signed exponent: 1.0e-4, 5.0e+3).
-_EXPONENT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def yaml_hint(message: str) -> str:
-    """The fix for a typed_config error that a YAML 1.1 reading caused, appended to its message ('' if none):
-    exponent numbers without a dot read as text, unquoted yes/no/on/off read as booleans, and for
-    training.deepspeed the spelling of 'none' (null)."""
-    hint = ""
-    found = re.search(r"expected a (number|whole number), found str '([^']*)'$", message)
-    if found and _EXPONENT_TEXT.fullmatch(found.group(2)):
-        value = float(found.group(2))
-        if found.group(1) == "whole number":
-            spelled = str(int(value)) if value.is_integer() else None
-        else:  # the user's digits: 1e-4 -> 1.0e-4, 5E3 -> 5.0E+3
-            mantissa, mark, exponent = re.split(r"([eE])", found.group(2))
-            mantissa = mantissa if "." in mantissa else mantissa + ".0"
-            mantissa = re.sub(r"^([-+]?)\.", r"\g<1>0.", mantissa)
-            spelled = f"{mantissa}{mark}{exponent if exponent[0] in '+-' else '+' + exponent}"
-        if spelled is not None:
-            hint = (f"; YAML reads {found.group(2)} as text (its exponent numbers need a dot and a signed "
-                    f"exponent): write {spelled}")
-    elif re.search(r": (True|False) is not allowed; choose one of", message) or re.search(
-            r"expected text, found bool (True|False)$", message):
-        hint = ("; YAML reads an unquoted yes / no / on / off / true / false as a boolean: write the value in "
-                "quotes")
-    elif re.search(r"expected text, found (int|float) ", message):
-        hint = "; write the value in quotes to keep it as text"
-    if re.search(r"training\.deepspeed: .* is not allowed", message):
-        hint += "; for no DeepSpeed write null (or leave the key out)"
-    return hint
 
 
 # Keys that may change between a run and its resume without changing what is trained.
