@@ -40,7 +40,7 @@ from .lora import attach_lora, lora_parameters, make_optimizer, make_scheduler
 from .metrics import MetricsLogger
 from .objective import flow_matching_loss
 from .parking import HostParking
-from .validation import Validator, best_steps
+from .validation import Validator, best_steps, is_best_step
 from .recipe import Recipe, TrainingSettings
 
 
@@ -435,7 +435,8 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
         stop_requested: Callable[[], bool] = lambda: False, validator: Validator | None = None) -> list[dict]:
     """Train from the start or from checkpoint `resume` to `trainer.total_steps`; checkpoints every
     `save_every` steps, at the end, and when `stop_requested()` turns true (a signal: checkpoint, then
-    return early). `validator` scores the held-out clips every validation.every steps and at the end
+    return early); exports the adapters at each save, at the end and at each new best validation pass.
+    `validator` scores the held-out clips every validation.every steps and at the end
     (train/validation.py). Returns the loss history (one dict per step since step 0)."""
     s = trainer.settings
     if resume is not None:
@@ -463,14 +464,18 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
             if record["skipped"]:
                 logger.message(f"step {record['step']} ({record['expert']}): non-finite loss or gradient, update "
                                f"skipped; clips {record['clip_ids']}")
-            if validator is not None and validator.due(trainer.step, trainer.total_steps):
+            validated = validator is not None and validator.due(trainer.step, trainer.total_steps)
+            if validated:
                 validate(trainer, validator, logger)
             if previews is not None and trainer.step % s.sample_every == 0:
                 for path in previews.render(trainer.step):
                     logger.message(f"preview: {path}")
-            if s.save_every and trainer.step % s.save_every == 0 and trainer.step < trainer.total_steps:
+            before_end = trainer.step < trainer.total_steps
+            if s.save_every and trainer.step % s.save_every == 0 and before_end:
                 save_checkpoint(trainer, s.keep_last)
-                export_adapters(trainer)  # each saved step's adapters (and card), so the best validated one is there
+                export_adapters(trainer)  # each saved step's adapters (and card)
+            elif validated and before_end and is_best_step(trainer.validation_history, trainer.step):
+                export_adapters(trainer)  # a new best validated step between saves: its adapters are kept too
             if stop_requested():
                 logger.message(f"stop requested: checkpoint at step {trainer.step}; continue with --resume latest")
                 break
@@ -482,7 +487,7 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
         if trainer.validation_history:
             for name, best in best_steps(trainer.validation_history).items():
                 folder = Path(s.output_dir) / "adapters" / f"step-{best['step']:08d}"
-                where = folder if folder.is_dir() else "not exported: make validation.every a multiple of save_every"
+                where = folder if folder.is_dir() else "its adapters folder is missing"
                 logger.message(f"best validation loss of {name}: {best['loss']:.4f} at step {best['step']} ({where})")
         write_summary(trainer)
     finally:
@@ -493,6 +498,12 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
 def validate(trainer: Trainer, validator: Validator, logger: MetricsLogger) -> dict:
     """One validation pass after `trainer.step` steps: recorded in the trainer (checkpointed) and logged."""
     experts = validator.run(trainer)
+    if trainer.accelerator.num_processes > 1:
+        # Each process scored the same problems; the main process's numbers are the run's, so every process
+        # keeps the same history and agrees on which steps export (a collective under ZeRO-3).
+        from accelerate.utils import broadcast_object_list
+
+        experts = broadcast_object_list([experts], from_process=0)[0]
     record = {"step": trainer.step - 1, "steps_done": trainer.step, "experts": experts}
     trainer.validation_history.append(record)
     logger.log_validation(record)

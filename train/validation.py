@@ -12,13 +12,17 @@ fixed problems, so passes compare across steps and across a resume:
     other item in its image mode, the held-out clip's own first frame given, as training mixes both, or
     all / none of them when training.ti2v_image_prob is 1 / 0) with plain MSE weighting, without gradients, the model in eval mode (no LoRA
     dropout), under the training autocast.
-A pass returns {expert: {"loss": mean over items and bands, "bands": {"<centre>": mean over items}}}.
+A pass returns {expert: {"loss": mean over items and bands, "bands": {"<centre>": mean over items},
+"problem": a digest of the clips, timesteps, noise seed and image modes scored}}. `timesteps` and `max_items`
+may change on a resume (train/recipe.py recipe_hash), so the best step is chosen among the passes that scored
+the newest pass's problem only: a loss over other timesteps or clips is not comparable.
 With offload_inactive_expert the pass swaps each expert in (two swaps per pass), so keep `every` coarse.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -93,13 +97,14 @@ class Validator:
         was_training = model.training
         model.eval()
         per_band = {c: [] for c in centres}
+        image_modes = [None] * len(self.batches)
+        if trainer.task == "ti2v":  # image mode (first frame given) on every other item, as training mixes
+            p = trainer.settings.ti2v_image_prob
+            image_modes = [p >= 1 or (p > 0 and i % 2 == 1) for i in range(len(self.batches))]
         try:
             for i, batch in enumerate(self.batches):
                 batch = batch.to(device)
-                clean_first = None
-                if trainer.task == "ti2v":  # image mode (first frame given) on every other item, as training mixes
-                    p = trainer.settings.ti2v_image_prob
-                    clean_first = torch.tensor([p >= 1 or (p > 0 and i % 2 == 1)], device=device)
+                clean_first = None if image_modes[i] is None else torch.tensor([image_modes[i]], device=device)
                 for k, centre in enumerate(centres):
                     t = torch.full((1,), centre, device=device)
                     noise = _noise(self.settings.seed, i, k, batch.latents).to(device, batch.latents.dtype)
@@ -109,17 +114,35 @@ class Validator:
         finally:
             model.train(was_training)
         bands = {f"{c:.0f}": sum(v) / len(v) for c, v in per_band.items()}
-        return {"loss": sum(bands.values()) / len(bands), "bands": bands}
+        problem = problem_digest([c for b in self.batches for c in b.clip_ids], self.settings.seed, centres, image_modes)
+        return {"loss": sum(bands.values()) / len(bands), "bands": bands, "problem": problem}
+
+
+def problem_digest(clip_ids: list[str], seed: int, centres: list[float], image_modes: list) -> str:
+    """12 hex digits naming what a pass scored: which clips in which order (their noise is drawn by
+    position), the noise seed, the timesteps and each clip's image mode. Equal digests: comparable losses."""
+    text = json.dumps({"clips": clip_ids, "seed": seed, "timesteps": centres, "image_modes": image_modes})
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 def best_steps(history: list[dict]) -> dict[str, dict]:
     """{expert: {"step": steps done, "loss": lowest validation loss}} over validation records
-    ({"steps_done": N, "experts": {expert: {"loss": ...}}})."""
+    ({"steps_done": N, "experts": {expert: {"loss": ..., "problem": ...}}}), each expert's chosen among
+    the passes that scored the same problem as its newest pass (module docstring). Records written before
+    passes named their problem have none; they compare only with each other."""
+    newest = {name: result.get("problem") for record in history for name, result in record["experts"].items()}
     best: dict[str, dict] = {}
     for record in history:
         for name, result in record["experts"].items():
+            if result.get("problem") != newest[name]:
+                continue  # scored other timesteps or clips (a resume changed validation.timesteps or max_items)
             if not math.isfinite(result["loss"]):
                 continue  # a diverged pass is never the best
             if name not in best or result["loss"] < best[name]["loss"]:
                 best[name] = {"step": record["steps_done"], "loss": result["loss"]}
     return best
+
+
+def is_best_step(history: list[dict], steps_done: int) -> bool:
+    """Whether the pass after `steps_done` steps is the best so far for some expert (its adapters are kept)."""
+    return any(best["step"] == steps_done for best in best_steps(history).values())

@@ -99,6 +99,20 @@ def main(_argv):  # under run_cli, as train_lora.py runs: the process group ends
         write_lora_weights(trainer, out / f"weights-{acc.num_processes}x{grad_accum}.json")
     if acc.num_processes > 1:  # each rank keeps its own buffers (cudnn_fp8's scaling states): none broadcast
         assert all(not state.model.broadcast_buffers for state in trainer.states.values())
+    # A validation pass whose numbers differ by rank (as kernels may): every rank keeps the main process's,
+    # so all agree on the best step and on which steps export (a collective under ZeRO-3).
+    from data.config import ValidationSettings
+    from train.loop import validate
+    from train.metrics import MetricsLogger
+    from train.validation import Validator
+
+    class RankedValidator(Validator):
+        def _score(self, trainer, model, expert):
+            return {"loss": 1.0 + acc.process_index, "bands": {}, "problem": "p"}
+
+    validate(trainer, RankedValidator([], ValidationSettings(fraction=0.1, every=1)),
+             MetricsLogger(out / "validation", 2, 2, 1, enabled=False))
+    assert [r["loss"] for r in trainer.validation_history[-1]["experts"].values()] == [1.0, 1.0]
     return 0
 
 sys.exit(run_cli(main))

@@ -319,6 +319,62 @@ def test_ti2v_validation_scores_both_modes(tmp_path, monkeypatch):
     assert seen == [(250.0, False), (750.0, False), (250.0, True), (750.0, True)]
 
 
+def test_validation_passes_name_their_problem_and_the_best_compares_like_with_like(tmp_path):
+    """A pass records what it scored; a resume may change validation.timesteps or max_items, and the best
+    step is then chosen among the passes over the newest problem only, not across incomparable losses."""
+    from data.config import ValidationSettings
+    from train.validation import Validator, best_steps
+
+    trainer = make_trainer(tiny_recipe(tmp_path, steps=2))
+    source = MemorySource("tiny-t2v", n=4, batch_size=1)
+    batches = [source.batch(i) for i in range(3)]
+
+    def problems(settings, items=3):
+        return {name: r["problem"] for name, r in Validator(batches[:items], settings).run(trainer).items()}
+
+    four = problems(ValidationSettings(fraction=0.1, timesteps=4))
+    assert four == problems(ValidationSettings(fraction=0.1, timesteps=4))
+    assert four["high_noise"] != four["low_noise"]  # other timesteps
+    for other in (problems(ValidationSettings(fraction=0.1, timesteps=2)),
+                  problems(ValidationSettings(fraction=0.1, timesteps=4), items=2),
+                  problems(ValidationSettings(fraction=0.1, timesteps=4, seed=1))):
+        assert all(other[name] != four[name] for name in four)
+
+    def record(steps, loss, problem):
+        return {"steps_done": steps, "experts": {"a": {"loss": loss, "problem": problem}}}
+
+    # 8 bands scored lower losses than the 4 the resume changed to: they are not the best.
+    history = [record(50, 0.5, "p8"), record(100, 0.4, "p8"), record(150, 0.9, "p4"), record(200, 0.8, "p4")]
+    assert best_steps(history) == {"a": {"step": 200, "loss": 0.8}}
+    old = [{"steps_done": 50, "experts": {"a": {"loss": 0.1}}}]  # a record from before passes named a problem
+    assert best_steps(old + history[2:]) == {"a": {"step": 200, "loss": 0.8}}
+    assert best_steps(old) == {"a": {"step": 50, "loss": 0.1}}
+
+
+@pytest.mark.parametrize("save_every", [0, 3])
+def test_a_new_best_validation_step_exports_its_adapters_between_saves(tmp_path, monkeypatch, save_every):
+    """The best validated step always has an adapters folder, whatever save_every is: a pass that is a new
+    best exports; one that is not, does not."""
+    import json
+
+    from data.config import ValidationSettings
+    from train.validation import Validator
+
+    losses = iter([1.0, 0.5, 0.7, 0.6])  # passes after steps 2, 4, 6 and 8: the best is step 4
+    monkeypatch.setattr(Validator, "_score", lambda self, trainer, model, expert: {
+        "loss": next(losses) if expert.name == "high_noise" else 1.0, "bands": {}, "problem": "p"})
+    recipe = tiny_recipe(tmp_path, steps=8, save_every=save_every)
+    trainer = make_trainer(recipe)
+    run(trainer, log=False, validator=Validator([], ValidationSettings(fraction=0.1, every=2)))
+    exported = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "adapters").glob("step-*"))
+    # step 2: the first pass is the best so far for both experts; step 4: a new best for high_noise;
+    # steps 6: neither; 8: the end. Saves add steps 3 and 6 when save_every is 3.
+    assert exported == ([2, 4, 8] if save_every == 0 else [2, 3, 4, 6, 8])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_validation"]["high_noise"] == {"step": 4, "loss": 0.5}
+    assert (tmp_path / "run" / "adapters" / "step-00000004" / "high_noise.safetensors").is_file()
+
+
 def test_save_attention_auto_plans_per_expert_and_logs_the_plan(tmp_path, capsys):
     """speed.save_attention: auto on the CPU within speed.memory_gib: each expert's options resolved from
     the plan for the largest sample, the plan logged at the start and written to summary.json."""
