@@ -17,7 +17,7 @@ Tensors of an entry:
   context: [K, L, D], the K prompt variants' text embeddings cut to L = the longest real length
            (positions past a prompt's length are zero in the encoder output, so nothing is lost)
   context_lens: [K] int64
-  image_cond: [C, F, H, W] (I2V only) VAE mean of the first frame followed by black frames
+  image_cond: [C, F, H, W] (I2V only) VAE mean of the first frame followed by zero (mid-grey) frames
 Metadata (JSON in the safetensors header, key "wanlora"): clip path, bucket, window, prompts, labels.
 
 Every file is written atomically (temp name + os.replace), the shard before its index record. The index

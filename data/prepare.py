@@ -129,7 +129,7 @@ def encode_video(frames: torch.Tensor, vae: VAELike, image_cond: bool) -> dict[s
     """frames: [F, 3, H, W] uint8 -> latent_mean, latent_logvar [z, F', H', W'] fp32 (+ image_cond).
 
     image_cond follows the official I2V pipeline (wan/image2video.py): the VAE encodes the first frame
-    followed by F - 1 black frames (zeros in [-1, 1] units) and the latent mean is kept."""
+    followed by F - 1 zero frames (mid-grey in [-1, 1] units) and the latent mean is kept."""
     device, dtype = _module_device_dtype(vae)
     # uint8 crosses to the GPU (4x fewer bytes than float32), the scaling runs there.
     video = to_model_range(frames.to(device))[None].to(dtype)  # [1, 3, F, H, W]
@@ -170,7 +170,15 @@ class _Preparer:
         self.dedupe = Deduper()
         b = self.ds.buckets
         # Sizes must be multiples of VAE stride x patch (16 px for A14B, 32 for TI2V-5B); square strides.
-        self.buckets = make_buckets(b.base_area, b.aspects, b.frame_counts, self.preset.latent_stride[1])
+        frame_counts = list(b.frame_counts)
+        if self.preset.task == "i2v":
+            # An I2V sample is conditioned on its own first frame: a still would be given the whole answer.
+            frame_counts = [n for n in frame_counts if n > 1]
+            if not frame_counts:
+                raise ValueError(f"dataset.buckets.frame_counts {list(b.frame_counts)}: {self.preset.name} trains on "
+                                 f"clips (a still is its own image condition, nothing to learn); add a length "
+                                 f"such as 81")
+        self.buckets = make_buckets(b.base_area, b.aspects, frame_counts, self.preset.latent_stride[1])
         self.encoded = self.reused = 0
         self.used_keys: set[str] = set()
         self.cards: list[CardClip] = []
@@ -235,8 +243,9 @@ class _Preparer:
         bucket = assign_bucket(info.width, info.height, len(indices), self.buckets)
         if bucket is None:
             shortest = min(b.frames for b in self.buckets)
+            stills = " (an I2V model trains on clips, not stills)" if self.preset.task == "i2v" else ""
             return (f"{len(indices)} frames at {self.fps} fps is shorter than the shortest bucket ({shortest} "
-                    f"frames); add a shorter length to dataset.buckets.frame_counts or drop the clip")
+                    f"frames{stills}); add a shorter length to dataset.buckets.frame_counts or drop the clip")
         report.bucket = bucket.name
         windows = clip_windows(len(indices), bucket.frames, self.ds.windows.mode, self.ds.windows.max_windows,
                                self.ds.windows.stride)

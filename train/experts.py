@@ -69,8 +69,9 @@ def step_generator(seed: int, step: int, stream: int, device: str | torch.device
 def expert_for_step(step: int, experts: list[Expert], settings: TrainingSettings) -> Expert:
     """The expert trained at `step` (0-based), among the training experts only.
 
-    'random': drawn with probability proportional to range width (875 vs 125 for t2v), so each timestep
-    in [0, 1000) is trained equally often, as one dense model would be. 'phased': blocks of `phase_steps`
+    'random': drawn with probability proportional to range width (875 vs 125 for t2v), so with uniform
+    samplers each timestep in [0, 1000) is trained equally often, as one dense model would be (a shift or
+    logit-normal sampler reshapes the density inside its expert's range only). 'phased': blocks of `phase_steps`
     steps on one expert, then the next (highest noise first), so the idle expert can wait in host memory.
     """
     active = [e for e in experts if e.trains]

@@ -364,16 +364,20 @@ class Trainer:
                                          f"{micro} micro-batches; DeepSpeed cannot drop a partial accumulation")
                 break  # the rest of this step's micro-batches would be thrown away with it
             if self.deepspeed:
+                # DeepSpeed counts micro-batches in step(): called after every backward, it updates on the
+                # window's last one only (called once per window, it updated every grad_accum-th window).
                 state.engine.backward(loss)
+                state.engine.step()
             else:
                 # Each process's gradients are its token shard's share; DDP averages them over the
                 # processes, so scaling by the shard count turns that average into the needed sum.
                 (loss * self.sequence_parallel / s.grad_accum).backward()
+        lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses (_update steps the schedule)
         grad_norm = self._update(state, poisoned)
         skipped = poisoned or not math.isfinite(grad_norm)
         mean_loss = torch.stack(losses).mean()
         record = {"step": step, "expert": expert.name, "loss": float(self.accelerator.reduce(mean_loss, "mean")),
-                  "grad_norm": grad_norm, "lr": state.optimizer.param_groups[0]["lr"], "skipped": skipped,
+                  "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
                   "swap_s": swap, "timesteps": torch.cat(timesteps).tolist(),
                   "sample_losses": torch.cat(per_sample).tolist()}
         if skipped:
@@ -397,15 +401,13 @@ class Trainer:
     def _update(self, state: ExpertState, poisoned: bool) -> float:
         """Clip and apply the accumulated gradients; nothing changes when they are poisoned (returns nan)."""
         s = self.settings
-        if self.deepspeed:
-            if poisoned:
-                return math.nan
-            state.engine.step()
-            norm = state.engine.get_global_grad_norm()
-            norm = math.nan if norm is None else float(norm)
+        if self.deepspeed:  # the window's last engine.step() (train_step) clipped and applied them
+            norm = None if poisoned else state.engine.get_global_grad_norm()
+            if norm is None or not math.isfinite(norm) or not state.engine.was_step_applied():
+                return math.nan  # nothing applied (DeepSpeed skips an overflowing step itself): no schedule step
             state.scheduler.step()
             state.updates += 1
-            return norm
+            return float(norm)
         if poisoned:
             state.optimizer.zero_grad(set_to_none=True)
             return math.nan

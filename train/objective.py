@@ -15,8 +15,12 @@ def flow_matching_loss(model: torch.nn.Module, batch: Batch, t: Tensor, noise: T
                        clean_first: Tensor | None, weighting: str) -> tuple[Tensor, Tensor]:
     """Weighted MSE of the predicted velocity; returns (mean loss, per-sample losses [B] float32).
 
-    t: [B] train timesteps; noise: like batch.latents; clean_first: [B] bool (ti2v) or None."""
+    t: [B] train timesteps; noise: like batch.latents; clean_first: [B] bool (ti2v) or None; a one-frame
+    sample (a still) is always scored in text mode."""
     x0 = batch.latents
+    if x0.shape[2] == 1:
+        # A still (one latent frame): given as the image, its only frame would be the answer and the loss 0/0.
+        clean_first = None
     sigma = timestep_to_sigma(t)
     x_t = add_noise(x0, noise, sigma)
     target = flow_target(x0, noise)

@@ -6,7 +6,7 @@ loop; this module keeps that loop once and takes the model-specific parts as dat
   * T2V-A14B / I2V-A14B: two experts; timesteps t >= boundary * 1000 run the high-noise expert with
     guide_scale[1], the rest the low-noise expert with guide_scale[0].
   * I2V-A14B: the DiT input is cat([x_t (16), mask (4), image latents (16)]) on channels, where the image
-    latents encode the first frame followed by black frames and the mask is 1 on the first latent frame.
+    latents encode the first frame followed by zero frames (mid-grey) and the mask is 1 on the first latent frame.
   * TI2V-5B: one expert; with an image, the first latent frame is the clean image latent, re-imposed after
     every solver step, and its tokens get timestep 0 (a per-token timestep).
 
@@ -207,7 +207,7 @@ class WanPipeline:
 
     @torch.no_grad()
     def _image_condition(self, image: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
-        """Image latents for I2V-A14B (first frame + black frames) or TI2V (the first frame alone)."""
+        """Image latents for I2V-A14B (first frame + zero, mid-grey, frames) or TI2V (the first frame alone)."""
         img = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)
         img = img.clamp(-1, 1).to(self.device)  # [1, 3, H, W]
         if self.preset.task == "i2v":

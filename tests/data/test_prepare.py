@@ -4,6 +4,7 @@ entry point and the real tiny VAE + UMT5 (wan_model.vae_io / wan_model.text_enco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -215,7 +216,7 @@ def test_duplicates_and_low_scores_filtered(prepared, dataset, tmp_path):
     assert "aesthetic score 0.400 is below" in reasons["clip_03_dark.mp4"]  # user score from metadata.jsonl
 
 
-def test_i2v_image_condition_is_first_frame_then_black(prepared, dataset, tmp_path):
+def test_i2v_image_condition_is_first_frame_then_zero_frames(prepared, dataset, tmp_path):
     cache = copy_cache(prepared, tmp_path, labels_only=True)
     vae = StandInVAE("tiny-i2v")
     prepare(make_config(dataset, cache, preset="tiny-i2v"), vae, StandInText(), progress=False)
@@ -230,7 +231,29 @@ def test_i2v_image_condition_is_first_frame_then_black(prepared, dataset, tmp_pa
     cond[:, :, 0] = video[:, :, 0]
     expected = StandInVAE("tiny-i2v").encode_distribution(cond)[0][0]
     torch.testing.assert_close(tensors["image_cond"], expected)
-    assert tensors["image_cond"][:, 1:].abs().max() < 1e-6  # later latent frames encode black (stand-in: 0)
+    assert tensors["image_cond"][:, 1:].abs().max() < 1e-6  # later latent frames encode zeros, mid-grey (stand-in: 0)
+
+
+def test_i2v_trains_on_clips_not_stills(prepared, dataset, tmp_path):
+    """An I2V sample is conditioned on its own first frame: a one-frame bucket would give it the answer, so
+    prepare for an I2V preset leaves frame count 1 out (a short clip is skipped, saying why), and frame
+    counts of 1 alone are refused."""
+    cache = copy_cache(prepared, tmp_path, labels_only=True)
+    short = render_clip(DEMO_CLIPS[0], (64, 96), 5, seed=5)
+    write_mp4(short.permute(0, 2, 3, 1).numpy(), dataset / "short.mp4", fps=16)
+    (dataset / "short.txt").write_text("a short clip")
+    buckets = dataclasses.replace(BUCKETS, frame_counts=(9, 1))
+    t2v = prepare(make_config(dataset, tmp_path / "t2v", buckets=buckets), StandInVAE(), StandInText(),
+                  progress=False)
+    assert {c.clip_id: c.bucket for c in t2v.used}["short.mp4"].endswith("x1")  # T2V: its first frame, a still
+    report = prepare(make_config(dataset, cache, preset="tiny-i2v", buckets=buckets), StandInVAE("tiny-i2v"),
+                     StandInText(), progress=False)
+    reasons = {c.clip_id: c.reason for c in report.skipped}
+    assert "an I2V model trains on clips, not stills" in reasons["short.mp4"] and len(report.used) == 4
+    stills = dataclasses.replace(BUCKETS, frame_counts=(1,))
+    with pytest.raises(ValueError, match=r"frame_counts \[1\]: tiny-i2v trains on clips"):
+        prepare(make_config(dataset, cache, preset="tiny-i2v", buckets=stills), StandInVAE("tiny-i2v"), StandInText(),
+                progress=False)
 
 
 def test_vae_of_another_kind_is_refused(dataset, tmp_path):

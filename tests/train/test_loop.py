@@ -165,6 +165,23 @@ def test_ti2v_clean_first_frame_gets_timestep_zero_and_no_loss(tmp_path):
     assert loss.item() == 0.0
 
 
+def test_ti2v_stills_train_in_text_mode(tmp_path):
+    """A one-frame TI2V sample (a still, the recipes' 1-frame bucket) drawn into image mode would be given its
+    only frame as the answer, and its loss was 0/0 (NaN: the step skipped, the run stopped after a few):
+    it is scored in text mode, the same loss as clean_first None."""
+    recipe = tiny_recipe(tmp_path, preset="tiny-ti2v", steps=2, ti2v_image_prob=1.0)
+    stills = MemorySource("tiny-ti2v", batch_size=2, frames=1)
+    trainer = make_trainer(recipe, stills)
+    batch = stills.batch(0)
+    noise, t = torch.randn_like(batch.latents), torch.tensor([300.0, 600.0])
+    model = trainer.states["dense"].model
+    given, _ = flow_matching_loss(model, batch, t, noise, "ti2v", torch.tensor([True, False]), "none")
+    text, _ = flow_matching_loss(model, batch, t, noise, "ti2v", None, "none")
+    assert math.isfinite(given.item()) and given.item() == text.item()
+    record = trainer.train_step()
+    assert not record["skipped"] and math.isfinite(record["loss"])
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     recipe = tiny_recipe(tmp_path, steps=6, max_nonfinite_steps=2)
     source = MemorySource("tiny-t2v")
@@ -178,6 +195,21 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
         after = trainer.lora_weights(n)
         assert all(torch.equal(after[k], before[n][k]) for k in after)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_step_record_logs_the_lr_its_update_used(tmp_path):
+    """Warm-up over 4 updates: the first update runs at lr / 4, and its record says so (it showed the next
+    update's rate, 2 lr / 4)."""
+    import dataclasses
+
+    from train.recipe import LRScheduleSettings
+
+    recipe = tiny_recipe(tmp_path, steps=3, routing="phased", phase_steps=3)
+    expert = dataclasses.replace(recipe.experts["high_noise"], lr_schedule=LRScheduleSettings(warmup_steps=4))
+    recipe = dataclasses.replace(recipe, experts={**recipe.experts, "high_noise": expert})
+    trainer = make_trainer(recipe)
+    lr = expert.optimizer.lr
+    assert [trainer.train_step()["lr"] for _ in range(3)] == pytest.approx([lr / 4, 2 * lr / 4, 3 * lr / 4])
 
 
 def test_routing_plan_matches_records(tmp_path):
