@@ -11,6 +11,8 @@ Generate one video (T2V-A14B, I2V-A14B or TI2V-5B, from an official release fold
                                    that expert only; @high_noise / @low_noise forces it (on a step
                                    folder: that expert's file alone). Repeatable.
   --image IMG                      the first frame (I2V-A14B needs it; TI2V-5B uses it when given).
+                                   --size is then the pixel area and the image's aspect ratio gives the
+                                   shape, as the official generators do (--exact-size: a centred crop).
 
 Compare adapters on a prompt suite (same seeds, base model first), writing a contact sheet PNG per
 prompt and report.html:
@@ -79,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
     ap.add_argument("--image", type=Path, default=None, help="first frame for I2V / TI2V")
-    ap.add_argument("--size", type=parse_size, default=(480, 832), help="HEIGHTxWIDTH, e.g. 480x832")
+    ap.add_argument("--size", type=parse_size, default=None,
+                    help="HEIGHTxWIDTH, e.g. 480x832; default: the model's (480x832 for A14B, 704x1280 for TI2V-5B). "
+                         "With --image it is the pixel area, and the image's aspect ratio gives the shape, as the "
+                         "official generators do")
+    ap.add_argument("--exact-size", action="store_true",
+                    help="with --image: render exactly --size from a centred crop of the image")
     ap.add_argument("--frames", type=int, default=None, help="1+4k; default: the preset's (81 / 121)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora", action="append", default=[], help="PATH[:STRENGTH][@EXPERT]; repeatable")
@@ -143,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             raise UsageError(f"--lora {spec}: {path} does not exist; give a LoRA .safetensors file or an adapters "
                              f"step folder (PATH[:STRENGTH][@EXPERT])")
-        if expert and path.is_dir() and (path / f"{expert}.safetensors").is_file():
-            path = path / f"{expert}.safetensors"  # that expert's file of an export folder, not all its files
         specs.append((spec, path, strength, expert))
     image = None
     if args.image is not None:
@@ -153,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             image = read_image(args.image)
         except ValueError as err:
             raise UsageError(f"--image: {err}; give a PNG or JPEG file") from None
-    if image is None and _release_task(args) == "i2v":  # before minutes of weight loading
+    task = _release_task(args)  # checks before minutes of weight loading
+    if image is None and task == "i2v":
         raise UsageError(f"--release {args.release} is an image-to-video model: give the first frame with "
                          f"--image FILE (a PNG or JPEG)")
+    if args.guide and task == "ti2v" and args.guide[0] != args.guide[1]:
+        raise UsageError(f"--guide {args.guide[0]:g},{args.guide[1]:g}: TI2V-5B is one model (no experts); give "
+                         f"one scale, e.g. --guide 5")
     dtype = getattr(torch, args.dtype)
     pipe = load_release_pipeline(args, dtype)
     for spec, path, strength, expert in specs:
@@ -168,11 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                                                            "re-download it")
             raise UsageError(f"--lora {spec}: {str(err).splitlines()[0]}{hint}") from None
         print(report)
-    height, width = args.size
+    height, width = args.size or pipe.preset.sample_size
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                 height=height, width=width, frames=args.frames, steps=args.steps,
-                                shift=args.shift, guide_scale=args.guide, solver=args.solver, image=image)
+                                shift=args.shift, guide_scale=args.guide, solver=args.solver, image=image,
+                                fit_image=not args.exact_size)
     result = pipe.generate(request, progress=True)
+    rendered = tuple(result.video.shape[-2:])
+    if image is not None and rendered != (height, width):
+        print(f"rendered {rendered[0]}x{rendered[1]}: the area of {height}x{width} at the image's aspect ratio "
+              f"({image.shape[-2]}x{image.shape[-1]}); --exact-size renders {height}x{width} from a centred crop")
     mp4, png = save_video(result.video, output_stem(args.out), fps=pipe.preset.sample_fps)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"wrote {mp4} and {png} ({timing})")

@@ -211,7 +211,9 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
     image = None
     if entry.image is not None:
         st = Path(entry.image).stat()
-        image = [str(Path(entry.image).resolve()), st.st_size, st.st_mtime_ns]
+        # "fit": the video takes the image's aspect ratio within the size's area (renders made before are
+        # stretched to the size, so they are not reused).
+        image = [str(Path(entry.image).resolve()), st.st_size, st.st_mtime_ns, "fit"]
     return {"preset": pipe.preset.name, "prompt": entry.prompt, "negative_prompt": entry.negative_prompt,
             "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
             "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,

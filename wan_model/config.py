@@ -130,6 +130,9 @@ class ModelPreset:
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
     text_len: int = TEXT_LEN
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # The sampler's default (height, width): 480p for A14B (one of its official sizes, the recipes' training
+    # size); TI2V-5B was trained at 704x1280 (wan/configs: SUPPORTED_SIZES 'ti2v-5B': 704*1280, 1280*704).
+    sample_size: tuple[int, int] = (480, 832)
 
     @property
     def is_moe(self) -> bool:
@@ -137,8 +140,9 @@ class ModelPreset:
 
     @property
     def boundary_timestep(self) -> int | None:
-        """First train timestep of the high-noise expert: 0.875 * 1000 = 875; 0.900 * 1000 = 900."""
-        return None if self.boundary is None else round(self.boundary * self.num_train_timesteps)
+        """First train timestep of the high-noise expert: 0.875 * 1000 = 875; 0.900 * 1000 = 900. The official
+        rule compares t >= boundary * 1000 in floats on whole sampling timesteps, which is t >= this ceiling."""
+        return None if self.boundary is None else math.ceil(self.boundary * self.num_train_timesteps)
 
     @property
     def latent_stride(self) -> tuple[int, int, int]:
@@ -196,18 +200,19 @@ PRESETS: dict[str, ModelPreset] = {
         name="ti2v-5B", task="ti2v",
         transformer=TransformerConfig(model_type="ti2v", in_dim=48, out_dim=48, **_5B),
         vae=WAN22_VAE, text_encoder=UMT5_XXL, boundary=None, expert_folders=("",),
-        sample_shift=5.0, sample_steps=50, guide_scale=(5.0, 5.0), sample_fps=24, frame_num=121),
+        sample_shift=5.0, sample_steps=50, guide_scale=(5.0, 5.0), sample_fps=24, frame_num=121,
+        sample_size=(704, 1280)),
 }
 PRESETS.update({
     "tiny-t2v": PRESETS["t2v-A14B"].replace(
         name="tiny-t2v", transformer=TransformerConfig(model_type="t2v", in_dim=16, out_dim=16, **_TINY),
-        vae=TINY_VAE21, text_encoder=TINY_UMT5, sample_steps=4, frame_num=9),
+        vae=TINY_VAE21, text_encoder=TINY_UMT5, sample_steps=4, frame_num=9, sample_size=(64, 64)),
     "tiny-i2v": PRESETS["i2v-A14B"].replace(
         name="tiny-i2v", transformer=TransformerConfig(model_type="i2v", in_dim=36, out_dim=16, **_TINY),
-        vae=TINY_VAE21, text_encoder=TINY_UMT5, sample_steps=4, frame_num=9),
+        vae=TINY_VAE21, text_encoder=TINY_UMT5, sample_steps=4, frame_num=9, sample_size=(64, 64)),
     "tiny-ti2v": PRESETS["ti2v-5B"].replace(
         name="tiny-ti2v", transformer=TransformerConfig(model_type="ti2v", in_dim=48, out_dim=48, **_TINY),
-        vae=TINY_VAE22, text_encoder=TINY_UMT5, sample_steps=4, frame_num=9),
+        vae=TINY_VAE22, text_encoder=TINY_UMT5, sample_steps=4, frame_num=9, sample_size=(64, 64)),
 })
 
 

@@ -40,8 +40,8 @@ class GenerationRequest:
 
     prompt: str
     seed: int = 0
-    height: int = 480
-    width: int = 832
+    height: int | None = None  # default: the preset's sample_size (480x832 for A14B, 704x1280 for TI2V-5B)
+    width: int | None = None
     frames: int | None = None  # default: the preset's frame_num (81 or 121)
     negative_prompt: str | None = None  # default: the official negative prompt
     steps: int | None = None  # default: the preset's (40 / 50)
@@ -49,6 +49,9 @@ class GenerationRequest:
     guide_scale: tuple[float, float] | None = None  # (low-noise, high-noise); default: the preset's
     solver: str = "unipc"  # 'unipc' (official default) | 'euler'
     image: torch.Tensor | None = None
+    # With an image: True (official) takes height x width as the pixel area and the image's aspect ratio for
+    # the shape (image_output_size); False renders exactly height x width from a centre crop of the image.
+    fit_image: bool = True
 
 
 @dataclass
@@ -72,6 +75,64 @@ def snap_size(height: int, width: int, frames: int, preset: ModelPreset) -> tupl
         warnings.warn(f"size {height}x{width}x{frames} is not a multiple of the {preset.name} strides "
                       f"({h_mult}x{w_mult}, frames 1+{t_stride}k); using {new_h}x{new_w}x{new_f}", stacklevel=2)
     return new_h, new_w, new_f
+
+
+def image_output_size(preset: ModelPreset, image_hw: tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """(height, width) of a video conditioned on an image of `image_hw` pixels, as the official generators
+    choose it: height x width is the pixel area, the shape follows the image's aspect ratio.
+
+    I2V-A14B (wan/image2video.py): each side is the area's side scaled by the aspect ratio, floored to
+    whole latent pixels and to an even count of them (the patch). TI2V-5B (wan/textimage2video.py i2v,
+    best_output_size): floor one side to the 32-pixel grid, fit the other to the area, for width first and
+    for height first, and keep the pair whose aspect ratio is closer to the image's."""
+    ih, iw = image_hw
+    area = height * width
+    _, sh, sw = preset.vae.stride
+    _, ph, pw = preset.transformer.patch_size
+    if preset.task == "i2v":
+        ratio = ih / iw
+        lat_h = max(ph, round(math.sqrt(area * ratio) // sh // ph * ph))  # max: a side of at least one token
+        lat_w = max(pw, round(math.sqrt(area / ratio) // sw // pw * pw))
+        return lat_h * sh, lat_w * sw
+    dh, dw = sh * ph, sw * pw
+    ratio = iw / ih
+    exact_w = math.sqrt(area * ratio)
+    w1 = max(dw, int(exact_w // dw * dw))  # max: a side of at least one token (the official code divides by 0)
+    h1 = max(dh, int(area / w1 // dh * dh))
+    h2 = max(dh, int(area / exact_w // dh * dh))
+    w2 = max(dw, int(area / h2 // dw * dw))
+
+    def off(w: int, h: int) -> float:  # how far a shape's aspect ratio is from the image's, as a factor >= 1
+        return max(ratio / (w / h), (w / h) / ratio)
+
+    return (h1, w1) if off(w1, h1) < off(w2, h2) else (h2, w2)
+
+
+def centre_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The largest centred crop of `image` [3, H, W] with the aspect ratio of height x width."""
+    ih, iw = image.shape[-2:]
+    if ih * width > iw * height:  # taller than the target: crop rows
+        keep = max(1, round(iw * height / width))
+        top = (ih - keep) // 2
+        return image[:, top:top + keep]
+    keep = max(1, round(ih * width / height))
+    left = (iw - keep) // 2
+    return image[:, :, left:left + keep]
+
+
+def lanczos_cover_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """TI2V-5B's image preparation (wan/textimage2video.py i2v): a PIL Lanczos resize that covers height x
+    width, then a centred crop to it. image: [3, H, W] in [-1, 1] (8-bit values, as read_image gives)."""
+    import numpy as np
+    from PIL import Image
+
+    ih, iw = image.shape[-2:]
+    scale = max(width / iw, height / ih)
+    pixels = ((image.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    resized = Image.fromarray(pixels).resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    cropped = np.array(resized.crop((left, top, left + width, top + height)))
+    return torch.from_numpy(cropped).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 LORA_CACHE_FILES = 8  # LoRA files kept in host memory (an A14B rank-32 expert file is about 0.3 GB)
@@ -110,6 +171,7 @@ class WanPipeline:
         self._attached: dict[str, dict[str, tuple]] = {}  # expert -> {lora path: (weights, strength)}
         self._lora_sets: dict[str, LoraSet] = {}
         self._loaded_loras: dict[tuple, tuple] = {}  # (file, size, mtime) -> load_lora's result
+        self._merged: set[tuple[str, str]] = set()  # (expert, resolved file) folded into the weights
 
     # -- routing -------------------------------------------------------------------------------------
     def expert_for(self, t: float) -> str:
@@ -137,8 +199,10 @@ class WanPipeline:
         """Apply a LoRA file (any of the four formats) or a folder of per-expert files; returns a report.
 
         A file whose metadata names its expert (our exports do) applies to that expert only; `expert`
-        overrides; otherwise it applies to every expert. merge=True folds it into the weights (fastest,
-        permanent); else it is attached and can be switched off with `set_adapters([])`.
+        overrides; otherwise it applies to every expert. A folder with `expert` given applies that expert's
+        file (<expert>.safetensors, as our exports name them) when there is one. merge=True folds it into the
+        weights (fastest, permanent; the same file twice is refused); else it is attached, can be switched
+        off with `set_adapters([])`, and adding the same file again replaces it (a new strength).
         """
         from .lora_formats import META_EXPERT, load_lora
 
@@ -147,6 +211,8 @@ class WanPipeline:
             files = sorted(path.glob("*.safetensors"))  # top level only: diffusers/ holds the same adapters
             if not files:
                 raise FileNotFoundError(f"{path}: no .safetensors LoRA files in this folder")
+            if expert and path / f"{expert}.safetensors" in files:
+                files = [path / f"{expert}.safetensors"]  # not the other experts' files on this one
             return "\n".join(self.add_lora(f, strength, expert, merge) for f in files)
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -164,9 +230,14 @@ class WanPipeline:
         if merge and self.speed.fp8_weights != "none":
             raise ValueError(f"{path}: merging a LoRA needs the base weights in bf16, but they are in fp8 "
                              f"({self.speed.fp8_weights}); drop --merge (attached LoRAs cost ~1%) or the fp8 option")
+        merged_before = [name for name in targets if (name, key[0]) in self._merged] if merge else []
+        if merged_before:
+            raise ValueError(f"{path}: already merged into the {merged_before[0]} expert; merging it again would "
+                             f"add it twice: give one --lora with the strength wanted")
         for name in targets:
             if merge:
                 merge_loras(self.experts[name], [(weights, strength)], backup_device=None)
+                self._merged.add((name, key[0]))
             else:
                 self._attached.setdefault(name, {})[str(path)] = (weights, strength)
                 try:
@@ -207,9 +278,14 @@ class WanPipeline:
 
     @torch.no_grad()
     def _image_condition(self, image: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
-        """Image latents for I2V-A14B (first frame + zero, mid-grey, frames) or TI2V (the first frame alone)."""
-        img = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)
-        img = img.clamp(-1, 1).to(self.device)  # [1, 3, H, W]
+        """Image latents for I2V-A14B (first frame + zero, mid-grey, frames) or TI2V (the first frame alone),
+        the image resized as the official generators do: a bicubic resize without clamping for I2V (the
+        image's aspect ratio is already the video's, see image_output_size), a Lanczos cover-and-crop for TI2V."""
+        if self.preset.task == "i2v":
+            img = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)
+        else:
+            img = lanczos_cover_crop(image, height, width)[None]
+        img = img.to(self.device)  # [1, 3, H, W]
         if self.preset.task == "i2v":
             video = torch.zeros(1, 3, frames, height, width, device=self.device)
             video[:, :, 0] = img
@@ -225,10 +301,20 @@ class WanPipeline:
     def generate(self, request: GenerationRequest, progress: bool = False) -> GenerationResult:
         preset, clock = self.preset, {}
         frames = request.frames or preset.frame_num
-        height, width, frames = snap_size(request.height, request.width, frames, preset)
+        height, width, frames = snap_size(request.height or preset.sample_size[0],
+                                          request.width or preset.sample_size[1], frames, preset)
+        image = request.image
+        if image is not None:
+            if request.fit_image:
+                height, width = image_output_size(preset, tuple(image.shape[-2:]), height, width)
+            else:
+                image = centre_crop(image, height, width)
         steps = request.steps or preset.sample_steps
         shift = preset.sample_shift if request.shift is None else request.shift
         guide_low, guide_high = request.guide_scale or preset.guide_scale
+        if not preset.is_moe and guide_low != guide_high:
+            raise ValueError(f"{preset.name} is one model: give one guidance scale, not low-noise {guide_low} and "
+                             f"high-noise {guide_high}")
         negative = preset.negative_prompt if request.negative_prompt is None else request.negative_prompt
         if preset.task == "i2v" and request.image is None:
             raise ValueError(f"{preset.name} is image-to-video: pass an image (GenerationRequest.image)")
@@ -246,7 +332,7 @@ class WanPipeline:
         start = time.perf_counter()
         cond_channels = clean_first = None
         if request.image is not None:
-            image_latents = self._image_condition(request.image, frames, height, width)
+            image_latents = self._image_condition(image, frames, height, width)
             if preset.task == "i2v":
                 cond_channels = torch.cat([i2v_mask(image_latents[None])[0], image_latents], dim=0)  # [20, F', H', W']
             else:

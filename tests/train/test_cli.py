@@ -157,3 +157,44 @@ def test_lora_folder_at_an_expert_applies_that_experts_file_only(tmp_path, capsy
                         "--out", str(tmp_path / "out")]) == 0
     applied = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LoRA ")]
     assert len(applied) == 1 and "high_noise.safetensors" in applied[0] and applied[0].endswith("-> high_noise")
+
+
+def test_sample_image_sets_the_shape_within_the_size_and_exact_size_keeps_it(tmp_path, capsys, monkeypatch):
+    """TI2V with a portrait image at --size 32x64 renders 64x32 (the official sizing, and says so);
+    --exact-size renders 32x64; no --size renders the preset's sample_size; --guide LOW,HIGH on the dense
+    model is one error before any weight loads."""
+    import av
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    import sample
+    import wan_model.pipeline
+    from train.cli import UsageError
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-ti2v")
+    image = tmp_path / "portrait.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(image)
+    base = ["--release", str(release), "--prompt", "a fox", "--frames", "5", "--steps", "1", "--device", "cpu",
+            "--dtype", "float32"]
+
+    def size_of(out):
+        with av.open(str(out.with_suffix(".mp4"))) as container:
+            stream = container.streams.video[0]
+            return stream.height, stream.width
+
+    assert sample.main(base + ["--image", str(image), "--size", "32x64", "--out", str(tmp_path / "fit")]) == 0
+    assert size_of(tmp_path / "fit") == (64, 32) and "rendered 64x32" in capsys.readouterr().out
+    assert sample.main(base + ["--image", str(image), "--size", "32x64", "--exact-size",
+                               "--out", str(tmp_path / "exact")]) == 0
+    assert size_of(tmp_path / "exact") == (32, 64)
+    assert sample.main(base + ["--out", str(tmp_path / "default")]) == 0
+    assert size_of(tmp_path / "default") == (64, 64)  # tiny-ti2v's sample_size (704x1280 for TI2V-5B)
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the --guide mistake was reported")
+
+    monkeypatch.setattr(wan_model.pipeline, "load_pipeline", no_load)
+    with pytest.raises(UsageError, match="one model"):
+        sample.main(base + ["--guide", "3,5", "--out", str(tmp_path / "guide")])

@@ -66,9 +66,9 @@ def test_i2v_needs_an_image_and_conditions_on_it(pipes):
 
 def test_ti2v_keeps_the_image_latent_as_first_frame(pipes):
     pipe = pipes["tiny-ti2v"]
-    img = torch.rand(3, 32, 32) * 2 - 1
+    img = torch.randint(0, 256, (3, 32, 32)).float() / 127.5 - 1  # 8-bit values, as read_image gives
     result = pipe.generate(request(image=img))
-    image_latent = pipe.vae.encode(img[None, :, None])[0]
+    image_latent = pipe.vae.encode(img[None, :, None])[0]  # at the image's own size the resize keeps it
     assert torch.allclose(result.latents[:, :1], image_latent, atol=1e-6)
     plain = pipe.generate(request())
     assert not torch.allclose(plain.latents[:, :1], image_latent, atol=1e-2)
@@ -197,3 +197,88 @@ def test_resident_experts_are_never_moved_by_expert_offload(pipes):
     pipe.generate(request())
     assert "high_noise" not in moves
     assert pipe.expert_for(999) == "high_noise" and pipe.expert_for(0) == "low_noise"
+
+
+@pytest.mark.parametrize("preset,image_hw,size,expected", [
+    # I2V-A14B (wan/image2video.py): the area's side scaled by the aspect ratio, floored to even latent sizes.
+    ("i2v-A14B", (768, 1024), (480, 832), (544, 720)), ("i2v-A14B", (720, 1280), (480, 832), (464, 832)),
+    ("i2v-A14B", (1024, 1024), (480, 832), (624, 624)), ("i2v-A14B", (1080, 1920), (720, 1280), (720, 1280)),
+    # TI2V-5B (wan/textimage2video.py, best_output_size on the 32-pixel grid).
+    ("ti2v-5B", (720, 1280), (704, 1280), (704, 1248)), ("ti2v-5B", (768, 1024), (704, 1280), (800, 1088)),
+    ("ti2v-5B", (1024, 1024), (704, 1280), (928, 960)), ("ti2v-5B", (1280, 720), (704, 1280), (1248, 704)),
+])
+def test_image_output_size_follows_the_official_generators(preset, image_hw, size, expected):
+    """Values from the official formulas at the official area (480p / 720p / 704x1280): the video takes the
+    image's aspect ratio within the area of the requested size; it is not stretched to that size."""
+    from wan_model.pipeline import image_output_size
+
+    assert image_output_size(PRESETS[preset], image_hw, *size) == expected
+
+
+def test_image_conditioned_videos_take_the_images_shape_or_exactly_the_size(pipes):
+    """A 48x96 image at 32x32 (area 1024): I2V renders 16x32 (the image's 1:2, sides floored to even latent
+    sizes as the official code does); fit_image=False renders 32x32 from the image's centre. A 96x48 image
+    at 32x64: TI2V renders 64x32, its first latent frame the Lanczos cover-and-crop of the image."""
+    from wan_model.pipeline import lanczos_cover_crop
+
+    img = torch.randint(0, 256, (3, 48, 96)).float() / 127.5 - 1
+    i2v = pipes["tiny-i2v"].generate(request(image=img))
+    assert i2v.video.shape[-2:] == (16, 32)
+    exact = pipes["tiny-i2v"].generate(request(image=img, fit_image=False))
+    assert exact.video.shape[-2:] == (32, 32)
+    # The centre crop: the image's middle 48x48, whatever its sides hold.
+    sides = img.clone()
+    sides[:, :, :24] = -1
+    sides[:, :, 72:] = 1
+    assert torch.equal(pipes["tiny-i2v"].generate(request(image=sides, fit_image=False)).latents, exact.latents)
+    ti2v = pipes["tiny-ti2v"]
+    portrait = img.transpose(1, 2)
+    result = ti2v.generate(request(image=portrait, height=32, width=64))
+    assert result.video.shape[-2:] == (64, 32)
+    first = ti2v.vae.encode(lanczos_cover_crop(portrait, 64, 32)[None, :, None])[0]
+    torch.testing.assert_close(result.latents[:, :1], first, atol=1e-6, rtol=0)
+
+
+def test_lanczos_cover_crop_is_pils_resize_and_centre_crop():
+    import numpy as np
+    from PIL import Image
+
+    from wan_model.pipeline import lanczos_cover_crop
+
+    pixels = torch.randint(0, 256, (40, 70, 3), dtype=torch.uint8)
+    out = lanczos_cover_crop(pixels.permute(2, 0, 1).float() / 127.5 - 1, 32, 32)
+    resized = Image.fromarray(pixels.numpy()).resize((round(70 * 0.8), 32), Image.LANCZOS)  # covers 32x32
+    left = (resized.width - 32) // 2
+    expected = torch.from_numpy(np.array(resized.crop((left, 0, left + 32, 32)))).permute(2, 0, 1).float()
+    assert torch.equal(out, expected / 127.5 - 1)
+
+
+def test_dense_model_takes_one_guidance_scale(pipes):
+    with pytest.raises(ValueError, match="one guidance scale"):
+        pipes["tiny-ti2v"].generate(request(guide_scale=(3.0, 5.0)))
+
+
+def test_boundary_timestep_is_the_official_float_comparison_on_whole_timesteps():
+    """Official: t >= boundary * 1000 in floats, t whole. 0.875 and 0.900 are exact; 0.8754 sends 875 low."""
+    assert PRESETS["t2v-A14B"].boundary_timestep == 875 and PRESETS["i2v-A14B"].boundary_timestep == 900
+    for boundary in (0.8754, 0.7, 0.875, 0.9, 0.35):
+        first_high = PRESETS["t2v-A14B"].replace(boundary=boundary).boundary_timestep
+        assert first_high >= boundary * 1000 and not first_high - 1 >= boundary * 1000
+
+
+def test_a_folder_on_one_expert_applies_its_file_and_a_second_merge_of_a_file_is_refused(tmp_path):
+    """add_lora(folder, expert=X) applies X's file of an export folder, not every file on X; merging the same
+    file twice (which would add it twice, where attaching it again replaces it) is an error."""
+    from wan_model.lora_formats import META_EXPERT, save_lora
+
+    pipe = load_pipeline(write_tiny_release(tmp_path / "release", "tiny-t2v"), device="cpu", dtype=torch.float32)
+    cfg = PRESETS["tiny-t2v"].transformer
+    for seed, expert in enumerate(("high_noise", "low_noise")):
+        save_lora(random_lora(cfg, seed=seed), tmp_path / "step" / f"{expert}.safetensors", {META_EXPERT: expert})
+    report = pipe.add_lora(tmp_path / "step", expert="high_noise")
+    assert report.count("LoRA ") == 1 and "high_noise.safetensors" in report and report.endswith("-> high_noise")
+    pipe.set_adapters([])
+    path = tmp_path / "step" / "low_noise.safetensors"
+    pipe.add_lora(path, merge=True)
+    with pytest.raises(ValueError, match="already merged into the low_noise expert"):
+        pipe.add_lora(path, strength=0.5, merge=True)
