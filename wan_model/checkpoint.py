@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from torch import Tensor
 from .config import PRESETS, TransformerConfig
 from .files import atomic_write
 from .keymaps import COMFY_PREFIXES, detect_transformer_format, diffusers_key_to_official
-from .transformer import WanTransformer
+from .transformer import WanTransformer, float32_parameter
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -261,8 +261,10 @@ def locate(path: str | os.PathLike) -> CheckpointFiles:
     return CheckpointFiles(path, locations, shapes, config_json, config_path)
 
 
-def _iter_tensors(ckpt: CheckpointFiles, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, Tensor]]:
-    """(official name, tensor in `dtype` on `device`), one file open at a time, one tensor read at a time."""
+def _iter_tensors(ckpt: CheckpointFiles, dtype: torch.dtype, device: torch.device,
+                  float32: Callable[[str], bool] = lambda name: False) -> Iterator[tuple[str, Tensor]]:
+    """(official name, tensor in `dtype` on `device`, or float32 where `float32(name)`), one file open at a
+    time, one tensor read at a time."""
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (file, stored) in ckpt.locations.items():
         by_file.setdefault(file, []).append((name, stored))
@@ -271,11 +273,11 @@ def _iter_tensors(ckpt: CheckpointFiles, dtype: torch.dtype, device: torch.devic
             # safe_open memory-maps the file; device= reads each tensor straight to the GPU when asked.
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name, stored in names:
-                    yield name, f.get_tensor(stored).to(dtype)
+                    yield name, f.get_tensor(stored).to(torch.float32 if float32(name) else dtype)
         else:
             sd = _load_pth(file)
             for name, stored in names:
-                yield name, sd[stored].to(device=device, dtype=dtype)
+                yield name, sd[stored].to(device=device, dtype=torch.float32 if float32(name) else dtype)
             del sd
 
 
@@ -313,11 +315,13 @@ def resolve_config(ckpt: CheckpointFiles, config: TransformerConfig | None) -> T
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                     config: TransformerConfig | None = None) -> WanTransformer:
+                     config: TransformerConfig | None = None, keep_float32: bool = False) -> WanTransformer:
     """Load a Wan 2.2 DiT from an official/diffusers folder or a single .safetensors/.pth/.pt file.
 
     Strict: every parameter must be present with the model's shape, and nothing else. Parameters end up
-    in `dtype` on `device`; the model is returned in train mode with requires_grad as built (callers freeze).
+    in `dtype` on `device`; keep_float32: the ones the forward reads in float32 stay float32
+    (`transformer.float32_parameter`; the sampler's choice, as the official generator and diffusers run).
+    The model is returned in train mode with requires_grad as built (callers freeze).
     """
     ckpt = locate(path)
     config = resolve_config(ckpt, config)
@@ -326,7 +330,9 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_shapes(expected, ckpt.shapes, str(ckpt.origin), config)
     device = torch.device(device)
-    model.load_state_dict(dict(_iter_tensors(ckpt, dtype, device)), strict=True, assign=True)
+    tensors = (_iter_tensors(ckpt, dtype, device, float32_parameter) if keep_float32
+               else _iter_tensors(ckpt, dtype, device))
+    model.load_state_dict(dict(tensors), strict=True, assign=True)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         # Non-persistent buffers are not in any checkpoint; WanTransformer computes RoPE per forward so it has

@@ -399,7 +399,8 @@ def load_pipeline(root: str | Path, preset: str | None = None, device: str = "cu
 
     release = load_release(root, preset)
     expert_device = "cpu" if offload_experts else device
-    experts = {name: load_transformer(path, dtype=dtype, device=expert_device)
+    # The parameters the forward reads in float32 stay float32, as the official generator and diffusers keep them.
+    experts = {name: load_transformer(path, dtype=dtype, device=expert_device, keep_float32=True)
                for name, path in release.expert_paths.items()}
     vae = load_vae(release.vae_path, release.preset.vae, dtype=torch.float32, device=device)
     if vae_tiling:

@@ -5,6 +5,7 @@ import torch
 
 from wan_model.conditioning import i2v_mask
 from wan_model.pipeline import GenerationRequest, load_pipeline, snap_size
+from wan_model.transformer import float32_parameter
 from wan_model.config import PRESETS
 from wan_model.solvers import make_solver
 from wan_model.tiny_release import write_tiny_release
@@ -282,3 +283,29 @@ def test_a_folder_on_one_expert_applies_its_file_and_a_second_merge_of_a_file_is
     pipe.add_lora(path, merge=True)
     with pytest.raises(ValueError, match="already merged into the low_noise expert"):
         pipe.add_lora(path, strength=0.5, merge=True)
+
+
+def test_bf16_sampler_keeps_the_float32_parameters_as_the_official_generator(tmp_path):
+    """load_pipeline in bf16: the time embedding and projection, head, modulation tables and norm weights stay
+    float32 (their released values), the block linears are bf16; the video is closer to the float32 one
+    than with every parameter rounded to bf16."""
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    req = request(steps=4)
+    reference = load_pipeline(release, device="cpu", dtype=torch.float32).generate(req).latents
+    pipe = load_pipeline(release, device="cpu", dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in pipe.experts["low_noise"].named_parameters()}
+    kept = ["blocks.0.modulation", "head.modulation", "time_projection.1.weight", "time_embedding.0.weight",
+            "head.head.weight", "blocks.0.norm3.weight", "blocks.0.self_attn.norm_q.weight"]
+    assert all(dtypes[n] == torch.float32 for n in kept), {n: dtypes[n] for n in kept}
+    assert dtypes["blocks.0.self_attn.q.weight"] == dtypes["blocks.0.ffn.0.weight"] == torch.bfloat16
+    assert sum(d == torch.float32 for d in dtypes.values()) == sum(map(float32_parameter, dtypes))
+    mixed = pipe.generate(req).latents
+    for model in pipe.experts.values():
+        model.to(torch.bfloat16)
+    rounded = pipe.generate(req).latents
+
+    def err(x):
+        return ((x - reference).norm() / reference.norm()).item()
+
+    print("relative error to float32:", err(mixed), "rounded:", err(rounded))
+    assert err(mixed) < err(rounded), (err(mixed), err(rounded))
