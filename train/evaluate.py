@@ -218,7 +218,16 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
             "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
             "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,
             "adapters": adapter_fingerprint(variant.adapters), "strength": variant.strength,
-            "dtype": str(pipe.dtype), "device": str(pipe.device), **_numerics(pipe), **(identity or {})}
+            "dtype": str(pipe.dtype), "device": str(pipe.device), **_numerics(pipe), **_float32_parameters(pipe),
+            **(identity or {})}
+
+
+def _float32_parameters(pipe) -> dict:
+    """A bf16 pipeline whose float32-read parameters stay float32 (load_pipeline since 9ca32d9) renders other
+    numbers than one with every parameter rounded: renders made before are not reused."""
+    expert = next(iter(pipe.experts.values()))
+    kept = pipe.dtype != torch.float32 and expert.blocks[0].modulation.dtype == torch.float32
+    return {"float32_parameters": True} if kept else {}
 
 
 def _numerics(pipe) -> dict:

@@ -318,3 +318,23 @@ def test_base_and_adapter_renders_share_the_noise_and_the_adapter_is_detached_af
     from wan_model.media import to_uint8_frames
     frames = to_uint8_frames(pipe.generate(request).video)
     assert np.array_equal(frames[[0, 1, 2, 3, 4]], sheet("base"))  # no adapter left attached
+
+
+def test_renders_of_bf16_pipelines_name_their_float32_parameters(tmp_path):
+    """A bf16 pipeline with its float32-read parameters kept (load_pipeline) renders other numbers than one
+    with them rounded: the render settings say so, and renders made before are not reused."""
+    import torch
+
+    from train.evaluate import SuiteEntry, Variant, render_settings
+    from wan_model.pipeline import load_pipeline
+    from wan_model.tiny_release import write_tiny_release
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    entry = SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=2)
+    bf16 = load_pipeline(release, device="cpu", dtype=torch.bfloat16)
+    assert render_settings(bf16, entry, 0, Variant("base"))["float32_parameters"] is True
+    fp32 = load_pipeline(release, device="cpu", dtype=torch.float32)
+    assert "float32_parameters" not in render_settings(fp32, entry, 0, Variant("base"))
+    for model in bf16.experts.values():
+        model.to(torch.bfloat16)  # every parameter rounded, as pipelines loaded before 9ca32d9
+    assert "float32_parameters" not in render_settings(bf16, entry, 0, Variant("base"))
