@@ -3,6 +3,7 @@ change the numbers a little, compiled blocks change nothing (LoRA switches inclu
 and the evaluation cache know about them."""
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,6 +102,7 @@ def test_render_cache_key_includes_the_numerics():
         preset = PRESETS["tiny-t2v"]
         dtype = torch.bfloat16
         device = torch.device("cpu")
+        experts = {"low_noise": SimpleNamespace(blocks=[SimpleNamespace(modulation=torch.zeros(1))])}
 
     def settings(**speed):
         return render_settings(Pipe(SamplingSpeed(**speed)), SuiteEntry("a fox", [0], 32, 32), 0, Variant("base"))
