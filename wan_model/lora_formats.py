@@ -16,7 +16,11 @@ Layouts (`save_lora` writes the first two, `load_lora` reads all four, mixed fil
   * "kohya" (musubi-tuner): `lora_unet_blocks_0_self_attn_q.lora_down.weight`, `.lora_up.weight`, `.alpha`;
     the underscored names are resolved against the module list of the model, never by guessing where
     the dots were (`self_attn`, `cross_attn`, `time_projection` contain underscores).
-Keys that match no module are returned in the report with the reason; Wan 2.1 I2V image-branch keys
+Difference tensors (ComfyUI's `.diff` / `.diff_b` / `.diff_m`, as distilled LoRAs such as lightx2v carry next to
+their factors) are full-size additions to one parameter: `<module>.diff` to its weight, `.diff_b` to its bias,
+`blocks.N.diff_m` to the block's modulation table. They are returned in `LoraReport.diffs` by parameter name
+(the sampler adds strength x difference, as ComfyUI does). Keys that match no module are returned in the
+report with the reason; Wan 2.1 I2V image-branch keys
 (`k_img`, `v_img`, `img_emb`) name that model, and shapes of another size name the presets they fit.
 """
 
@@ -101,13 +105,15 @@ class LoraReport:
 
     format: the layouts seen, '+'-joined when mixed ('comfy', 'comfy-original', 'peft', 'kohya');
     unmatched: file key -> why it was not used; foreign_model: e.g. 'Wan 2.1 I2V-14B LoRA' when keys of
-    another model were recognised; metadata: the safetensors header (str -> str)."""
+    another model were recognised; metadata: the safetensors header (str -> str); diffs: official parameter
+    name ('blocks.0.self_attn.q.bias') -> the full-size difference the file adds to it (module docstring)."""
 
     path: str
     format: str
     unmatched: dict[str, str] = field(default_factory=dict)
     foreign_model: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    diffs: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- module list
@@ -120,6 +126,14 @@ def lora_targets(config: TransformerConfig) -> dict[str, tuple[int, int]]:
     with torch.device("meta"):
         model = WanTransformer(config)
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@lru_cache(maxsize=16)
+def parameter_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `WanTransformer(config)`: official name -> shape (built on the meta device)."""
+    with torch.device("meta"):
+        model = WanTransformer(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def _names_for_layers(num_layers: int) -> frozenset[str]:
@@ -235,6 +249,10 @@ def parse_lora_state_dict(tensors: Mapping[str, Tensor], header: Mapping[str, st
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     layouts: set[str] = set()
     for key, value in tensors.items():
+        parameter = _difference_parameter(key)
+        if parameter is not None:
+            report.diffs[parameter] = value
+            continue
         found = _resolve(key, names, kohya)
         if isinstance(found, str):
             report.unmatched[key] = found
@@ -269,6 +287,22 @@ def _num_layers(keys: Iterable[str]) -> int:
     return max(found, default=-1) + 1
 
 
+_DIFF_SUFFIXES = {".diff": "weight", ".diff_b": "bias"}
+
+
+def _difference_parameter(key: str) -> str | None:
+    """The official parameter a difference key adds to ('diffusion_model.blocks.0.self_attn.q.diff_b' ->
+    'blocks.0.self_attn.q.bias'; 'blocks.3.diff_m' -> 'blocks.3.modulation'), or None for other keys.
+    Whether the model has that parameter is checked where it is applied."""
+    stem = next((key[len(p):] for p in COMFY_PREFIXES if key.startswith(p)), key)
+    if stem.endswith(".diff_m"):
+        return stem[: -len(".diff_m")] + ".modulation"
+    suffix = next((x for x in _DIFF_SUFFIXES if stem.endswith(x)), None)
+    if suffix is None or any(marker in stem for marker in _WAN21_I2V_MARKERS):
+        return None  # Wan 2.1 image-branch differences are reported with that model's other keys
+    return stem[: -len(suffix)] + "." + _DIFF_SUFFIXES[suffix]
+
+
 def _resolve(key: str, names: frozenset[str], kohya: Mapping[str, str]) -> tuple[str, str, str] | str:
     """File key -> (official module, 'down'|'up'|'alpha', layout), or the reason it matches nothing."""
     if any(marker in key for marker in _WAN21_I2V_MARKERS):
@@ -276,10 +310,7 @@ def _resolve(key: str, names: frozenset[str], kohya: Mapping[str, str]) -> tuple
                 f"Wan 2.2 has no CLIP image branch")
     suffix = next((s for s in _ROLE_SUFFIXES if key.endswith(s)), None)
     if suffix is None:
-        why = ("full-weight difference (.diff / .diff_b), not low-rank factors; not supported"
-               if key.endswith((".diff", ".diff_b")) else "not a LoRA factor (expected .lora_A/.lora_B/.lora_down/"
-               ".lora_up .weight or .alpha)")
-        return why
+        return "not a LoRA factor (expected .lora_A/.lora_B/.lora_down/.lora_up .weight, .alpha or .diff/.diff_b)"
     role, stem = _ROLE_SUFFIXES[suffix], key[: -len(suffix)]
     original = suffix in (".lora_down.weight", ".lora_up.weight")
     if stem.startswith(KOHYA_PREFIX):
@@ -357,6 +388,16 @@ def check_lora(weights: Mapping[str, LoraModule], report: LoraReport | None, con
         raise ValueError(f"{where}: {len(wrong)} modules have shapes of another model, e.g. {name} is "
                          f"in {got[0]} -> out {got[1]} in the file but in {want[0]} -> out {want[1]} in this model "
                          f"(dim {config.dim}). {describe_fit(weights)}")
+    if report is not None and report.diffs:
+        shapes = parameter_shapes(config)
+        for name in [n for n in report.diffs if n not in shapes]:  # reported, as keys that match no module
+            report.unmatched[name] = "difference for a parameter this model does not have"
+            del report.diffs[name]
+        misshaped = [(n, tuple(d.shape), shapes[n]) for n, d in report.diffs.items() if tuple(d.shape) != shapes[n]]
+        if misshaped:
+            name, got, want = misshaped[0]
+            raise ValueError(f"{where}: the difference for {name} has shape {got}, but this model's is {want} "
+                             f"(dim {config.dim}); is it a LoRA of another model size? {describe_fit(weights)}")
 
 
 def describe_fit(weights: Mapping[str, LoraModule]) -> str:

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .attention import attention_backend
 from .conditioning import i2v_mask, token_timesteps
 from .config import ModelPreset
+from .fp8 import FP8Linear
 from .lora_apply import LoraSet, merge_loras
 from .sampling_speed import SamplingSpeed, prepare_expert
 from .solvers import make_solver
@@ -172,6 +174,10 @@ class WanPipeline:
         self._lora_sets: dict[str, LoraSet] = {}
         self._loaded_loras: dict[tuple, tuple] = {}  # (file, size, mtime) -> load_lora's result
         self._merged: set[tuple[str, str]] = set()  # (expert, resolved file) folded into the weights
+        # Difference tensors of attached LoRA files (lora_formats: .diff / .diff_b / .diff_m), added to their
+        # parameters in place; the originals wait on the host so a change of adapters restores them exactly.
+        self._diffs: dict[str, dict[str, tuple[dict[str, torch.Tensor], float]]] = {}  # expert -> {file: ...}
+        self._diff_originals: dict[str, dict[str, torch.Tensor]] = {}  # expert -> {parameter: original}
 
     # -- routing -------------------------------------------------------------------------------------
     def expert_for(self, t: float) -> str:
@@ -234,20 +240,30 @@ class WanPipeline:
         if merged_before:
             raise ValueError(f"{path}: already merged into the {merged_before[0]} expert; merging it again would "
                              f"add it twice: give one --lora with the strength wanted")
+        diffs = report.diffs
+        for name in targets:
+            for parameter in diffs:  # every difference lands on a parameter it can change, before anything moves
+                _difference_target(self.experts[name], parameter, path)
         for name in targets:
             if merge:
                 merge_loras(self.experts[name], [(weights, strength)], backup_device=None)
+                _add_differences(self.experts[name], [(diffs, strength)])
                 self._merged.add((name, key[0]))
             else:
-                self._attached.setdefault(name, {})[str(path)] = (weights, strength)
-                try:
-                    self._reattach(name)
-                except Exception:
-                    self._attached[name].pop(str(path))  # the expert keeps the LoRAs it had
-                    self._reattach(name)
-                    raise
-        lines = [f"LoRA {path} ({report.format}, {len(weights)} modules, strength {strength}) -> "
-                 f"{', '.join(targets)}{' (merged)' if merge else ''}"]
+                if weights:
+                    self._attached.setdefault(name, {})[str(path)] = (weights, strength)
+                    try:
+                        self._reattach(name)
+                    except Exception:
+                        self._attached[name].pop(str(path))  # the expert keeps the LoRAs it had
+                        self._reattach(name)
+                        raise
+                if diffs:
+                    self._diffs.setdefault(name, {})[str(path)] = (diffs, strength)
+                    self._reapply_diffs(name)
+        lines = [f"LoRA {path} ({report.format}, {len(weights)} modules"
+                 + (f", {len(diffs)} parameter differences" if diffs else "")
+                 + f", strength {strength}) -> {', '.join(targets)}{' (merged)' if merge else ''}"]
         lines += [f"  not used: {key}: {why}" for key, why in report.unmatched.items()]
         return "\n".join(lines)
 
@@ -262,11 +278,29 @@ class WanPipeline:
                 raise ValueError(f"LoRA targets missing in the {name} expert: {missing[:5]}")
             self._lora_sets[name] = lora_set
 
+    @torch.no_grad()
+    def _reapply_diffs(self, name: str) -> None:
+        """Expert `name`'s parameters as loaded plus strength x difference of each attached file."""
+        model, originals = self.experts[name], self._diff_originals.setdefault(name, {})
+        attached = list(self._diffs.get(name, {}).values())
+        wanted = {parameter for diffs, _ in attached for parameter in diffs}
+        for parameter, original in list(originals.items()):
+            target = _difference_target(model, parameter)
+            target.copy_(original.to(target.device))
+            if parameter not in wanted:
+                del originals[parameter]
+        for parameter in wanted - set(originals):
+            originals[parameter] = _difference_target(model, parameter).detach().to("cpu", copy=True)
+        _add_differences(model, attached)
+
     def set_adapters(self, paths: list[str | Path], strength: float = 1.0) -> None:
         """Replace every attached LoRA by `paths` (files or per-expert folders); [] gives the base model."""
         self._attached = {}
         for name in list(self._lora_sets):
             self._lora_sets.pop(name).detach()
+        self._diffs = {}
+        for name in list(self._diff_originals):
+            self._reapply_diffs(name)  # the originals back
         for path in paths:
             self.add_lora(path, strength)
 
@@ -375,6 +409,32 @@ class WanPipeline:
         video = self.vae.decode(latents[None].to(self._vae_dtype()))[0].float().clamp(-1, 1).cpu()
         clock["decode"] = time.perf_counter() - start
         return GenerationResult(video=video, latents=latents.cpu(), seconds=clock)
+
+
+def _difference_target(model: nn.Module, parameter: str, path: Path | None = None) -> torch.Tensor:
+    """The tensor a LoRA file's difference for `parameter` is added to: under a PEFT wrapper its base layer's,
+    under an attached weight parametrization the stored original. ValueError when it cannot take one."""
+    module_name, _, attr = parameter.rpartition(".")
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    module = getattr(model.get_submodule(module_name), "base_layer", model.get_submodule(module_name))
+    if isinstance(module, FP8Linear) and attr == "weight":
+        raise ValueError(f"{path}: the difference for {parameter} needs its weight in bf16, but it is stored in fp8; "
+                         f"drop the fp8 weights option to apply this LoRA")
+    if parametrize.is_parametrized(module, attr):
+        return getattr(module.parametrizations, attr).original
+    return getattr(module, attr)
+
+
+@torch.no_grad()
+def _add_differences(model: nn.Module, loras: list[tuple[dict[str, torch.Tensor], float]]) -> None:
+    """Add sum_j strength_j x difference_j to each named parameter, in float32, rounded once (as ComfyUI adds
+    `.diff` / `.diff_b`)."""
+    for parameter in {p for diffs, _ in loras for p in diffs}:
+        target = _difference_target(model, parameter)
+        total = sum(s * diffs[parameter].float() for diffs, s in loras if parameter in diffs and s != 0)
+        if isinstance(total, torch.Tensor):
+            target.copy_((target.float() + total.to(target.device)).to(target.dtype))
 
 
 def _on(device: torch.device, where: torch.device) -> bool:

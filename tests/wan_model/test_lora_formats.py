@@ -145,9 +145,33 @@ def test_unmatched_keys_are_reported_with_reasons():
     loaded, report = parse_lora_state_dict(tensors)
     assert list(loaded) == ["blocks.0.self_attn.q"]
     assert set(report.unmatched) == set(tensors) - {"diffusion_model.blocks.0.self_attn.q.lora_A.weight",
-                                                      "diffusion_model.blocks.0.self_attn.q.lora_B.weight"}
+                                                      "diffusion_model.blocks.0.self_attn.q.lora_B.weight",
+                                                      "diffusion_model.blocks.0.norm3.diff"}
     assert "no lora_B" in report.unmatched["diffusion_model.blocks.0.self_attn.k.lora_A.weight"]
-    assert ".diff" in report.unmatched["diffusion_model.blocks.0.norm3.diff"]
+    assert list(report.diffs) == ["blocks.0.norm3.weight"]  # a difference, applied by the sampler
+
+
+def test_difference_keys_name_their_parameters_and_are_checked_against_the_model():
+    """lightx2v-style files: .diff (weight), .diff_b (bias), .diff_m (a block's modulation) next to factors;
+    one for a parameter the model lacks is reported, one of another width is refused."""
+    from wan_model.lora_formats import check_lora
+
+    cfg = PRESETS["tiny-t2v"].transformer
+    tensors = {"diffusion_model.blocks.0.self_attn.q.diff_b": torch.ones(cfg.dim),
+               "diffusion_model.blocks.0.self_attn.norm_q.diff": torch.ones(cfg.dim),
+               "diffusion_model.blocks.1.diff_m": torch.ones(1, 6, cfg.dim),
+               "head.head.diff_b": torch.ones(cfg.out_dim * 4),
+               "diffusion_model.blocks.0.self_attn.nope.diff_b": torch.ones(cfg.dim)}
+    weights, report = parse_lora_state_dict(tensors)
+    assert not weights and set(report.diffs) == {"blocks.0.self_attn.q.bias", "blocks.0.self_attn.norm_q.weight",
+                                                 "blocks.1.modulation", "head.head.bias",
+                                                 "blocks.0.self_attn.nope.bias"}
+    check_lora(weights, report, cfg)
+    assert "blocks.0.self_attn.nope.bias" not in report.diffs
+    assert "does not have" in report.unmatched["blocks.0.self_attn.nope.bias"]
+    _, wide = parse_lora_state_dict({"blocks.0.self_attn.q.diff_b": torch.ones(5120)})
+    with pytest.raises(ValueError, match=r"blocks.0.self_attn.q.bias has shape \(5120,\)"):
+        check_lora({}, wide, cfg)
 
 
 def test_wan21_i2v_lora_on_wan22_model_is_named(tmp_path):

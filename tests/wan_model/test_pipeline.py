@@ -309,3 +309,52 @@ def test_bf16_sampler_keeps_the_float32_parameters_as_the_official_generator(tmp
 
     print("relative error to float32:", err(mixed), "rounded:", err(rounded))
     assert err(mixed) < err(rounded), (err(mixed), err(rounded))
+
+
+def test_lora_difference_tensors_add_to_their_parameters_and_come_off_exactly(tmp_path):
+    """A lightx2v-style file (factors plus .diff_b on a block Linear and the head, .diff on a q norm, .diff_m on
+    a modulation table): attached, the video is the one of the base model with those parameters edited by
+    hand (strength x difference) and the factors attached; merged, the same; set_adapters([]) gives the base
+    video bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from wan_model.lora_formats import META_EXPERT, save_lora
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    cfg = PRESETS["tiny-t2v"].transformer
+    g = torch.Generator().manual_seed(0)
+    diffs = {"blocks.0.self_attn.q.bias": torch.randn(cfg.dim, generator=g) * 0.5,
+             "blocks.1.self_attn.norm_q.weight": torch.randn(cfg.dim, generator=g) * 0.5,
+             "blocks.0.modulation": torch.randn(1, 6, cfg.dim, generator=g) * 0.5,
+             "head.head.bias": torch.randn(cfg.out_dim * 4, generator=g) * 0.5}
+    factors = save_lora(random_lora(cfg, scale=0.2), tmp_path / "factors.safetensors", {META_EXPERT: "low_noise"})
+    keys = {"head.head.bias": "head.head.diff_b", "blocks.0.modulation": "blocks.0.diff_m",
+            "blocks.1.self_attn.norm_q.weight": "blocks.1.self_attn.norm_q.diff",
+            "blocks.0.self_attn.q.bias": "blocks.0.self_attn.q.diff_b"}
+    with safe_open(str(factors), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = f.metadata()
+    tensors.update({"diffusion_model." + keys[p]: d for p, d in diffs.items()})
+    path = tmp_path / "distilled.safetensors"
+    save_file(tensors, str(path), metadata=header)
+
+    pipe = load_pipeline(release, device="cpu", dtype=torch.float32)
+    base = pipe.generate(request()).latents
+    report = pipe.add_lora(path, strength=0.7)
+    assert "4 parameter differences" in report and "not used" not in report
+    attached = pipe.generate(request()).latents
+
+    by_hand = load_pipeline(release, device="cpu", dtype=torch.float32)
+    low = by_hand.experts["low_noise"]
+    with torch.no_grad():
+        for parameter, d in diffs.items():
+            low.get_parameter(parameter).add_(0.7 * d)
+    by_hand.add_lora(factors, strength=0.7)
+    torch.testing.assert_close(attached, by_hand.generate(request()).latents, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(attached, base, atol=1e-3)
+
+    pipe.set_adapters([])
+    assert torch.equal(pipe.generate(request()).latents, base)
+    pipe.add_lora(path, strength=0.7, merge=True)
+    torch.testing.assert_close(pipe.generate(request()).latents, attached, rtol=1e-5, atol=1e-5)
