@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(ap)
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
+    ap.add_argument("--negative-prompt", default=None,
+                    help="default: the official negative prompt; '' is an empty one (diffusers' default; the "
+                         "official generate.py reads '' as its default)")
     ap.add_argument("--image", type=Path, default=None, help="first frame for I2V / TI2V")
     ap.add_argument("--size", type=parse_size, default=None,
                     help="HEIGHTxWIDTH, e.g. 480x832; default: the model's (480x832 for A14B, 704x1280 for TI2V-5B). "

@@ -131,3 +131,30 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints_and_resume_trims_the_step
         tmp_path / "run" / "checkpoints")[0]), log=True)  # resume from step 2: steps 2, 3 logged again
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
+
+
+def test_a_resume_with_other_steps_names_the_lr_jump_of_a_decaying_schedule(tmp_path):
+    """training.steps may change on a resume; a cosine schedule then spans the new length, and the lr the
+    next update uses is not the one the checkpointed run planned: train_lora says so, per expert, with both
+    values. Unchanged steps, or a constant schedule, say nothing."""
+    import dataclasses
+
+    import train_lora
+    from train.recipe import LRScheduleSettings
+
+    recipe = tiny_recipe(tmp_path, steps=8, routing="phased", phase_steps=4, save_every=4)
+    cosine = {n: dataclasses.replace(e, lr_schedule=LRScheduleSettings(kind="cosine", warmup_steps=1))
+              for n, e in recipe.experts.items()}
+    recipe = dataclasses.replace(recipe, experts=cosine)
+    run(make_trainer(recipe, total_steps=4), log=False)
+    checkpoint = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    assert train_lora.schedule_changes(recipe, checkpoint) == []
+    longer = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, steps=16))
+    notes = train_lora.schedule_changes(longer, checkpoint)
+    assert len(notes) == 1 and notes[0].startswith("high_noise: the cosine lr schedule now spans 8 updates")
+    assert "after 4 updates its lr moves from" in notes[0]
+    constant = {n: dataclasses.replace(e, lr_schedule=LRScheduleSettings(kind="constant")) for n, e in cosine.items()}
+    run(make_trainer(dataclasses.replace(recipe, experts=constant, training=dataclasses.replace(
+        recipe.training, output_dir=str(tmp_path / "constant"))), total_steps=4), log=False)
+    kept = list_checkpoints(tmp_path / "constant" / "checkpoints")[0]
+    assert train_lora.schedule_changes(dataclasses.replace(longer, experts=constant), kept) == []
