@@ -21,7 +21,8 @@ prompt and report.html:
         --adapters outputs/run/adapters/step-00001000 outputs/run/adapters/step-00002000 --run outputs/run
 
 Speed: --fast (= --compile --fp8-weights matmul --fp8-attention) runs a CFG step of T2V-A14B 480p 1.63x
-faster than diffusers on an H200 (3.90 s vs 6.36 s; TI2V-5B 704x1280x121 1.78x, 1.33 s vs 2.37 s; 069788e);
+faster than diffusers on an H200 (3.90 s vs 6.36 s; TI2V-5B 704x1280x121 1.78x, 1.33 s vs 2.37 s; 069788e,
+stale since cb1fb14 and 9ca32d9, not re-measured);
 only --compile keeps the maths (speed options below). The first step of each clip shape compiles (~1 min).
 Memory options: --offload-experts (one expert on the GPU at a time), --vae-tiling,
 --text-encoder-device cpu. Few-step renders: --guide 1 runs the conditional branch alone (half the cost per

@@ -100,7 +100,9 @@ class Validator:
         image_modes = [None] * len(self.batches)
         if trainer.task == "ti2v":  # image mode (first frame given) on every other item, as training mixes
             p = trainer.settings.ti2v_image_prob
-            image_modes = [p >= 1 or (p > 0 and i % 2 == 1) for i in range(len(self.batches))]
+            # A still (one latent frame) is scored in text mode (train/objective.py), and recorded so.
+            image_modes = [(p >= 1 or (p > 0 and i % 2 == 1)) and b.latents.shape[2] > 1
+                           for i, b in enumerate(self.batches)]
         try:
             for i, batch in enumerate(self.batches):
                 batch = batch.to(device)
