@@ -67,7 +67,8 @@ def common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--offload-experts", action="store_true", help="keep the idle expert in host memory")
     ap.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
     ap.add_argument("--text-encoder-device", default=None, help="e.g. cpu, to keep UMT5 off the GPU")
-    ap.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
+    ap.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"],
+                    help="unipc (the official default) or dpm++ (the official other option), on their official grids")
     ap.add_argument("--steps", type=int, default=None, help="default: the preset's (40 A14B, 50 5B)")
     ap.add_argument("--shift", type=float, default=None, help="default: the preset's sample shift")
     ap.add_argument("--guide", type=parse_guide, default=None, help="guidance: G or LOW,HIGH")

@@ -49,7 +49,7 @@ class GenerationRequest:
     steps: int | None = None  # default: the preset's (40 / 50)
     shift: float | None = None  # default: the preset's sample_shift
     guide_scale: tuple[float, float] | None = None  # (low-noise, high-noise); default: the preset's
-    solver: str = "unipc"  # 'unipc' (official default) | 'euler'
+    solver: str = "unipc"  # 'unipc' (official default) | 'dpm++' (the official other option) | 'euler'
     image: torch.Tensor | None = None
     # With an image: True (official) takes height x width as the pixel area and the image's aspect ratio for
     # the shape (image_output_size); False renders exactly height x width from a centre crop of the image.

@@ -1,4 +1,5 @@
-"""Sampling solvers for flow-matching Wan models: Euler and the flow UniPC multistep solver (bh2, order 2).
+"""Sampling solvers for flow-matching Wan models: Euler, the flow UniPC multistep solver (bh2, order 2) and
+flow DPM-Solver++ (2M), the official generators' two options ('unipc', their default, and 'dpm++').
 
 The grid is the official pipeline's (`wan/text2video.py` builds
 `FlowUniPCMultistepScheduler(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)` and calls
@@ -9,6 +10,9 @@ The grid is the official pipeline's (`wan/text2video.py` builds
   - the DiT sees int64(sigma * N): truncated, not rounded.
 diffusers' `UniPCMultistepScheduler(use_flow_sigmas=True)` starts from linspace(1, 1/N, steps + 1)
 instead (a slightly different grid); given the official sigmas it reproduces the same updates.
+The official 'dpm++' grid (`wan/utils/fm_solvers.py` get_sampling_sigmas, FlowDPMSolverMultistepScheduler
+with shift=1) starts at sigma 1 instead: shift_sigma(linspace(1, 0, steps + 1)[:-1], shift), then 0; its
+first timestep is 1000.
 
 The solvers keep the previous step's state (UniPC is multistep) but compute every coefficient from
 Python floats, so a step is a handful of element-wise tensor ops with no host-device sync; create one
@@ -24,20 +28,21 @@ import torch
 from .config import NUM_TRAIN_TIMESTEPS
 from .schedule import shift_sigma
 
-SOLVERS = ("unipc", "euler")
+SOLVERS = ("unipc", "euler", "dpm++")
 
 
-def flow_sigma_grid(steps: int, shift: float,
-                    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_sigma_grid(steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                    sigma_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The official sampling grid: (sigmas [steps + 1] float32 ending in 0, timesteps [steps] float32).
 
     sigmas_i = shift_sigma(sigma_max * (1 - i / steps), shift) for i < steps, sigma_steps = 0, with
-    sigma_max = float32(1 - 1/N); timesteps_i = floor(sigma_i * N) (the official int64 cast).
-    Built on the CPU in float64 (as the official numpy code) and rounded to float32 once.
+    sigma_max = float32(1 - 1/N) (UniPC's; 1.0 for DPM-Solver++); timesteps_i = floor(sigma_i * N) (the
+    official int64 cast). Built on the CPU in float64 (as the official numpy code), rounded to float32 once.
     """
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
-    sigma_max = float(torch.tensor(1.0 - 1.0 / num_train_timesteps, dtype=torch.float32))
+    if sigma_max is None:
+        sigma_max = float(torch.tensor(1.0 - 1.0 / num_train_timesteps, dtype=torch.float32))
     base = torch.linspace(sigma_max, 0.0, steps + 1, dtype=torch.float64)[:-1]
     shifted = shift_sigma(base, shift)
     timesteps = torch.floor(shifted * num_train_timesteps).to(torch.float32)
@@ -48,10 +53,12 @@ def flow_sigma_grid(steps: int, shift: float,
 class _FlowSolver:
     """Shared grid and step bookkeeping. `timesteps` [steps] go to the DiT; `sigmas` [steps + 1]."""
 
+    sigma_max: float | None = None  # the grid's first sigma before the shift; None: UniPC's 1 - 1/N
+
     def __init__(self, steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
         self.steps = steps
         self.shift = shift
-        self.sigmas, self.timesteps = flow_sigma_grid(steps, shift, num_train_timesteps)
+        self.sigmas, self.timesteps = flow_sigma_grid(steps, shift, num_train_timesteps, self.sigma_max)
         self._s = self.sigmas.tolist()  # Python floats: coefficients never touch the device
         self.reset()
 
@@ -156,10 +163,51 @@ class UniPCSolver(_FlowSolver):
         return out - (alpha * b_h) * corr
 
 
+class DPMSolverPP(_FlowSolver):
+    """Flow DPM-Solver++ 2M, midpoint (the official 'dpm++': wan/utils/fm_solvers.py, solver_order 2, final
+    sigma 0, lower order final), on its grid from sigma 1 (module docstring).
+
+    With alpha = 1 - sigma, lambda = log(alpha / sigma) (-inf at sigma 1, +inf at 0), the data prediction
+    m_i = x_i - sigma_i * v_i and h = lambda_{i+1} - lambda_i:
+        x_{i+1} = sigma_{i+1}/sigma_i * x_i - alpha_{i+1} (e^-h - 1) (m_i + (m_i - m_{i-1}) / (2 r)),
+        r = (lambda_i - lambda_{i-1}) / h,
+    without the m_{i-1} term at the first and the last step. Starting at sigma 1 makes r infinite at the
+    second step, so its correction term is 0 (as in the official code, where 1 / inf = 0).
+    """
+
+    sigma_max = 1.0
+
+    def reset(self) -> None:
+        super().reset()
+        self._previous: torch.Tensor | None = None  # m_{i-1} (float32)
+
+    def _lambda(self, i: int) -> float:
+        s = self._s[i]
+        if s >= 1.0:
+            return -math.inf
+        return math.inf if s == 0.0 else math.log(1.0 - s) - math.log(s)
+
+    def step(self, model_output: torch.Tensor, timestep_index: int, sample: torch.Tensor) -> torch.Tensor:
+        """model_output (velocity eps - x0), sample: [B, C, F, H, W] -> sample at the next sigma."""
+        i = timestep_index
+        self._advance(i)
+        x = sample.float()
+        m = x - self._s[i] * model_output.float()
+        h = self._lambda(i + 1) - self._lambda(i)
+        alpha_em1 = (1.0 - self._s[i + 1]) * math.expm1(-h)  # alpha_{i+1} (e^-h - 1)
+        out = torch.add((self._s[i + 1] / self._s[i]) * x, m, alpha=-alpha_em1)
+        if self._previous is not None and i < self.steps - 1:
+            inverse_r = h / (self._lambda(i) - self._lambda(i - 1))  # 0 when lambda_{i-1} = -inf
+            if inverse_r:
+                out = out - (0.5 * alpha_em1 * inverse_r) * (m - self._previous)
+        self._previous = m
+        return out.to(sample.dtype)
+
+
 def make_solver(name: str, steps: int, shift: float,
-                num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> EulerSolver | UniPCSolver:
-    """A fresh solver on the official grid; `name` is 'unipc' (the official default) or 'euler'."""
-    classes = {"unipc": UniPCSolver, "euler": EulerSolver}
+                num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> EulerSolver | UniPCSolver | DPMSolverPP:
+    """A fresh solver on its official grid; `name` is 'unipc' (the official default), 'dpm++' or 'euler'."""
+    classes = {"unipc": UniPCSolver, "euler": EulerSolver, "dpm++": DPMSolverPP}
     if name not in classes:
         raise ValueError(f"unknown sampling solver {name!r}; choose one of: {', '.join(SOLVERS)}")
     return classes[name](steps, shift, num_train_timesteps)

@@ -358,3 +358,18 @@ def test_lora_difference_tensors_add_to_their_parameters_and_come_off_exactly(tm
     assert torch.equal(pipe.generate(request()).latents, base)
     pipe.add_lora(path, strength=0.7, merge=True)
     torch.testing.assert_close(pipe.generate(request()).latents, attached, rtol=1e-5, atol=1e-5)
+
+
+def test_dpm_solver_pp_renders_from_timestep_1000_with_the_expert_switch(pipes):
+    pipe = pipes["tiny-t2v"]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.append((name, float(args[1][0]))))
+             for n, m in pipe.experts.items()]
+    try:
+        video = pipe.generate(request(steps=4, solver="dpm++")).video
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen[0] == ("high_noise", 1000.0) and seen[-1][0] == "low_noise"
+    assert all((name == "high_noise") == (t >= 875) for name, t in seen)
+    assert torch.isfinite(video).all() and not torch.equal(video, pipe.generate(request(steps=4)).video)

@@ -136,3 +136,72 @@ def test_make_solver_errors():
         make_solver("dpm", 10, 5.0)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         make_solver("euler", 0, 5.0)
+
+
+def _official_dpm(steps, shift, x):
+    """wan/utils/fm_solvers.py as the official 'dpm++' runs it: get_sampling_sigmas in numpy, then
+    FlowDPMSolverMultistepScheduler(shift=1).set_timesteps(sigmas=...) and its 2M midpoint steps in float32
+    torch (solver_order 2, dpmsolver++, final sigma 0: first order at the first and the last step)."""
+    sigmas = np.linspace(1, 0, steps + 1)[:steps]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = torch.from_numpy(sigmas * N).to(torch.int64)
+    sig = torch.from_numpy(np.concatenate([sigmas, [0]]).astype(np.float32))
+    lam = torch.log(1 - sig) - torch.log(sig)
+    outputs = []
+    for i in range(steps):
+        v = _toy_velocity(x, timesteps[i].float())
+        outputs.append(x - sig[i] * v)
+        alpha_t, h = 1 - sig[i + 1], lam[i + 1] - lam[i]
+        if i == 0 or i == steps - 1:
+            x = (sig[i + 1] / sig[i]) * x - (alpha_t * (torch.exp(-h) - 1.0)) * outputs[-1]
+        else:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d0, d1 = outputs[-1], (1.0 / r0) * (outputs[-1] - outputs[-2])
+            x = (sig[i + 1] / sig[i]) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d0 \
+                - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+    return x, sig, timesteps
+
+
+@pytest.mark.parametrize("steps,shift", [(4, 12.0), (12, 5.0), (40, 12.0), (50, 5.0)])
+def test_dpm_solver_pp_matches_the_official_dpm(steps, shift):
+    """The official grid from sigma 1 (first timestep 1000) and trajectory, 4 to 50 steps."""
+    from wan_model.solvers import DPMSolverPP
+
+    x0 = torch.randn(2, 4, 3, 5, 5, generator=torch.Generator().manual_seed(3))
+    ref, ref_sigmas, ref_t = _official_dpm(steps, shift, x0.clone())
+    ours = make_solver("dpm++", steps, shift)
+    assert isinstance(ours, DPMSolverPP) and ours.timesteps[0] == 1000
+    assert torch.equal(ours.sigmas, ref_sigmas) and torch.equal(ours.timesteps, ref_t.float())
+    x = x0.clone()
+    for i, t in enumerate(ours.timesteps):
+        x = ours.step(_toy_velocity(x, t), i, x)
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
+    # the second-order term must matter (from the third step on): Euler on the same grid lands elsewhere
+    euler = EulerSolver(steps, shift)
+    euler.sigmas, euler._s = ours.sigmas, ours._s
+    y = x0.clone()
+    for i, t in enumerate(ours.timesteps):
+        y = euler.step(_toy_velocity(y, t), i, y)
+    assert steps < 4 or (x - y).abs().max() > 1e-3
+
+
+def test_dpm_solver_pp_on_diffusers_own_grid():
+    """diffusers' DPMSolverMultistepScheduler (flow sigmas, dpmsolver++, midpoint, order 2) on its own grid:
+    the same maths gives the same trajectory."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from wan_model.solvers import DPMSolverPP
+
+    steps, shift = 10, 5.0
+    ref = DPMSolverMultistepScheduler(num_train_timesteps=N, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                      flow_shift=shift, solver_order=2, algorithm_type="dpmsolver++",
+                                      final_sigmas_type="zero", lower_order_final=True)
+    ref.set_timesteps(steps)
+    ours = DPMSolverPP(steps, shift)
+    ours.sigmas = ref.sigmas.clone()
+    ours._s = ours.sigmas.tolist()
+    x_ref = x_ours = torch.randn(1, 2, 2, 3, 3, generator=torch.Generator().manual_seed(4))
+    for i, t in enumerate(ref.timesteps):
+        x_ref = ref.step(_toy_velocity(x_ref, t.float()), t, x_ref).prev_sample
+        x_ours = ours.step(_toy_velocity(x_ours, t.float()), i, x_ours)
+    torch.testing.assert_close(x_ours, x_ref, atol=1e-5, rtol=1e-5)
