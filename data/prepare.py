@@ -37,6 +37,7 @@ from .filters import Deduper, check_media, check_score, file_sha256, perceptual_
 from .labels import LABEL_VALUES, AestheticLabels, LabelError, resolve_labels
 from .prompts import check_template, prompt_variants, unit_hash
 from .scan import ClipItem, scan_folder
+from .typed_config import ConfigError
 from .video import VideoError, clip_windows, probe, read_frames, to_model_range
 
 REPORT_NAME = "report.json"
@@ -149,6 +150,35 @@ def _thumbnail(frame: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(frame[None].float(), size=size, mode="area")[0].round().to(torch.uint8)
 
 
+def training_buckets(ds: DatasetConfig, preset: ModelPreset) -> list[Bucket]:
+    """The buckets clips are sized to: dataset.buckets on the preset's grid (sizes multiples of VAE stride x
+    patch: 16 px for A14B, 32 for TI2V-5B). An I2V sample is conditioned on its own first frame, so for an
+    I2V preset a still would be given the whole answer: frame count 1 is left out (ConfigError if nothing is
+    left)."""
+    b = ds.buckets
+    frame_counts = list(b.frame_counts)
+    if preset.task == "i2v":
+        frame_counts = [n for n in frame_counts if n > 1]
+        if not frame_counts:
+            raise ConfigError(f"dataset.buckets.frame_counts {list(b.frame_counts)}: {preset.name} trains on clips "
+                              f"(a still is its own image condition, nothing to learn); add a length such as "
+                              f"{preset.frame_num}")
+    return make_buckets(b.base_area, b.aspects, frame_counts, preset.latent_stride[1])
+
+
+def usable_media(item: ClipItem, ds: DatasetConfig, preset: ModelPreset, buckets: list[Bucket]) -> bool:
+    """Whether the clip passes the media checks prepare makes first (decodable, size, duration, a bucket it
+    fills), without decoding frames: what a validation split is drawn among."""
+    try:
+        info = probe(item.path)
+    except VideoError:
+        return False
+    if check_media(info.width, info.height, info.duration_s, info.kind, ds.filters):
+        return False
+    frames = len(info.indices_at(ds.fps or preset.sample_fps))
+    return assign_bucket(info.width, info.height, frames, buckets) is not None
+
+
 class _Preparer:
     """The per-clip steps of `prepare`, sharing the run's settings, cache and duplicate memory."""
 
@@ -168,17 +198,7 @@ class _Preparer:
         self.cache = LatentCache(self.ds.cache_dir)
         self.measured = JsonTable(Path(self.ds.cache_dir) / LABELS_NAME)
         self.dedupe = Deduper()
-        b = self.ds.buckets
-        # Sizes must be multiples of VAE stride x patch (16 px for A14B, 32 for TI2V-5B); square strides.
-        frame_counts = list(b.frame_counts)
-        if self.preset.task == "i2v":
-            # An I2V sample is conditioned on its own first frame: a still would be given the whole answer.
-            frame_counts = [n for n in frame_counts if n > 1]
-            if not frame_counts:
-                raise ValueError(f"dataset.buckets.frame_counts {list(b.frame_counts)}: {self.preset.name} trains on "
-                                 f"clips (a still is its own image condition, nothing to learn); add a length "
-                                 f"such as 81")
-        self.buckets = make_buckets(b.base_area, b.aspects, frame_counts, self.preset.latent_stride[1])
+        self.buckets = training_buckets(self.ds, self.preset)
         self.encoded = self.reused = 0
         self.used_keys: set[str] = set()
         self.cards: list[CardClip] = []
@@ -243,9 +263,14 @@ class _Preparer:
         bucket = assign_bucket(info.width, info.height, len(indices), self.buckets)
         if bucket is None:
             shortest = min(b.frames for b in self.buckets)
-            stills = " (an I2V model trains on clips, not stills)" if self.preset.task == "i2v" else ""
+            if self.preset.task == "i2v":  # frame count 1 is never a bucket here (training_buckets)
+                return (f"{len(indices)} frame(s) at {self.fps} fps, shorter than the shortest bucket ({shortest} "
+                        f"frames): an I2V model trains on clips of 5 frames or more, not stills; add a length "
+                        f"1 + 4k of at most {len(indices)} to dataset.buckets.frame_counts, or drop the clip"
+                        if len(indices) >= 5 else f"{len(indices)} frame(s): an I2V model trains on clips of 5 "
+                        f"frames or more, not stills; drop it")
             return (f"{len(indices)} frames at {self.fps} fps is shorter than the shortest bucket ({shortest} "
-                    f"frames{stills}); add a shorter length to dataset.buckets.frame_counts or drop the clip")
+                    f"frames); add a shorter length to dataset.buckets.frame_counts or drop the clip")
         report.bucket = bucket.name
         windows = clip_windows(len(indices), bucket.frames, self.ds.windows.mode, self.ds.windows.max_windows,
                                self.ds.windows.stride)
@@ -322,23 +347,30 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
                              f"outside dataset.root, or validation.fraction to hold some of dataset.root out")
     if val.root is None:
         scan = scan_folder(config.dataset.root, config.dataset.metadata)
+        preset = get_preset(config.model.preset)
+        buckets = training_buckets(config.dataset, preset)
         # Byte-identical files (one clip under two names) go to the same side: the split is drawn over one
-        # name per content, then every name of a held-out content is held out.
+        # name per content, then every name of a held-out content is held out. Only clips prepare can size
+        # are drawn (an I2V still, a clip shorter than every bucket would leave the held-out set empty).
         by_content: dict[str, list[str]] = {}
         for item in scan.items:
+            if not usable_media(item, config.dataset, preset, buckets):
+                continue
             hashes[str(item.path)] = file_sha256(item.path)
             by_content.setdefault(hashes[str(item.path)], []).append(item.clip_id)
         drawn = held_out_ids([min(ids) for ids in by_content.values()], val.fraction, val.seed)
         held = {clip for ids in by_content.values() if min(ids) in drawn for clip in ids}
         if not held:
-            raise ValueError(f"validation.fraction {val.fraction}: {config.dataset.root} has "
-                             f"{len(scan.items)} clip(s), too few to hold one out; add clips or set validation.root")
+            raise ConfigError(f"validation.fraction {val.fraction}: {config.dataset.root} has {len(by_content)} "
+                              f"usable clip(s), too few to hold one out; add clips or set validation.root")
     train = prepare(config, vae, text_encoder, progress=progress, hashes=hashes,
                     select=None if held is None else (lambda item: item.clip_id not in held))
     held_report = prepare(validation_config(config), vae, text_encoder, progress=progress, hashes=hashes,
                           select=None if held is None else (lambda item: item.clip_id in held))
     if not held_report.used:
-        raise ValueError(f"validation: no held-out clip could be used (see {held_report.cache_dir / REPORT_NAME})")
+        reasons = "; ".join(f"{c.clip_id}: {c.reason}" for c in held_report.clips if c.status == "skipped")[:400]
+        raise ConfigError(f"validation: no held-out clip could be used ({reasons}; {held_report.cache_dir / REPORT_NAME})"
+                          f"; set validation.seed to draw other clips, or validation.root to a folder of clips")
     return train, held_report
 
 

@@ -249,9 +249,10 @@ def test_i2v_trains_on_clips_not_stills(prepared, dataset, tmp_path):
     report = prepare(make_config(dataset, cache, preset="tiny-i2v", buckets=buckets), StandInVAE("tiny-i2v"),
                      StandInText(), progress=False)
     reasons = {c.clip_id: c.reason for c in report.skipped}
-    assert "an I2V model trains on clips, not stills" in reasons["short.mp4"] and len(report.used) == 4
+    assert "an I2V model trains on clips of 5 frames or more, not stills" in reasons["short.mp4"]
+    assert "add a length 1 + 4k of at most 5" in reasons["short.mp4"] and len(report.used) == 4
     stills = dataclasses.replace(BUCKETS, frame_counts=(1,))
-    with pytest.raises(ValueError, match=r"frame_counts \[1\]: tiny-i2v trains on clips"):
+    with pytest.raises(ConfigError, match=r"frame_counts \[1\]: tiny-i2v trains on clips.*such as 9"):
         prepare(make_config(dataset, cache, preset="tiny-i2v", buckets=stills), StandInVAE("tiny-i2v"), StandInText(),
                 progress=False)
 
@@ -400,3 +401,23 @@ def test_a_copy_of_a_clip_lands_on_the_same_side_of_the_split(demo, tmp_path):
         assert ({first.name, copy.name} <= train_all) or ({first.name, copy.name} <= held_all), seed
         copy.unlink()
         (root / f"copy_{seed}.txt").unlink()
+
+
+def test_an_i2v_split_holds_out_only_clips_prepare_can_use(demo, tmp_path):
+    """The split is drawn among clips with a bucket: an I2V still (or a clip shorter than every bucket) drawn
+    as the held-out clip left the validation set empty, and prepare failed with a traceback."""
+    from data.config import ValidationSettings
+    from data.prepare import held_out_ids, prepare_all
+
+    root = tmp_path / "clips"
+    shutil.copytree(demo, root)
+    short = render_clip(DEMO_CLIPS[0], (64, 96), 3, seed=5)
+    write_mp4(short.permute(0, 2, 3, 1).numpy(), root / "short.mp4", fps=16)
+    (root / "short.txt").write_text("a short clip")
+    ids = sorted(p.name for p in root.glob("*.mp4"))
+    seed = next(s for s in range(50) if "short.mp4" in held_out_ids(ids, 0.2, s))  # drawn among every clip
+    config = dataclasses.replace(make_config(root, tmp_path / "cache", preset="tiny-i2v"),
+                                 validation=ValidationSettings(fraction=0.2, seed=seed))
+    train, held = prepare_all(config, StandInVAE("tiny-i2v"), StandInText(), progress=False)
+    assert held.used and not [c for c in held.clips if c.status == "skipped"]
+    assert "short.mp4" in {c.clip_id for c in train.clips if c.status == "skipped"}
