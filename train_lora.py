@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
     check_resume(recipe, resume, accelerator.num_processes)
     if resume is not None and accelerator.is_main_process:
+        from train.checkpoints import schedule_changes
+
+        print(f"[wanlora] resuming from {resume} (step {int(resume.name.split('-')[-1])})", flush=True)
         for note in schedule_changes(recipe, resume):
             print(f"[wanlora] {note}", flush=True)
     release = load_release(recipe.model.release, recipe.preset.name)
@@ -133,32 +136,6 @@ def check_resume(recipe, resume: Path | None, processes: int) -> None:
     if meta.get("processes", processes) != processes:
         raise CheckpointError(f"{resume}: written by {meta['processes']} processes, resumed with {processes}; the "
                               f"data order would change; launch with --num_processes {meta['processes']}")
-
-
-def schedule_changes(recipe, resume: Path) -> list[str]:
-    """training.steps may change on a resume, and a linear or cosine lr schedule then spans the new length:
-    one line per expert whose next lr is not the one the checkpointed run planned, with both values."""
-    from train.experts import experts_from_recipe, planned_updates
-    from train.lora import lr_factor
-
-    experts = [e for e in experts_from_recipe(recipe) if e.trains]
-    planned = planned_updates(experts, recipe.training, recipe.training.steps)
-    notes = []
-    for expert in experts:
-        path = Path(resume) / expert.name / "scheduler.pt"
-        if not path.is_file():
-            continue
-        saved = torch.load(path, weights_only=False)  # LambdaLR's state: last_epoch updates done, _last_lr next
-        updates, before = saved.get("last_epoch"), (saved.get("_last_lr") or [None])[0]
-        if updates is None or before is None:
-            continue
-        base = (saved.get("base_lrs") or [expert.optimizer.lr])[0]
-        now = base * lr_factor(updates, expert.lr_schedule, planned[expert.name])
-        if abs(now - before) > 1e-6 * max(abs(before), 1e-12):
-            notes.append(f"{expert.name}: the {expert.lr_schedule.kind} lr schedule now spans "
-                         f"{planned[expert.name]} updates (training.steps {recipe.training.steps}); after "
-                         f"{updates} updates its lr moves from {before:.3g} to {now:.3g}")
-    return notes
 
 
 if __name__ == "__main__":

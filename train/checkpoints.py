@@ -194,10 +194,44 @@ def load_checkpoint(trainer, path: Path) -> None:
                 for key, value in saved.items():
                     params[key].copy_(value)
             state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-        state.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        scheduler = state.scheduler
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        # The next update's lr from this run's schedule: the saved one when training.steps is unchanged; the
+        # stretched schedule's when it changed (the restored optimizer holds the old plan's lr; see
+        # schedule_changes). The same expression as LambdaLR's own step.
+        scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
+                                                                                  scheduler.lr_lambdas)]
+        for group, lr in zip(state.optimizer.param_groups, scheduler._last_lr):
+            group["lr"] = lr
         state.updates = meta["updates"][name]
     trainer.step = meta["step"]
     trainer.history = meta["history"]
     trainer.validation_history = meta.get("validation", [])  # checkpoints written before validation existed
     trainer.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
     set_rng_state(torch.load(path / f"rng-rank{trainer.accelerator.process_index}.pt", weights_only=False))
+
+
+def schedule_changes(recipe, checkpoint: Path) -> list[str]:
+    """training.steps may change on a resume, and a linear or cosine lr schedule then spans the new length
+    (load_checkpoint): one line per expert whose next lr is not the one the checkpointed run planned."""
+    from .experts import experts_from_recipe, planned_updates
+    from .lora import lr_factor
+
+    experts = [e for e in experts_from_recipe(recipe) if e.trains]
+    planned = planned_updates(experts, recipe.training, recipe.training.steps)
+    notes = []
+    for expert in experts:
+        path = Path(checkpoint) / expert.name / "scheduler.pt"
+        if not path.is_file():
+            continue
+        saved = torch.load(path, weights_only=False)  # LambdaLR's state: last_epoch updates done, _last_lr next
+        updates, before = saved.get("last_epoch"), (saved.get("_last_lr") or [None])[0]
+        if updates is None or before is None:
+            continue
+        base = (saved.get("base_lrs") or [expert.optimizer.lr])[0]
+        now = base * lr_factor(updates, expert.lr_schedule, planned[expert.name])
+        if abs(now - before) > 1e-6 * max(abs(before), 1e-12):
+            notes.append(f"{expert.name}: the {expert.lr_schedule.kind} lr schedule now spans "
+                         f"{planned[expert.name]} updates (training.steps {recipe.training.steps}); after "
+                         f"{updates} updates its lr moves from {before:.3g} to {now:.3g}")
+    return notes

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from train.checkpoints import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from train.loop import run
 
 from .test_loop import make_trainer, tiny_recipe
@@ -139,7 +139,7 @@ def test_a_resume_with_other_steps_names_the_lr_jump_of_a_decaying_schedule(tmp_
     values. Unchanged steps, or a constant schedule, say nothing."""
     import dataclasses
 
-    import train_lora
+    from train.checkpoints import schedule_changes
     from train.recipe import LRScheduleSettings
 
     recipe = tiny_recipe(tmp_path, steps=8, routing="phased", phase_steps=4, save_every=4)
@@ -148,13 +148,21 @@ def test_a_resume_with_other_steps_names_the_lr_jump_of_a_decaying_schedule(tmp_
     recipe = dataclasses.replace(recipe, experts=cosine)
     run(make_trainer(recipe, total_steps=4), log=False)
     checkpoint = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
-    assert train_lora.schedule_changes(recipe, checkpoint) == []
+    assert schedule_changes(recipe, checkpoint) == []
     longer = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, steps=16))
-    notes = train_lora.schedule_changes(longer, checkpoint)
+    notes = schedule_changes(longer, checkpoint)
     assert len(notes) == 1 and notes[0].startswith("high_noise: the cosine lr schedule now spans 8 updates")
-    assert "after 4 updates its lr moves from" in notes[0]
+    assert "after 4 updates its lr moves from 0 to 0.0183" in notes[0]
+    # The resumed run uses the stretched schedule from its first update (the restored optimizer held the old
+    # plan's lr, 0, for one update).
+    resumed = make_trainer(dataclasses.replace(longer, training=dataclasses.replace(
+        longer.training, output_dir=str(tmp_path / "run"))))
+    load_checkpoint(resumed, checkpoint)
+    records = [resumed.train_step() for _ in range(6)]  # steps 4-7 on low_noise, then 8 and 9 on high_noise
+    high = [r["lr"] for r in records if r["expert"] == "high_noise"]
+    assert high[0] == pytest.approx(0.0183, rel=5e-3) and high[0] > high[1] > 0  # the note rounds to 3 digits
     constant = {n: dataclasses.replace(e, lr_schedule=LRScheduleSettings(kind="constant")) for n, e in cosine.items()}
     run(make_trainer(dataclasses.replace(recipe, experts=constant, training=dataclasses.replace(
         recipe.training, output_dir=str(tmp_path / "constant"))), total_steps=4), log=False)
     kept = list_checkpoints(tmp_path / "constant" / "checkpoints")[0]
-    assert train_lora.schedule_changes(dataclasses.replace(longer, experts=constant), kept) == []
+    assert schedule_changes(dataclasses.replace(longer, experts=constant), kept) == []
