@@ -15,6 +15,9 @@ which reads `.weight` and never calls forward, so there a weight parametrization
 weight instead (recomputed per forward; those modules are about 2% of the weights). While attached,
 their state-dict keys read `...parametrizations.weight.original`.
 
+Difference tensors (`lora_formats.LoraReport.diffs`: full-size additions to one parameter, as distilled LoRAs
+carry them) are added in place by `add_differences` (the sampler keeps the originals to take them off).
+
 Both accept a model with PEFT layers (the Linear inside `base_layer` is used) or a PeftModel.
 Modules named by a LoRA but absent from the model are reported (returned and logged), never skipped silently.
 """
@@ -312,3 +315,31 @@ def parse_lora_spec(spec: str) -> tuple[Path, float, str | None]:
     if not rest:
         raise ValueError(f"LoRA spec {spec!r} has no path; expected PATH[:STRENGTH][@EXPERT]")
     return Path(rest), strength, expert
+
+
+# ------------------------------------------------------------------ difference tensors (.diff / .diff_b)
+
+def difference_target(model: nn.Module, parameter: str, path: Path | None = None) -> torch.Tensor:
+    """The tensor a LoRA file's difference for `parameter` is added to: under a PEFT wrapper its base layer's,
+    under an attached weight parametrization the stored original. ValueError when it cannot take one."""
+    module_name, _, attr = parameter.rpartition(".")
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    module = getattr(model.get_submodule(module_name), "base_layer", model.get_submodule(module_name))
+    if isinstance(module, FP8Linear) and attr == "weight":
+        raise ValueError(f"{path}: the difference for {parameter} needs its weight in bf16, but it is stored in fp8; "
+                         f"drop the fp8 weights option to apply this LoRA")
+    if parametrize.is_parametrized(module, attr):
+        return getattr(module.parametrizations, attr).original
+    return getattr(module, attr)
+
+
+@torch.no_grad()
+def add_differences(model: nn.Module, loras: list[tuple[dict[str, torch.Tensor], float]]) -> None:
+    """Add sum_j strength_j x difference_j to each named parameter, in float32, rounded once (as ComfyUI adds
+    `.diff` / `.diff_b`)."""
+    for parameter in {p for diffs, _ in loras for p in diffs}:
+        target = difference_target(model, parameter)
+        total = sum(s * diffs[parameter].float() for diffs, s in loras if parameter in diffs and s != 0)
+        if isinstance(total, torch.Tensor):
+            target.copy_((target.float() + total.to(target.device)).to(target.dtype))

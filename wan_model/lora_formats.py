@@ -114,6 +114,7 @@ class LoraReport:
     foreign_model: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     diffs: dict[str, Tensor] = field(default_factory=dict)
+    diff_keys: dict[str, str] = field(default_factory=dict)  # parameter -> the file key it was read from
 
 
 # ------------------------------------------------------------------------------------------- module list
@@ -252,6 +253,7 @@ def parse_lora_state_dict(tensors: Mapping[str, Tensor], header: Mapping[str, st
         parameter = _difference_parameter(key)
         if parameter is not None:
             report.diffs[parameter] = value
+            report.diff_keys[parameter] = key
             continue
         found = _resolve(key, names, kohya)
         if isinstance(found, str):
@@ -276,7 +278,7 @@ def parse_lora_state_dict(tensors: Mapping[str, Tensor], header: Mapping[str, st
         if alpha is None and alphas is not None:
             alpha = alphas(official_key_to_diffusers(module), down.shape[0])
         weights[module] = LoraModule(down=down, up=up, alpha=float(down.shape[0]) if alpha is None else alpha)
-    report.format = "+".join(sorted(layouts)) or "unknown"
+    report.format = "+".join(sorted(layouts)) or ("differences" if report.diffs else "unknown")
     report.metadata = {k: v for k, v in header.items() if k != "format"}
     return weights, report
 
@@ -300,7 +302,10 @@ def _difference_parameter(key: str) -> str | None:
     suffix = next((x for x in _DIFF_SUFFIXES if stem.endswith(x)), None)
     if suffix is None or any(marker in stem for marker in _WAN21_I2V_MARKERS):
         return None  # Wan 2.1 image-branch differences are reported with that model's other keys
-    return stem[: -len(suffix)] + "." + _DIFF_SUFFIXES[suffix]
+    owner = stem[: -len(suffix)]
+    if owner.endswith("modulation") and suffix == ".diff":
+        return owner  # a modulation table is a parameter itself ('blocks.0.modulation.diff', ComfyUI's name)
+    return owner + "." + _DIFF_SUFFIXES[suffix]
 
 
 def _resolve(key: str, names: frozenset[str], kohya: Mapping[str, str]) -> tuple[str, str, str] | str:
@@ -391,7 +396,7 @@ def check_lora(weights: Mapping[str, LoraModule], report: LoraReport | None, con
     if report is not None and report.diffs:
         shapes = parameter_shapes(config)
         for name in [n for n in report.diffs if n not in shapes]:  # reported, as keys that match no module
-            report.unmatched[name] = "difference for a parameter this model does not have"
+            report.unmatched[report.diff_keys.get(name, name)] = f"difference for {name}, which this model lacks"
             del report.diffs[name]
         misshaped = [(n, tuple(d.shape), shapes[n]) for n, d in report.diffs.items() if tuple(d.shape) != shapes[n]]
         if misshaped:

@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
 from .attention import attention_backend
 from .conditioning import i2v_mask, token_timesteps
 from .config import ModelPreset
-from .fp8 import FP8Linear
-from .lora_apply import LoraSet, merge_loras
+from .image_size import centre_crop, image_output_size, lanczos_cover_crop
+from .lora_apply import LoraSet, add_differences, difference_target, merge_loras
 from .sampling_speed import SamplingSpeed, prepare_expert
 from .solvers import make_solver
 
@@ -77,64 +76,6 @@ def snap_size(height: int, width: int, frames: int, preset: ModelPreset) -> tupl
         warnings.warn(f"size {height}x{width}x{frames} is not a multiple of the {preset.name} strides "
                       f"({h_mult}x{w_mult}, frames 1+{t_stride}k); using {new_h}x{new_w}x{new_f}", stacklevel=2)
     return new_h, new_w, new_f
-
-
-def image_output_size(preset: ModelPreset, image_hw: tuple[int, int], height: int, width: int) -> tuple[int, int]:
-    """(height, width) of a video conditioned on an image of `image_hw` pixels, as the official generators
-    choose it: height x width is the pixel area, the shape follows the image's aspect ratio.
-
-    I2V-A14B (wan/image2video.py): each side is the area's side scaled by the aspect ratio, floored to
-    whole latent pixels and to an even count of them (the patch). TI2V-5B (wan/textimage2video.py i2v,
-    best_output_size): floor one side to the 32-pixel grid, fit the other to the area, for width first and
-    for height first, and keep the pair whose aspect ratio is closer to the image's."""
-    ih, iw = image_hw
-    area = height * width
-    _, sh, sw = preset.vae.stride
-    _, ph, pw = preset.transformer.patch_size
-    if preset.task == "i2v":
-        ratio = ih / iw
-        lat_h = max(ph, round(math.sqrt(area * ratio) // sh // ph * ph))  # max: a side of at least one token
-        lat_w = max(pw, round(math.sqrt(area / ratio) // sw // pw * pw))
-        return lat_h * sh, lat_w * sw
-    dh, dw = sh * ph, sw * pw
-    ratio = iw / ih
-    exact_w = math.sqrt(area * ratio)
-    w1 = max(dw, int(exact_w // dw * dw))  # max: a side of at least one token (the official code divides by 0)
-    h1 = max(dh, int(area / w1 // dh * dh))
-    h2 = max(dh, int(area / exact_w // dh * dh))
-    w2 = max(dw, int(area / h2 // dw * dw))
-
-    def off(w: int, h: int) -> float:  # how far a shape's aspect ratio is from the image's, as a factor >= 1
-        return max(ratio / (w / h), (w / h) / ratio)
-
-    return (h1, w1) if off(w1, h1) < off(w2, h2) else (h2, w2)
-
-
-def centre_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The largest centred crop of `image` [3, H, W] with the aspect ratio of height x width."""
-    ih, iw = image.shape[-2:]
-    if ih * width > iw * height:  # taller than the target: crop rows
-        keep = max(1, round(iw * height / width))
-        top = (ih - keep) // 2
-        return image[:, top:top + keep]
-    keep = max(1, round(ih * width / height))
-    left = (iw - keep) // 2
-    return image[:, :, left:left + keep]
-
-
-def lanczos_cover_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """TI2V-5B's image preparation (wan/textimage2video.py i2v): a PIL Lanczos resize that covers height x
-    width, then a centred crop to it. image: [3, H, W] in [-1, 1] (8-bit values, as read_image gives)."""
-    import numpy as np
-    from PIL import Image
-
-    ih, iw = image.shape[-2:]
-    scale = max(width / iw, height / ih)
-    pixels = ((image.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    resized = Image.fromarray(pixels).resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    cropped = np.array(resized.crop((left, top, left + width, top + height)))
-    return torch.from_numpy(cropped).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 LORA_CACHE_FILES = 8  # LoRA files kept in host memory (an A14B rank-32 expert file is about 0.3 GB)
@@ -243,11 +184,16 @@ class WanPipeline:
         diffs = report.diffs
         for name in targets:
             for parameter in diffs:  # every difference lands on a parameter it can change, before anything moves
-                _difference_target(self.experts[name], parameter, path)
+                difference_target(self.experts[name], parameter, path)
+            if merge and (self._diffs.get(name) or str(path) in self._attached.get(name, {})):
+                # The attached differences keep the parameters' originals to restore: a merge under them would
+                # be undone by the next switch (and a merge of an attached file would add it twice).
+                raise ValueError(f"{path}: the {name} expert has attached LoRAs; merge before attaching, or "
+                                 f"call set_adapters([]) first")
         for name in targets:
             if merge:
                 merge_loras(self.experts[name], [(weights, strength)], backup_device=None)
-                _add_differences(self.experts[name], [(diffs, strength)])
+                add_differences(self.experts[name], [(diffs, strength)])
                 self._merged.add((name, key[0]))
             else:
                 if weights:
@@ -285,13 +231,13 @@ class WanPipeline:
         attached = list(self._diffs.get(name, {}).values())
         wanted = {parameter for diffs, _ in attached for parameter in diffs}
         for parameter, original in list(originals.items()):
-            target = _difference_target(model, parameter)
+            target = difference_target(model, parameter)
             target.copy_(original.to(target.device))
             if parameter not in wanted:
                 del originals[parameter]
         for parameter in wanted - set(originals):
-            originals[parameter] = _difference_target(model, parameter).detach().to("cpu", copy=True)
-        _add_differences(model, attached)
+            originals[parameter] = difference_target(model, parameter).detach().to("cpu", copy=True)
+        add_differences(model, attached)
 
     def set_adapters(self, paths: list[str | Path], strength: float = 1.0) -> None:
         """Replace every attached LoRA by `paths` (files or per-expert folders); [] gives the base model."""
@@ -409,32 +355,6 @@ class WanPipeline:
         video = self.vae.decode(latents[None].to(self._vae_dtype()))[0].float().clamp(-1, 1).cpu()
         clock["decode"] = time.perf_counter() - start
         return GenerationResult(video=video, latents=latents.cpu(), seconds=clock)
-
-
-def _difference_target(model: nn.Module, parameter: str, path: Path | None = None) -> torch.Tensor:
-    """The tensor a LoRA file's difference for `parameter` is added to: under a PEFT wrapper its base layer's,
-    under an attached weight parametrization the stored original. ValueError when it cannot take one."""
-    module_name, _, attr = parameter.rpartition(".")
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    module = getattr(model.get_submodule(module_name), "base_layer", model.get_submodule(module_name))
-    if isinstance(module, FP8Linear) and attr == "weight":
-        raise ValueError(f"{path}: the difference for {parameter} needs its weight in bf16, but it is stored in fp8; "
-                         f"drop the fp8 weights option to apply this LoRA")
-    if parametrize.is_parametrized(module, attr):
-        return getattr(module.parametrizations, attr).original
-    return getattr(module, attr)
-
-
-@torch.no_grad()
-def _add_differences(model: nn.Module, loras: list[tuple[dict[str, torch.Tensor], float]]) -> None:
-    """Add sum_j strength_j x difference_j to each named parameter, in float32, rounded once (as ComfyUI adds
-    `.diff` / `.diff_b`)."""
-    for parameter in {p for diffs, _ in loras for p in diffs}:
-        target = _difference_target(model, parameter)
-        total = sum(s * diffs[parameter].float() for diffs, s in loras if parameter in diffs and s != 0)
-        if isinstance(total, torch.Tensor):
-            target.copy_((target.float() + total.to(target.device)).to(target.dtype))
 
 
 def _on(device: torch.device, where: torch.device) -> bool:

@@ -161,14 +161,17 @@ def test_difference_keys_name_their_parameters_and_are_checked_against_the_model
                "diffusion_model.blocks.0.self_attn.norm_q.diff": torch.ones(cfg.dim),
                "diffusion_model.blocks.1.diff_m": torch.ones(1, 6, cfg.dim),
                "head.head.diff_b": torch.ones(cfg.out_dim * 4),
+               "diffusion_model.blocks.0.modulation.diff": torch.ones(1, 6, cfg.dim),  # ComfyUI's own name
                "diffusion_model.blocks.0.self_attn.nope.diff_b": torch.ones(cfg.dim)}
     weights, report = parse_lora_state_dict(tensors)
-    assert not weights and set(report.diffs) == {"blocks.0.self_attn.q.bias", "blocks.0.self_attn.norm_q.weight",
-                                                 "blocks.1.modulation", "head.head.bias",
-                                                 "blocks.0.self_attn.nope.bias"}
+    assert not weights and report.format == "differences"
+    assert set(report.diffs) == {"blocks.0.self_attn.q.bias", "blocks.0.self_attn.norm_q.weight",
+                                 "blocks.1.modulation", "head.head.bias", "blocks.0.modulation",
+                                 "blocks.0.self_attn.nope.bias"}
     check_lora(weights, report, cfg)
-    assert "blocks.0.self_attn.nope.bias" not in report.diffs
-    assert "does not have" in report.unmatched["blocks.0.self_attn.nope.bias"]
+    assert "blocks.0.self_attn.nope.bias" not in report.diffs and "blocks.0.modulation" in report.diffs
+    why = report.unmatched["diffusion_model.blocks.0.self_attn.nope.diff_b"]  # named by its file key
+    assert "blocks.0.self_attn.nope.bias, which this model lacks" in why
     _, wide = parse_lora_state_dict({"blocks.0.self_attn.q.diff_b": torch.ones(5120)})
     with pytest.raises(ValueError, match=r"blocks.0.self_attn.q.bias has shape \(5120,\)"):
         check_lora({}, wide, cfg)

@@ -211,7 +211,7 @@ def test_resident_experts_are_never_moved_by_expert_offload(pipes):
 def test_image_output_size_follows_the_official_generators(preset, image_hw, size, expected):
     """Values from the official formulas at the official area (480p / 720p / 704x1280): the video takes the
     image's aspect ratio within the area of the requested size; it is not stretched to that size."""
-    from wan_model.pipeline import image_output_size
+    from wan_model.image_size import image_output_size
 
     assert image_output_size(PRESETS[preset], image_hw, *size) == expected
 
@@ -220,7 +220,7 @@ def test_image_conditioned_videos_take_the_images_shape_or_exactly_the_size(pipe
     """A 48x96 image at 32x32 (area 1024): I2V renders 16x32 (the image's 1:2, sides floored to even latent
     sizes as the official code does); fit_image=False renders 32x32 from the image's centre. A 96x48 image
     at 32x64: TI2V renders 64x32, its first latent frame the Lanczos cover-and-crop of the image."""
-    from wan_model.pipeline import lanczos_cover_crop
+    from wan_model.image_size import lanczos_cover_crop
 
     img = torch.randint(0, 256, (3, 48, 96)).float() / 127.5 - 1
     i2v = pipes["tiny-i2v"].generate(request(image=img))
@@ -244,7 +244,7 @@ def test_lanczos_cover_crop_is_pils_resize_and_centre_crop():
     import numpy as np
     from PIL import Image
 
-    from wan_model.pipeline import lanczos_cover_crop
+    from wan_model.image_size import lanczos_cover_crop
 
     pixels = torch.randint(0, 256, (40, 70, 3), dtype=torch.uint8)
     out = lanczos_cover_crop(pixels.permute(2, 0, 1).float() / 127.5 - 1, 32, 32)
@@ -373,3 +373,52 @@ def test_dpm_solver_pp_renders_from_timestep_1000_with_the_expert_switch(pipes):
     assert seen[0] == ("high_noise", 1000.0) and seen[-1][0] == "low_noise"
     assert all((name == "high_noise") == (t >= 875) for name, t in seen)
     assert torch.isfinite(video).all() and not torch.equal(video, pipe.generate(request(steps=4)).video)
+
+
+def test_difference_files_switch_restack_and_refuse_a_merge_under_them_in_bf16(tmp_path):
+    """bf16 pipeline (float32 head kept): file A (factors on head.head, whose attached weight is computed by a
+    parametrization, plus a .diff on head.head's weight and a .diff_b on a bf16 block bias) and file B (a
+    .diff_b on the same bias). Re-adding A replaces its strength; A and B stack; each state equals a fresh
+    pipeline given the same adapters; set_adapters([]) is the base bit for bit; a merge under attached
+    differences is refused (the next switch would undo it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from wan_model.lora_formats import LoraModule, lora_targets, save_lora
+
+    release = write_tiny_release(tmp_path / "release", "tiny-t2v")
+    cfg = PRESETS["tiny-t2v"].transformer
+    g = torch.Generator().manual_seed(1)
+    head_in, head_out = lora_targets(cfg)["head.head"]
+    factors = {"head.head": LoraModule(down=torch.randn(2, head_in, generator=g),
+                                       up=torch.randn(head_out, 2, generator=g), alpha=2.0)}
+    a = save_lora(factors, tmp_path / "a.safetensors")
+    with safe_open(str(a), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["diffusion_model.head.head.diff"] = torch.randn(head_out, head_in, generator=g) * 0.3
+    tensors["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.randn(cfg.dim, generator=g)
+    save_file(tensors, str(a))
+    b = tmp_path / "b.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.diff_b": torch.randn(cfg.dim, generator=g)}, str(b))
+
+    def fresh(*adapters):
+        pipe = load_pipeline(release, device="cpu", dtype=torch.bfloat16)
+        for path, strength in adapters:
+            pipe.add_lora(path, strength)
+        return pipe.generate(request()).latents
+
+    pipe = load_pipeline(release, device="cpu", dtype=torch.bfloat16)
+    assert pipe.experts["low_noise"].head.head.weight.dtype == torch.float32
+    base = pipe.generate(request()).latents
+    pipe.add_lora(a, 0.5)
+    pipe.add_lora(a, 1.0)  # the same file again: its strength replaced, not added
+    only_a = pipe.generate(request()).latents
+    assert torch.equal(only_a, fresh((a, 1.0))) and not torch.equal(only_a, base)
+    pipe.add_lora(b, 0.7)
+    assert torch.equal(pipe.generate(request()).latents, fresh((a, 1.0), (b, 0.7)))
+    with pytest.raises(ValueError, match="has attached LoRAs; merge before attaching"):
+        pipe.add_lora(b, 0.7, merge=True)
+    pipe.set_adapters([b], strength=0.7)
+    assert torch.equal(pipe.generate(request()).latents, fresh((b, 0.7)))
+    pipe.set_adapters([])
+    assert torch.equal(pipe.generate(request()).latents, base)
