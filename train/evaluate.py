@@ -27,6 +27,9 @@ Suite file (YAML):
         seeds: [0, 1]
       - prompt: "..."
         size: 832x480
+Keys: prompt, seeds (or seed), size (default: the model's, 480x832 for A14B and 704x1280 for TI2V-5B; with
+an image, the area, the image's aspect ratio giving the shape as in sample.py), frames, steps, shift,
+guide (G or [LOW, HIGH]), solver (unipc, dpm++, euler), image (relative to the suite file), negative_prompt.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import argparse
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,18 +48,20 @@ import yaml
 
 from data.typed_config import ConfigError
 from wan_model.files import atomic_write_text
+from wan_model.solvers import SOLVERS
 
 from .report import contact_sheet, write_report
 
-SUITE_KEYS = {"prompt", "seeds", "seed", "size", "frames", "steps", "image", "negative_prompt", "guide", "shift"}
+SUITE_KEYS = {"prompt", "seeds", "seed", "size", "frames", "steps", "image", "negative_prompt", "guide", "shift",
+              "solver"}
 
 
 @dataclass
 class SuiteEntry:
     prompt: str
     seeds: list[int]
-    height: int
-    width: int
+    height: int | None  # None: the model's sample_size (evaluate fills it in)
+    width: int | None
     frames: int | None = None
     steps: int | None = None
     shift: float | None = None
@@ -64,6 +69,7 @@ class SuiteEntry:
     image: Path | None = None
     negative_prompt: str | None = None
     line: int = 0  # where the entry starts in the suite file, for messages
+    solver: str = "unipc"
 
 
 @dataclass
@@ -117,7 +123,10 @@ def load_suite(path: str | Path) -> list[SuiteEntry]:
         seeds = merged.get("seeds", [merged.get("seed", 0)])
         if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ConfigError(f"{where}: seeds must be a list of whole numbers, got {seeds!r}")
-        height, width = _parse_size(merged.get("size", "480x832"), where)
+        height, width = _parse_size(merged["size"], where) if "size" in merged else (None, None)
+        solver = merged.get("solver", "unipc")
+        if solver not in SOLVERS:
+            raise ConfigError(f"{where}: solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         guide = merged.get("guide")
         if guide is not None:
             values = guide if isinstance(guide, list) else [guide, guide]
@@ -133,7 +142,8 @@ def load_suite(path: str | Path) -> list[SuiteEntry]:
             image = path.parent / image
         entries.append(SuiteEntry(prompt=merged["prompt"], seeds=seeds, height=height, width=width,
                                   frames=merged.get("frames"), steps=merged.get("steps"), shift=merged.get("shift"),
-                                  guide=guide, image=image, negative_prompt=merged.get("negative_prompt"), line=line))
+                                  guide=guide, image=image, negative_prompt=merged.get("negative_prompt"), line=line,
+                                  solver=solver))
     return entries
 
 
@@ -217,6 +227,7 @@ def render_settings(pipe, entry: SuiteEntry, seed: int, variant: Variant, identi
     return {"preset": pipe.preset.name, "prompt": entry.prompt, "negative_prompt": entry.negative_prompt,
             "seed": seed, "size": [entry.height, entry.width], "frames": entry.frames, "steps": entry.steps,
             "shift": entry.shift, "guide": list(entry.guide) if entry.guide else None, "image": image,
+            **({"solver": entry.solver} if entry.solver != "unipc" else {}),  # unipc: as renders made before
             "adapters": adapter_fingerprint(variant.adapters), "strength": variant.strength,
             "dtype": str(pipe.dtype), "device": str(pipe.device), **_numerics(pipe), **_float32_parameters(pipe),
             **(identity or {})}
@@ -273,6 +284,13 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     stems = [render_file_name("", v.name) for v in variants]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"variants {[v.name for v in variants]} would share render files; give them distinct names")
+    suite = [replace(e, height=e.height or pipe.preset.sample_size[0], width=e.width or pipe.preset.sample_size[1])
+             for e in suite]
+    if not pipe.preset.is_moe:
+        two = next((e for e in suite if e.guide and e.guide[0] != e.guide[1]), None)
+        if two is not None:
+            raise ConfigError(f"suite entry at line {two.line}: guide {list(two.guide)}: {pipe.preset.name} is one "
+                              f"model (no experts); give one number")
     check_adapters(pipe, variants)
     images = suite_images(pipe, suite)
     reference = training_palette(clips_dir) if clips_dir is not None else None
@@ -306,6 +324,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
                         switched = True
                     request = GenerationRequest(prompt=entry.prompt, seed=seed, height=entry.height,
                                                 width=entry.width, frames=entry.frames, steps=entry.steps,
+                                                solver=entry.solver,
                                                 shift=entry.shift, guide_scale=entry.guide,
                                                 image=images.get(id(entry)), negative_prompt=entry.negative_prompt)
                     t0 = time.perf_counter()
@@ -335,7 +354,7 @@ def evaluate(pipe, suite: list[SuiteEntry], variants: list[Variant], out: Path, 
     pipe.set_adapters([], 1.0)
     sheets, targets = [], {}
     for key, entry, _ in jobs:  # a training clip first, at the renders' size: the look the adapters aim for
-        size = (entry.height, entry.width)
+        size = tuple(sheet_rows[key][0][1].shape[1:3])  # an image sets the render's shape (image_output_size)
         if clips_dir is not None and size not in targets:
             targets[size] = next(training_clip_frames(clips_dir, size, max_clips=1), None)
         target = targets.get(size)
@@ -354,6 +373,7 @@ def check_adapters(pipe, variants: list[Variant]) -> None:
     """Read every adapter file of the grid once before the first render: a missing, damaged or empty one, or
     one made for another model or expert, is a ConfigError naming the file (not a traceback after the base
     renders)."""
+    from wan_model.lora_apply import difference_target
     from wan_model.lora_formats import META_EXPERT, load_lora
 
     seen = set()
@@ -380,6 +400,12 @@ def check_adapters(pipe, variants: list[Variant]) -> None:
                 if expert and expert not in pipe.experts:
                     raise ConfigError(f"adapter {f}: LoRA is for expert {expert!r}, but {pipe.preset.name} has "
                                       f"experts {sorted(pipe.experts)}; is it an adapter of another model?")
+                for model in ([pipe.experts[expert]] if expert else pipe.experts.values()):
+                    for parameter in report.diffs:  # e.g. a weight difference on fp8-stored weights
+                        try:
+                            difference_target(model, parameter, f)
+                        except ValueError as err:
+                            raise ConfigError(f"adapter {err}") from None
 
 
 def suite_images(pipe, suite: list[SuiteEntry]) -> dict[int, torch.Tensor]:
@@ -459,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips", type=Path, default=None, help="training clips folder, for the palette check")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--offload-experts", action="store_true")
     add_speed_arguments(ap)
     args = ap.parse_args(argv)
@@ -472,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--release {args.release}: no such folder; point it at the model's release folder")
     out = args.out or ((args.run / "eval") if args.run else Path("outputs/eval"))
     try:
-        pipe = load_pipeline(args.release, args.preset, device=args.device, offload_experts=args.offload_experts,
-                             speed=speed_from_args(args))
+        pipe = load_pipeline(args.release, args.preset, device=args.device, dtype=getattr(torch, args.dtype),
+                             offload_experts=args.offload_experts, speed=speed_from_args(args))
     except (ValueError, KeyError) as err:
         raise UsageError(f"--release {args.release}: {str(err).splitlines()[0]}") from None
     strengths = args.strengths or [1.0 if args.strength is None else args.strength]

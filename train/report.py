@@ -21,11 +21,14 @@ from wan_model.files import atomic_write_text
 
 
 def contact_sheet(rows: list[tuple[str, np.ndarray]], frames_per_row: int = 5) -> Image.Image:
-    """One row per variant: its name, then `frames_per_row` evenly spaced frames. rows: (name, [F,H,W,3])."""
+    """One row per variant: its name, then `frames_per_row` evenly spaced frames. rows: (name, [F,H,W,3]).
+
+    Every frame keeps its own shape (rows may differ: a training clip beside renders of another size): the
+    cells are as large as the largest frame, and each frame sits in its cell's top-left corner unstretched."""
     label_w = 140
-    _, h, w, _ = rows[0][1].shape
-    zoom = max(1, -(-128 // h))  # small renders (the tiny demo's 64 px) are shown at least 128 px high
-    h, w = h * zoom, w * zoom
+    zoom = max(1, -(-128 // min(f.shape[1] for _, f in rows)))  # small renders (the tiny demo's) at 128 px or more
+    h = max(f.shape[1] for _, f in rows) * zoom
+    w = max(f.shape[2] for _, f in rows) * zoom
     sheet = Image.new("RGB", (label_w + frames_per_row * w, len(rows) * h), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (name, frames) in enumerate(rows):
@@ -33,7 +36,7 @@ def contact_sheet(rows: list[tuple[str, np.ndarray]], frames_per_row: int = 5) -
         for c, i in enumerate(idx):
             frame = Image.fromarray(frames[i])
             if zoom > 1:
-                frame = frame.resize((w, h), Image.NEAREST)
+                frame = frame.resize((frame.width * zoom, frame.height * zoom), Image.NEAREST)
             sheet.paste(frame, (label_w + c * w, r * h))
         draw.text((6, r * h + h // 2 - 6), name[:22], fill="black")
     return sheet

@@ -32,6 +32,7 @@ def test_suite_defaults_seeds_and_relative_image(tmp_path):
     ("  - prompt: ok\n    seeds: [a]\n", r"suite.yaml:2: seeds must be a list of whole numbers"),
     ("  - prompt: ok\n    guide: strong\n", r"suite.yaml:2: guide must be"),
     ("  - prompt: ok\n    guide: [1, 2, 3]\n", r"suite.yaml:2: guide must be"),
+    ("  - prompt: ok\n    solver: ddim\n", r"suite.yaml:2: solver must be one of unipc, euler, dpm\+\+"),
 ])
 def test_bad_entry_names_its_line(tmp_path, entry, message):
     suite = tmp_path / "suite.yaml"
@@ -338,3 +339,37 @@ def test_renders_of_bf16_pipelines_name_their_float32_parameters(tmp_path):
     for model in bf16.experts.values():
         model.to(torch.bfloat16)  # every parameter rounded, as pipelines loaded before 9ca32d9
     assert "float32_parameters" not in render_settings(bf16, entry, 0, Variant("base"))
+
+
+def test_contact_sheet_rows_keep_their_own_shapes():
+    """A training clip of one shape above renders of another (an image sets a render's shape): no frame is
+    stretched to another row's shape; each sits unscaled (but for the common zoom) in its cell."""
+    from train.report import contact_sheet
+
+    wide = np.full((3, 8, 16, 3), 40, np.uint8)
+    tall = np.full((3, 16, 8, 3), 200, np.uint8)
+    sheet = np.asarray(contact_sheet([("clip", wide), ("render", tall)], frames_per_row=3))
+    zoom = 16  # the smallest height, 8 px, shown at 128 px
+    cell_h, cell_w, label = 16 * zoom, 16 * zoom, 140
+    assert sheet.shape == (2 * cell_h, label + 3 * cell_w, 3)
+    assert (sheet[:8 * zoom, label:label + 16 * zoom] == 40).all() and (sheet[8 * zoom:cell_h, label + 5] == 255).all()
+    assert (sheet[cell_h:, label:label + 8 * zoom] == 200).all()
+    assert (sheet[cell_h + 5, label + 8 * zoom:label + cell_w] == 255).all()
+
+
+def test_grid_defaults_to_the_models_size_takes_a_solver_and_checks_guidance_first(tmp_path):
+    """No size in the suite: the model's sample_size; a solver key reaches the render (and its settings);
+    a dense model's two guidance scales are an error naming the line, before any render."""
+    from train.cli import user_errors
+    from train.evaluate import SuiteEntry, Variant, evaluate, render_settings
+
+    pipe = _tiny_pipe(tmp_path, "tiny-ti2v")
+    suite = [SuiteEntry(prompt="a fox", seeds=[0], height=None, width=None, frames=5, steps=2, solver="dpm++")]
+    out = tmp_path / "eval"
+    evaluate(pipe, suite, [Variant("base")], out, progress=False)
+    sidecar = json.loads(next((out / "videos").glob("*.json")).read_text())
+    assert sidecar["settings"]["size"] == [64, 64] and sidecar["settings"]["solver"] == "dpm++"
+    assert "solver" not in render_settings(pipe, SuiteEntry("a", [0], 64, 64), 0, Variant("base"))
+    two = [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=1, guide=(3.0, 5.0), line=7)]
+    with pytest.raises(user_errors(), match="line 7: guide \\[3.0, 5.0\\]: tiny-ti2v is one model"):
+        evaluate(pipe, two, [Variant("base")], tmp_path / "eval2", progress=False)
