@@ -28,7 +28,7 @@ from bench.vae import build_random as build_random_vae  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.pipeline import GenerationRequest, WanPipeline  # noqa: E402
 from wan_model.sampling_speed import SamplingSpeed  # noqa: E402
-from wan_model.transformer import WanTransformer  # noqa: E402
+from wan_model.transformer import WanTransformer, keep_float32_parameters_  # noqa: E402
 
 
 class RandomTextEncoder:
@@ -50,7 +50,8 @@ def build_expert(cfg, device, seed: int) -> WanTransformer:
     torch.manual_seed(seed)
     model.init_weights()
     torch.nn.init.normal_(model.head.head.weight, std=0.02)  # the official init zeroes it
-    return model.eval().requires_grad_(False)
+    # As load_pipeline loads the sampler's experts (since 9ca32d9): the float32-read parameters in float32.
+    return keep_float32_parameters_(model).eval().requires_grad_(False)
 
 
 def bench_device() -> tuple[torch.device, torch.dtype]:

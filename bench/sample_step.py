@@ -56,13 +56,14 @@ VARIANTS = {
 
 
 def build_ours(cfg, device):
-    from wan_model.transformer import WanTransformer
+    from wan_model.transformer import WanTransformer, keep_float32_parameters_
 
     with torch.device("meta"):
         model = WanTransformer(cfg).to(torch.bfloat16)
     model = model.to_empty(device=device)
     init_random_(model)
-    return model.eval().requires_grad_(False)
+    # As load_pipeline loads the sampler's experts (since 9ca32d9): the float32-read parameters in float32.
+    return keep_float32_parameters_(model).eval().requires_grad_(False)
 
 
 def git_commit() -> str:

@@ -71,6 +71,15 @@ def float32_parameter(name: str) -> bool:
             or any(f".{norm}." in name for norm in ("norm3", "norm_q", "norm_k")))
 
 
+def keep_float32_parameters_(model: nn.Module) -> nn.Module:
+    """Cast the parameters `float32_parameter` names to float32 in place (a model built or cast in bf16, as
+    `checkpoint.load_transformer(keep_float32=True)` loads the sampler's); returns the model."""
+    for name, param in model.named_parameters():
+        if float32_parameter(name):
+            param.data = param.data.float()
+    return model
+
+
 def linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
     """`layer(x)` in float32 whatever the weights' dtype and any autocast around it."""
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -299,6 +299,9 @@ def test_bf16_sampler_keeps_the_float32_parameters_as_the_official_generator(tmp
     assert all(dtypes[n] == torch.float32 for n in kept), {n: dtypes[n] for n in kept}
     assert dtypes["blocks.0.self_attn.q.weight"] == dtypes["blocks.0.ffn.0.weight"] == torch.bfloat16
     assert sum(d == torch.float32 for d in dtypes.values()) == sum(map(float32_parameter, dtypes))
+    from wan_model.transformer import keep_float32_parameters_  # the benches' way to the same dtypes
+    cast = keep_float32_parameters_(load_pipeline(release, device="cpu").experts["low_noise"].to(torch.bfloat16))
+    assert {n: p.dtype for n, p in cast.named_parameters()} == dtypes
     mixed = pipe.generate(req).latents
     for model in pipe.experts.values():
         model.to(torch.bfloat16)
