@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wan_model.lora_apply import parse_lora_spec
     from wan_model.media import save_video
-    from wan_model.pipeline import GenerationRequest
+    from wan_model.pipeline import GenerationRequest, snap_size
 
     from train.cli import UsageError
 
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             image = read_image(args.image)
         except ValueError as err:
             raise UsageError(f"--image: {err}; give a PNG or JPEG file") from None
+    if args.exact_size and image is None:
+        raise UsageError("--exact-size sizes an image-conditioned video; give --image FILE, or drop --exact-size "
+                         "(without an image --size is always exact)")
     task = _release_task(args)  # checks before minutes of weight loading
     if image is None and task == "i2v":
         raise UsageError(f"--release {args.release} is an image-to-video model: give the first frame with "
@@ -188,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                                 fit_image=not args.exact_size)
     result = pipe.generate(request, progress=True)
     rendered = tuple(result.video.shape[-2:])
-    if image is not None and rendered != (height, width):
-        print(f"rendered {rendered[0]}x{rendered[1]}: the area of {height}x{width} at the image's aspect ratio "
-              f"({image.shape[-2]}x{image.shape[-1]}); --exact-size renders {height}x{width} from a centred crop")
+    with warnings.catch_warnings():  # generate() has warned already when --size is off the grid
+        warnings.simplefilter("ignore")
+        snapped = snap_size(height, width, result.video.shape[1], pipe.preset)[:2]  # --size on the model's grid
+    if image is not None and not args.exact_size and rendered != snapped:
+        print(f"rendered {rendered[0]}x{rendered[1]}: the area of {snapped[0]}x{snapped[1]} at the image's aspect "
+              f"ratio ({image.shape[-2]}x{image.shape[-1]}); --exact-size renders {snapped[0]}x{snapped[1]} from a "
+              f"centred crop")
     mp4, png = save_video(result.video, output_stem(args.out), fps=pipe.preset.sample_fps)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"wrote {mp4} and {png} ({timing})")

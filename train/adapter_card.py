@@ -27,7 +27,7 @@ CARD_NAME = "README.md"
 HUB_MODELS = {"t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B", "i2v-A14B": "Wan-AI/Wan2.2-I2V-A14B",
               "ti2v-5B": "Wan-AI/Wan2.2-TI2V-5B"}
 PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "ti2v": "WanPipeline"}
-TASK_TAGS = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text-to-video"}
+TASK_TAGS = {"t2v": ["text-to-video"], "i2v": ["image-to-video"], "ti2v": ["text-to-video", "image-to-video"]}
 
 
 def dataset_summary(cache_dir: str | Path) -> dict:
@@ -65,7 +65,7 @@ def write_adapter_card(step_dir: str | Path, *, preset, experts: list[dict], ste
     files = [f"{e['name']}.safetensors" for e in experts]
     fields = {"base_model": hub or f"wanlora {preset.name} (tiny random model, no hub release)",
               "library_name": "diffusers", "license": "apache-2.0",
-              "tags": ["lora", "wan2.2", TASK_TAGS[task], "wanlora", "template:sd-lora"]}
+              "tags": ["lora", "wan2.2", *TASK_TAGS[task], "wanlora", "template:sd-lora"]}
     if trigger:
         fields["instance_prompt"] = trigger
     if images:
@@ -84,9 +84,10 @@ def write_adapter_card(step_dir: str | Path, *, preset, experts: list[dict], ste
         lines.append(f"| `{e['name']}.safetensors` | {e['name'].replace('_', ' ')} | [{e['range'][0]}, {e['range'][1]}) | "
                      f"{e['rank']} | {e['alpha']:g} | {'-' if val is None else f'{val:.4f}'} | "
                      f"{'-' if b is None else f'step {b[0]} ({b[1]:.4f})'} |")
-    lines += ["", "Each file adapts one expert of the model; the sampler switches experts by timestep "
-              "(high noise for t at or above the boundary), so each file goes on its own expert. "
-              "`diffusers/` holds the same adapters under diffusers' module names.", ""]
+    lines += ["", ("Each file adapts one expert of the model; the sampler switches experts by timestep "
+                   "(high noise for t at or above the boundary), so each file goes on its own expert. "
+                   if preset.is_moe else "The model has one expert, adapted by this file. ")
+              + "`diffusers/` holds the same adapters under diffusers' module names.", ""]
     if dataset:
         lines += ["## Dataset", "", f"{dataset['used']} clips used, {dataset['skipped']} skipped at prepare time."]
         for name, counts in dataset.get("labels", {}).items():
@@ -96,7 +97,9 @@ def write_adapter_card(step_dir: str | Path, *, preset, experts: list[dict], ste
         lines += ["## Previews at this step", ""] + [f"![preview {i}]({name})" for i, name in enumerate(images)] + [""]
     lines += ["## Use", "", "wanlora's sampler (this folder; each file's header names its expert):", "", "```bash",
               f"python sample.py --release {release or '/models/' + (hub or preset.name).split('/')[-1]} --lora {step_dir} "
-              f"--prompt \"{trigger + ', ' if trigger else ''}a fox in snow\"", "```", ""]
+              f"--prompt \"{trigger + ', ' if trigger else ''}a fox in snow\""
+              + {"i2v": " --image first_frame.png", "ti2v": "  # --image FILE: from a first frame"}.get(task, ""),
+              "```", ""]
     if hub:
         lines += ["diffusers:", "", "```python", "import torch", f"from diffusers import {PIPELINES[task]}", "",
                   f"pipe = {PIPELINES[task]}.from_pretrained(\"{hub}-Diffusers\", torch_dtype=torch.bfloat16).to(\"cuda\")"]

@@ -188,7 +188,9 @@ def test_sample_image_sets_the_shape_within_the_size_and_exact_size_keeps_it(tmp
     assert size_of(tmp_path / "fit") == (64, 32) and "rendered 64x32" in capsys.readouterr().out
     assert sample.main(base + ["--image", str(image), "--size", "32x64", "--exact-size",
                                "--out", str(tmp_path / "exact")]) == 0
-    assert size_of(tmp_path / "exact") == (32, 64)
+    assert size_of(tmp_path / "exact") == (32, 64) and "rendered" not in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--exact-size sizes an image-conditioned video"):
+        sample.main(base + ["--exact-size", "--out", str(tmp_path / "no-image")])
     assert sample.main(base + ["--out", str(tmp_path / "default")]) == 0
     assert size_of(tmp_path / "default") == (64, 64)  # tiny-ti2v's sample_size (704x1280 for TI2V-5B)
 

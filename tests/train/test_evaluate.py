@@ -373,3 +373,20 @@ def test_grid_defaults_to_the_models_size_takes_a_solver_and_checks_guidance_fir
     two = [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=1, guide=(3.0, 5.0), line=7)]
     with pytest.raises(user_errors(), match="line 7: guide \\[3.0, 5.0\\]: tiny-ti2v is one model"):
         evaluate(pipe, two, [Variant("base")], tmp_path / "eval2", progress=False)
+
+
+def test_cards_of_image_conditioned_models_say_how_to_give_the_image(tmp_path):
+    """The I2V card's command has --image (it failed without one); TI2V is tagged for both tasks and its
+    card does not speak of expert switching."""
+    from train.adapter_card import write_adapter_card
+    from wan_model.config import PRESETS
+
+    def card(preset, expert, t_range):
+        return write_adapter_card(tmp_path, preset=PRESETS[preset], step=10, trigger="", dataset={},
+                                  experts=[{"name": expert, "range": t_range, "rank": 32, "alpha": 32.0}],
+                                  validation=[], previews=[], recipe_hash="x").read_text()
+
+    i2v, ti2v = card("i2v-A14B", "low_noise", (0, 900)), card("ti2v-5B", "dense", (0, 1000))
+    assert "--image first_frame.png" in i2v and "- image-to-video" in i2v
+    assert "- text-to-video" in ti2v and "- image-to-video" in ti2v and "--image FILE" in ti2v
+    assert "switches experts" not in ti2v and "one expert" in ti2v
