@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if image is None and task == "i2v":
         raise UsageError(f"--release {args.release} is an image-to-video model: give the first frame with "
                          f"--image FILE (a PNG or JPEG)")
+    experts = {"t2v": ["high_noise", "low_noise"], "i2v": ["high_noise", "low_noise"], "ti2v": ["dense"]}.get(task)
+    for spec, _, _, expert in specs:
+        if experts and expert and expert not in experts:
+            raise UsageError(f"--lora {spec}: @{expert}: this model has no expert {expert!r}; its experts are "
+                             f"{', '.join(experts)}")
     if args.guide and task == "ti2v" and args.guide[0] != args.guide[1]:
         raise UsageError(f"--guide {args.guide[0]:g},{args.guide[1]:g}: TI2V-5B is one model (no experts); give "
                          f"one scale, e.g. --guide 5")

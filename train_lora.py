@@ -130,9 +130,13 @@ def check_resume(recipe, resume: Path | None, processes: int) -> None:
     expected = recipe_hash(recipe)
     if meta.get("recipe_hash") != expected:
         raise CheckpointError(f"{resume}: written by a different recipe (hash {meta.get('recipe_hash')}, this one "
-                              f"{expected}); only steps/logging/output keys may change between a run and its resume: "
+                              f"{expected}); only training.steps, the logging, preview and output keys, speed.memory_gib "
+                              f"and validation.every/timesteps/max_items may change between a run and its resume: "
                               f"resume with the recipe that started the run, or start a new run in another "
                               f"training.output_dir")
+    if meta.get("step", 0) >= recipe.training.steps:
+        raise CheckpointError(f"{resume}: the checkpoint is at step {meta['step']} and training.steps is "
+                              f"{recipe.training.steps}: nothing is left to train; raise training.steps to continue")
     if meta.get("processes", processes) != processes:
         raise CheckpointError(f"{resume}: written by {meta['processes']} processes, resumed with {processes}; the "
                               f"data order would change; launch with --num_processes {meta['processes']}")

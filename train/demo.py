@@ -102,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(recipe.training.output_dir)
     if not args.resume and output_dir.exists():
         shutil.rmtree(output_dir)
-    say(f"4/5 training both experts' LoRAs ({recipe.training.steps} steps) -> {output_dir}")
     import train_lora
-    if train_lora.main([str(args.recipe)] + (["--resume"] if args.resume else [])) != 0:
-        return 1
+    from train.checkpoints import checkpoint_root, list_checkpoints
+
+    done = list_checkpoints(checkpoint_root(output_dir)) if args.resume else []
+    if done and int(done[-1].name.split("-")[-1]) >= recipe.training.steps:
+        say(f"4/5 training finished earlier ({done[-1].name}); nothing left to train in {output_dir}")
+    else:
+        say(f"4/5 training both experts' LoRAs ({recipe.training.steps} steps) -> {output_dir}")
+        if train_lora.main([str(args.recipe)] + (["--resume"] if args.resume else [])) != 0:
+            return 1
 
     steps = sorted((output_dir / "adapters").glob("step-*"))
     if not steps:

@@ -150,7 +150,9 @@ class TrainingSettings:
     # <output_dir>/samples/step-N/; 0 or no prompts: none. Same seed every time, so steps compare.
     sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
-    sample_size: tuple[int, int, int] = (480, 832, 81)  # height, width, frames of the previews
+    # height, width, frames of the previews; with a first frame (sample_image, or I2V's held-out clip) height x
+    # width is the area and the image's aspect ratio gives the shape, as the sampler sizes it
+    sample_size: tuple[int, int, int] = (480, 832, 81)
     sample_steps: int = 20  # solver steps per preview (the preset's own count is 40 / 50)
     # First frame of image-conditioned previews (I2V; TI2V's image mode). None: I2V takes the first frame of
     # the first held-out clip (validation section); TI2V previews text-to-video.
@@ -293,7 +295,9 @@ def check_recipe(recipe: Recipe, where: str, check_release: bool = True) -> None
                           f"first frame: set training.sample_image to an image file, or add a validation: section "
                           f"(root or fraction) whose first held-out clip gives it")
     if s.sample_every and s.sample_image is not None and not Path(s.sample_image).is_file():
-        raise ConfigError(f"{where}: training.sample_image: {s.sample_image} is not a file")
+        raise ConfigError(f"{where}: training.sample_image: {s.sample_image} is not a file (looked for "
+                          f"{Path(s.sample_image).resolve()}: a relative path is taken from the working folder, as the "
+                          f"recipe's other paths; give it from there or as an absolute path)")
     if check_release:
         if recipe.model.release is None:
             raise ConfigError(f"{where}: model.release is not set; point it at the downloaded release folder")

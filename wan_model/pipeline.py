@@ -168,6 +168,9 @@ class WanPipeline:
                 self._loaded_loras.pop(next(iter(self._loaded_loras)))  # the oldest read
             self._loaded_loras[key] = load_lora(path, config=self.preset.transformer)
         weights, report = self._loaded_loras[key]
+        if expert and expert not in self.experts:
+            raise ValueError(f"{path}: expert {expert!r} was asked for, but {self.preset.name} has experts "
+                             f"{sorted(self.experts)}")
         target = expert or report.metadata.get(META_EXPERT)
         targets = [target] if target else list(self.experts)
         unknown = [t for t in targets if t not in self.experts]

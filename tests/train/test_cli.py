@@ -36,7 +36,7 @@ def test_sample_mistakes_print_one_error_line_and_exit_2(tmp_path):
         "missing LoRA": (base + ["--lora", str(tmp_path / "nope.safetensors")], "does not exist"),
         "corrupt LoRA": (base + ["--lora", str(corrupt)], "--lora"),
         "strength abc": (base + ["--lora", f"{lora}:abc"], "is not a number"),
-        "unknown expert": (base + ["--lora", f"{lora}@middle_noise"], "middle_noise"),
+        "unknown expert": (base + ["--lora", f"{lora}@middle_noise"], "@middle_noise: this model has no expert"),
         "missing release": (["sample.py", "--release", str(tmp_path / "none"), "--prompt", "x"], "no such folder"),
         "bad suite": (["sample.py", "evaluate", "--release", str(release), "--suite", str(suite)], "suite"),
     }
@@ -87,10 +87,12 @@ def test_a_refused_run_keeps_the_recipe_in_the_run_folder_and_prints_one_error_l
     body["training"]["seed"] = 7  # defines the trajectory: a different recipe
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(body))
-    for extra, expected in (([], "--resume latest"), (["--resume", "latest"], "different recipe"),
-                            (["--resume", str(tmp_path / "run" / "checkpoints" / "step-00000002")],
-                             "different recipe")):
-        proc = subprocess.run([sys.executable, "train_lora.py", str(other), *extra], cwd=ROOT, capture_output=True,
+    for path, extra, expected in ((other, [], "--resume latest"), (other, ["--resume", "latest"], "different recipe"),
+                                  (other, ["--resume", str(tmp_path / "run" / "checkpoints" / "step-00000002")],
+                                   "different recipe"),
+                                  # the finished run resumed: it re-exported its adapters, silently
+                                  (recipe, ["--resume", "latest"], "at step 2 and training.steps is 2: nothing")):
+        proc = subprocess.run([sys.executable, "train_lora.py", str(path), *extra], cwd=ROOT, capture_output=True,
                               text=True)
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])

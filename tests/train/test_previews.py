@@ -1,5 +1,7 @@
 """Preview videos during training (train/previews.py) through train_lora.py on a tiny release."""
 
+from pathlib import Path
+
 import yaml
 
 import train_lora
@@ -66,4 +68,8 @@ def test_i2v_previews_without_a_first_frame_are_refused_before_step_0(tmp_path):
     body["training"]["sample_image"] = str(tmp_path / "missing.png")
     recipe.write_text(yaml.safe_dump(body))
     with pytest.raises(ConfigError, match="not a file"):
+        load_recipe(recipe, check_release=False)
+    body["training"]["sample_image"] = "relative/missing.png"  # the message names where it looked
+    recipe.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match=rf"looked for {Path.cwd() / 'relative' / 'missing.png'}"):
         load_recipe(recipe, check_release=False)
