@@ -489,7 +489,8 @@ def run(trainer: Trainer, resume: os.PathLike | None = None, log: bool = True,
         if trainer.validation_history:
             for name, best in best_steps(trainer.validation_history).items():
                 folder = Path(s.output_dir) / "adapters" / f"step-{best['step']:08d}"
-                where = folder if folder.is_dir() else "its adapters folder is missing"
+                where = folder if folder.is_dir() else (f"{folder} is missing: deleted, or written by a run before "
+                                                        f"best steps were exported; its checkpoint may still be there")
                 logger.message(f"best validation loss of {name}: {best['loss']:.4f} at step {best['step']} ({where})")
         write_summary(trainer)
     finally:

@@ -116,7 +116,8 @@ class Validator:
         finally:
             model.train(was_training)
         bands = {f"{c:.0f}": sum(v) / len(v) for c, v in per_band.items()}
-        problem = problem_digest([c for b in self.batches for c in b.clip_ids], self.settings.seed, centres, image_modes)
+        clip_ids = [c for b in self.batches for c in b.clip_ids]
+        problem = problem_digest(clip_ids, self.settings.seed, centres, image_modes)
         return {"loss": sum(bands.values()) / len(bands), "bands": bands, "problem": problem}
 
 
