@@ -456,3 +456,20 @@ def test_host_memory_for_the_plan_respects_a_container_limit(tmp_path):
     limit.write_text(str(32 * 2**30))
     assert host_available_gib(str(meminfo), [(str(limit), str(usage))]) == pytest.approx(30.0)
     assert host_available_gib(str(tmp_path / "missing"), []) == 0.0
+
+
+def test_ti2v_still_validation_is_scored_and_named_in_text_mode(tmp_path):
+    """Held-out stills of a TI2V run are scored in text mode whatever ti2v_image_prob says, and the pass's
+    problem digest records that (so it equals the digest of a text-only run)."""
+    from data.config import ValidationSettings
+    from train.validation import Validator
+
+    stills = MemorySource("tiny-ti2v", n=2, batch_size=1, frames=1)
+    batches = [stills.batch(i) for i in range(2)]
+    digests = []
+    for prob in (1.0, 0.0):
+        trainer = make_trainer(tiny_recipe(tmp_path / str(prob), preset="tiny-ti2v", steps=2, ti2v_image_prob=prob))
+        result = Validator(batches, ValidationSettings(fraction=0.1, timesteps=2)).run(trainer)["dense"]
+        assert math.isfinite(result["loss"])
+        digests.append(result["problem"])
+    assert digests[0] == digests[1]

@@ -425,3 +425,16 @@ def test_difference_files_switch_restack_and_refuse_a_merge_under_them_in_bf16(t
     assert torch.equal(pipe.generate(request()).latents, fresh((b, 0.7)))
     pipe.set_adapters([])
     assert torch.equal(pipe.generate(request()).latents, base)
+
+
+def test_i2v_image_is_resized_bicubic_without_clamping(pipes, monkeypatch):
+    """As wan/image2video.py: the bicubic resize's overshoot at sharp edges reaches the VAE (it was clamped)."""
+    pipe = pipes["tiny-i2v"]
+    seen = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda video: seen.append(video) or encode(video))
+    img = -torch.ones(3, 8, 8)
+    img[:, :, 4:] = 1.0  # a hard edge: bicubic upsampling overshoots past +-1 beside it
+    pipe.generate(request(image=img, fit_image=False, steps=1))
+    first = seen[0][0, :, 0]
+    assert first.max() > 1.0 and first.min() < -1.0
