@@ -4,8 +4,11 @@
 (transformer expert folders with config.json, sharded safetensors and index; `Wan2.1_VAE.pth` or
 `Wan2.2_VAE.pth`; `models_t5_umt5-xxl-enc-bf16.pth`; the `google/umt5-xxl` tokenizer folder), at the
 `tiny-*` preset sizes, so every loader runs exactly as it would on real weights. Nothing is downloaded.
-The transformers and the text encoder are random; the Wan 2.1 VAE is a colour autoencoder
-(`colour_vae.py`: a random VAE keeps no colour, so nothing learned would show in renders).
+The transformers and the text encoder are random; the Wan 2.1 VAE (tiny-t2v, tiny-i2v) is a colour
+autoencoder (`colour_vae.py`: a random VAE keeps no colour, so nothing learned would show in renders).
+The Wan 2.2 VAE of tiny-ti2v is random: its renders are noise and its latents' posterior spread is wide
+(training samples them, validation scores the mean, so the two losses differ in scale), so a tiny-ti2v
+run shows that every path runs, not that anything is learned.
 
 `make_tiny_tokenizer(dir)` trains a SentencePiece unigram model on a few multilingual captions with
 the T5 special ids (pad 0, eos 1, unk 2), loads it through `transformers.AutoTokenizer` as the
