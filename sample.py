@@ -123,13 +123,13 @@ def output_stem(out: Path) -> Path:
     return out if out.suffix.lower() in ("", ".mp4", ".png") else out.with_name(out.name + ".mp4")
 
 
-def _release_task(args) -> str | None:
-    """The release's task (t2v / i2v / ti2v) from its config files alone; None when that cannot be told
+def _release_preset(args):
+    """The release's model preset from its config files alone; None when that cannot be told
     (load_release_pipeline then reports what is wrong with the folder)."""
     from wan_model.release import load_release
 
     try:
-        return load_release(args.release, args.preset).preset.task
+        return load_release(args.release, args.preset).preset
     except Exception:
         return None
 
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from wan_model.pipeline import GenerationRequest, snap_size
 
     from train.cli import UsageError
+    from train.recipe import expert_names
 
     specs = []
     for spec in args.lora:  # checked before any weight is loaded
@@ -165,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--image: {err}; give a PNG or JPEG file") from None
     if args.exact_size and image is None:
         raise UsageError("--exact-size sizes an image-conditioned video; give --image FILE, or drop --exact-size "
-                         "(without an image --size is always exact)")
-    task = _release_task(args)  # checks before minutes of weight loading
+                         "(without an image the video is --size, on the model's grid)")
+    preset = _release_preset(args)  # checks before minutes of weight loading
+    task = preset.task if preset else None
     if image is None and task == "i2v":
         raise UsageError(f"--release {args.release} is an image-to-video model: give the first frame with "
                          f"--image FILE (a PNG or JPEG)")
-    experts = {"t2v": ["high_noise", "low_noise"], "i2v": ["high_noise", "low_noise"], "ti2v": ["dense"]}.get(task)
+    experts = expert_names(preset) if preset else None
     for spec, _, _, expert in specs:
         if experts and expert and expert not in experts:
             raise UsageError(f"--lora {spec}: @{expert}: this model has no expert {expert!r}; its experts are "

@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     # load_checkpoint would refuse later (another run's checkpoints without --resume, a checkpoint of a
     # different recipe or process count) is refused here, so a refused command leaves that folder as it was.
     resume = resolve_resume(s.output_dir, args.resume) if args.resume else None
-    check_resume(recipe, resume, accelerator.num_processes)
+    resumed_at = check_resume(recipe, resume, accelerator.num_processes, args.max_steps)
     if resume is not None and accelerator.is_main_process:
         from train.checkpoints import schedule_changes
 
-        print(f"[wanlora] resuming from {resume} (step {int(resume.name.split('-')[-1])})", flush=True)
+        print(f"[wanlora] resuming from {resume} (step {resumed_at})", flush=True)
         for note in schedule_changes(recipe, resume):
             print(f"[wanlora] {note}", flush=True)
     release = load_release(recipe.model.release, recipe.preset.name)
@@ -107,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_resume(recipe, resume: Path | None, processes: int) -> None:
+def check_resume(recipe, resume: Path | None, processes: int, stop_at: int | None = None) -> int | None:
     """Refuse, as one `error:` line, a start that run() / load_checkpoint would refuse only after the models
     load: checkpoints of an earlier run without --resume (FileExistsError), or a resume checkpoint written by
-    a different recipe or process count (CheckpointError; load_checkpoint raises a plain ValueError)."""
+    a different recipe or process count (CheckpointError; load_checkpoint raises a plain ValueError); and a
+    resume with nothing left to do: the checkpoint at or past the step the run stops at (`stop_at`, default
+    training.steps) with that step's adapters exported (without them, the resume exports them). Returns the
+    checkpoint's step (None without --resume)."""
     import json
 
     from train.checkpoints import CheckpointError, checkpoint_root, list_checkpoints
-    from train.recipe import recipe_hash
+    from train.export import adapter_dir
+    from train.recipe import expert_names, recipe_hash, trains
 
     output_dir = recipe.training.output_dir
     if resume is None:
@@ -134,12 +138,17 @@ def check_resume(recipe, resume: Path | None, processes: int) -> None:
                               f"and validation.every/timesteps/max_items may change between a run and its resume: "
                               f"resume with the recipe that started the run, or start a new run in another "
                               f"training.output_dir")
-    if meta.get("step", 0) >= recipe.training.steps:
-        raise CheckpointError(f"{resume}: the checkpoint is at step {meta['step']} and training.steps is "
-                              f"{recipe.training.steps}: nothing is left to train; raise training.steps to continue")
+    step, stop_at = meta.get("step", 0), stop_at or recipe.training.steps
+    exported = adapter_dir(output_dir, step)
+    if step >= stop_at and all((exported / f"{name}.safetensors").is_file()
+                               for name in expert_names(recipe.preset) if trains(recipe, name)):
+        raise CheckpointError(f"{resume}: the checkpoint is at step {step} and this run stops at step {stop_at} "
+                              f"(training.steps or --max-steps): nothing is left to train, and its adapters are in "
+                              f"{exported}; raise training.steps (or --max-steps) to continue")
     if meta.get("processes", processes) != processes:
         raise CheckpointError(f"{resume}: written by {meta['processes']} processes, resumed with {processes}; the "
                               f"data order would change; launch with --num_processes {meta['processes']}")
+    return step
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def random_pipeline(preset, device, dtype, speed: SamplingSpeed | None = None, t
     """A pipeline of the preset with random weights: experts of seeds 0 and 1 (official init, random head),
     a random VAE of seed 123, RandomTextEncoder unless another is given; `speed` applied to the experts."""
     names = ["high_noise", "low_noise"] if preset.is_moe else ["dense"]
-    experts = {name: build_expert(preset.transformer, device, seed=i).to(dtype) for i, name in enumerate(names)}
+    # .to(dtype) casts every parameter: the float32-read ones go back to float32, as load_pipeline keeps them.
+    experts = {name: keep_float32_parameters_(build_expert(preset.transformer, device, seed=i).to(dtype))
+               for i, name in enumerate(names)}
     torch.manual_seed(123)
     vae = build_random_vae(preset.vae, device, dtype)
     text_encoder = text_encoder or RandomTextEncoder(preset.transformer.text_dim, device, dtype)

@@ -175,6 +175,8 @@ def usable_media(item: ClipItem, ds: DatasetConfig, preset: ModelPreset, buckets
         return False
     if check_media(info.width, info.height, info.duration_s, info.kind, ds.filters):
         return False
+    if check_score(item.score, ds.filters):  # a metadata score (one computed from pixels is not known yet)
+        return False
     frames = len(info.indices_at(ds.fps or preset.sample_fps))
     return assign_bucket(info.width, info.height, frames, buckets) is not None
 
@@ -313,8 +315,10 @@ class _Preparer:
 
 def held_out_ids(clip_ids: list[str], fraction: float, seed: int) -> set[str]:
     """The clips of a seeded validation split: round(fraction * n) of them (at least one when fraction > 0,
-    never all), those with the lowest unit_hash(seed, clip id). A clip's membership depends only on its id
-    and the seed, so re-running prepare (or resuming training) keeps the same held-out clips."""
+    never all), those with the lowest unit_hash(seed, clip id). Given the clips, a clip's membership depends
+    only on its id and the seed, so re-running prepare (or resuming training) keeps the same held-out clips.
+    prepare_all draws among the clips it can use (usable_media): a dataset with unusable clips prepared by
+    code before 2026-12-05 may get another split when prepared again."""
     if fraction <= 0 or len(clip_ids) < 2:
         return set()
     count = min(len(clip_ids) - 1, max(1, round(fraction * len(clip_ids))))

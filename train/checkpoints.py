@@ -176,7 +176,8 @@ def load_checkpoint(trainer, path: Path) -> None:
     expected = recipe_hash(trainer.recipe)
     if meta["recipe_hash"] != expected:
         raise ValueError(f"{path}: written by a different recipe (hash {meta['recipe_hash']}, this one {expected}); "
-                         f"only steps/logging/output keys may change between a run and its resume")
+                         f"only training.steps, the logging, preview and output keys, speed.memory_gib and "
+                         f"validation.every/timesteps/max_items may change between a run and its resume")
     if meta["processes"] != trainer.accelerator.num_processes:
         raise ValueError(f"{path}: written by {meta['processes']} processes, resumed with "
                          f"{trainer.accelerator.num_processes}; the data order would change; use the same count")

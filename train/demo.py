@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(output_dir)
     import train_lora
     from train.checkpoints import checkpoint_root, list_checkpoints
+    from train.export import adapter_dir
 
     done = list_checkpoints(checkpoint_root(output_dir)) if args.resume else []
-    if done and int(done[-1].name.split("-")[-1]) >= recipe.training.steps:
-        say(f"4/5 training finished earlier ({done[-1].name}); nothing left to train in {output_dir}")
+    finished = adapter_dir(output_dir, recipe.training.steps)
+    if done and done[-1].name == finished.name and any(finished.glob("*.safetensors")):
+        say(f"4/5 training finished earlier ({done[-1].name}, adapters exported); nothing left to train")
     else:
         say(f"4/5 training both experts' LoRAs ({recipe.training.steps} steps) -> {output_dir}")
         if train_lora.main([str(args.recipe)] + (["--resume"] if args.resume else [])) != 0:

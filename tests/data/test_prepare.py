@@ -421,3 +421,18 @@ def test_an_i2v_split_holds_out_only_clips_prepare_can_use(demo, tmp_path):
     train, held = prepare_all(config, StandInVAE("tiny-i2v"), StandInText(), progress=False)
     assert held.used and not [c for c in held.clips if c.status == "skipped"]
     assert "short.mp4" in {c.clip_id for c in train.clips if c.status == "skipped"}
+
+
+def test_a_split_does_not_draw_a_clip_its_metadata_score_filters_out(demo):
+    """usable_media: a clip whose metadata score is below filters.min_score would be skipped by prepare, so a
+    validation split does not draw it."""
+    from data.prepare import training_buckets, usable_media
+    from data.scan import scan_folder
+
+    ds = make_config(demo, "unused").dataset
+    strict = dataclasses.replace(ds, filters=FilterSettings(min_width=32, min_height=32, min_score=0.5))
+    preset = PRESETS["tiny-t2v"]
+    dark = next(item for item in scan_folder(demo, ds.metadata).items if item.clip_id == "clip_03_dark.mp4")
+    assert dark.score == pytest.approx(0.4)
+    assert usable_media(dark, ds, preset, training_buckets(ds, preset))
+    assert not usable_media(dark, strict, preset, training_buckets(strict, preset))

@@ -91,7 +91,7 @@ def test_a_refused_run_keeps_the_recipe_in_the_run_folder_and_prints_one_error_l
                                   (other, ["--resume", str(tmp_path / "run" / "checkpoints" / "step-00000002")],
                                    "different recipe"),
                                   # the finished run resumed: it re-exported its adapters, silently
-                                  (recipe, ["--resume", "latest"], "at step 2 and training.steps is 2: nothing")):
+                                  (recipe, ["--resume", "latest"], "this run stops at step 2 (training.steps")):
         proc = subprocess.run([sys.executable, "train_lora.py", str(path), *extra], cwd=ROOT, capture_output=True,
                               text=True)
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
@@ -99,6 +99,15 @@ def test_a_refused_run_keeps_the_recipe_in_the_run_folder_and_prints_one_error_l
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and expected in lines[-1], (extra, lines)
         assert (tmp_path / "run" / "recipe.yaml").read_text() == kept, extra
+    # A finished run whose final export did not happen (killed between checkpoint and export): the resume
+    # exports it, the way to recover it.
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "adapters" / "step-00000002")
+    proc = subprocess.run([sys.executable, "train_lora.py", str(recipe), "--resume", "latest"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "adapters" / "step-00000002" / "low_noise.safetensors").is_file()
 
 
 def test_sample_out_with_a_dot_writes_that_name_with_the_frames_and_fps(tmp_path):

@@ -390,3 +390,28 @@ def test_cards_of_image_conditioned_models_say_how_to_give_the_image(tmp_path):
     assert "--image first_frame.png" in i2v and "- image-to-video" in i2v
     assert "- text-to-video" in ti2v and "- image-to-video" in ti2v and "--image FILE" in ti2v
     assert "switches experts" not in ti2v and "one expert" in ti2v
+
+
+def test_a_weight_difference_on_fp8_weights_is_refused_before_any_render(tmp_path):
+    """A LoRA file's .diff on a block weight stored in fp8 cannot be applied: the grid says so, naming the
+    file, before the base renders."""
+    import torch
+    from safetensors.torch import save_file
+
+    from train.evaluate import SuiteEntry, Variant, evaluate
+    from wan_model.config import PRESETS
+    from wan_model.pipeline import load_pipeline
+    from wan_model.sampling_speed import SamplingSpeed
+    from wan_model.tiny_release import write_tiny_release
+
+    pipe = load_pipeline(write_tiny_release(tmp_path / "release", "tiny-t2v"), device="cpu", dtype=torch.float32,
+                         speed=SamplingSpeed(fp8_weights="storage"))
+    dim = PRESETS["tiny-t2v"].transformer.dim
+    lora = tmp_path / "diff.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.diff": torch.zeros(dim, dim)}, str(lora))
+    rendered = []
+    pipe.generate = lambda *a, **k: rendered.append(1)
+    suite = [SuiteEntry(prompt="a fox", seeds=[0], height=32, width=32, frames=5, steps=1)]
+    with pytest.raises(ConfigError, match=r"diff.safetensors: the difference for blocks.0.self_attn.q.weight"):
+        evaluate(pipe, suite, [Variant("base"), Variant("d", [lora])], tmp_path / "eval", progress=False)
+    assert not rendered

@@ -438,3 +438,15 @@ def test_i2v_image_is_resized_bicubic_without_clamping(pipes, monkeypatch):
     pipe.generate(request(image=img, fit_image=False, steps=1))
     first = seen[0][0, :, 0]
     assert first.max() > 1.0 and first.min() < -1.0
+
+
+def test_merging_a_file_that_is_attached_is_refused(tmp_path):
+    """Attached, then merged: it would act twice (no differences involved)."""
+    from wan_model.lora_formats import META_EXPERT, save_lora
+
+    pipe = load_pipeline(write_tiny_release(tmp_path / "release", "tiny-t2v"), device="cpu", dtype=torch.float32)
+    path = save_lora(random_lora(PRESETS["tiny-t2v"].transformer), tmp_path / "low.safetensors",
+                     {META_EXPERT: "low_noise"})
+    pipe.add_lora(path)
+    with pytest.raises(ValueError, match="has attached LoRAs; merge before attaching"):
+        pipe.add_lora(path, merge=True)
