@@ -30,16 +30,22 @@ def test_same_seed_same_video_other_seed_other_video(pipes):
     assert a.abs().max() <= 1
 
 
-def test_expert_switch_follows_the_boundary(pipes):
-    pipe = pipes["tiny-t2v"]
+def expert_calls(pipe, req) -> tuple[list[tuple[str, float]], torch.Tensor]:
+    """(expert, timestep) of every DiT call while rendering `req`, and the video."""
     seen = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.append((name, float(args[1][0]))))
              for n, m in pipe.experts.items()]
     try:
-        pipe.generate(request(steps=6))
+        video = pipe.generate(req).video
     finally:
         for h in hooks:
             h.remove()
+    return seen, video
+
+
+def test_expert_switch_follows_the_boundary(pipes):
+    pipe = pipes["tiny-t2v"]
+    seen, _ = expert_calls(pipe, request(steps=6))
     timesteps = make_solver("unipc", steps=6, shift=PRESETS["tiny-t2v"].sample_shift).timesteps.tolist()
     assert [t for _, t in seen] == timesteps
     assert [n for n, _ in seen] == ["high_noise" if t >= 875 else "low_noise" for t in timesteps]
@@ -365,14 +371,7 @@ def test_lora_difference_tensors_add_to_their_parameters_and_come_off_exactly(tm
 
 def test_dpm_solver_pp_renders_from_timestep_1000_with_the_expert_switch(pipes):
     pipe = pipes["tiny-t2v"]
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.append((name, float(args[1][0]))))
-             for n, m in pipe.experts.items()]
-    try:
-        video = pipe.generate(request(steps=4, solver="dpm++")).video
-    finally:
-        for h in hooks:
-            h.remove()
+    seen, video = expert_calls(pipe, request(steps=4, solver="dpm++"))
     assert seen[0] == ("high_noise", 1000.0) and seen[-1][0] == "low_noise"
     assert all((name == "high_noise") == (t >= 875) for name, t in seen)
     assert torch.isfinite(video).all() and not torch.equal(video, pipe.generate(request(steps=4)).video)
