@@ -3,6 +3,9 @@
     output_dir/checkpoints/step-00000250/
       state.json                   step, recipe hash, per-expert update counts, loss history, data position
       rng-rank<k>.pt               python / numpy / torch / cuda RNG states of process k
+      fp8-scaling-rank<k>.safetensors  (speed.attention_backend: cudnn_fp8) each expert's FP8 attention
+                                   scaling states on process k, [blocks, 8]: the amaxes its delayed scales come from,
+                                   which each process keeps for itself (DDP broadcasts no buffer)
       <expert>/adapter.safetensors LoRA weights (in-model names, fp32)
       <expert>/optimizer.pt        AdamW state;  <expert>/scheduler.pt  LR schedule state
       <expert>/deepspeed/          (DeepSpeed runs) the engine's checkpoint, frozen base weights excluded
@@ -28,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from wan_model.cudnn_fp8_attention import scaling_states
 
 from .recipe import recipe_hash
 
@@ -114,6 +119,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP
+
+
+def _expert_scaling_states(trainer) -> dict[str, torch.Tensor]:
+    """Each expert's FP8 attention scaling states, stacked [blocks, STATE_SIZE] on the host; experts without
+    them (other attention backends) are left out. A resume without them would calibrate every block again:
+    other scales than the uninterrupted run's, so another loss trajectory."""
+    stacked = {}
+    for name, state in trainer.states.items():
+        states = scaling_states(_unwrapped(state.model))
+        if states:
+            stacked[name] = torch.stack(states).cpu()
+    return stacked
+
+
+def _restore_scaling_states(trainer, path: Path) -> None:
+    """Back into the experts' scaling states (the recipe hash already matched: same blocks, same backend). A
+    checkpoint from before they were saved has none: they calibrate again, as resumes then did."""
+    file = path / f"fp8-scaling-rank{trainer.accelerator.process_index}.safetensors"
+    if not file.is_file():
+        return
+    saved = load_file(str(file))
+    with torch.no_grad():
+        for name, state in trainer.states.items():
+            for live, value in zip(scaling_states(_unwrapped(state.model)), saved.get(name, ())):
+                live.copy_(value)
+
+
 def save_checkpoint(trainer, keep_last: int) -> Path:
     """Write the trainer's state at its current step (collective: every process calls it). Refuses to
     write non-finite LoRA weights. Returns the final folder."""
@@ -142,6 +176,9 @@ def _write_checkpoint(trainer, weights: dict, root: Path, tmp: Path, final: Path
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+    scaling = _expert_scaling_states(trainer)
+    if scaling:
+        save_file(scaling, str(tmp / f"fp8-scaling-rank{acc.process_index}.safetensors"))
     for name, state in trainer.states.items():
         folder = tmp / name
         if state.engine is not None:
@@ -210,6 +247,7 @@ def load_checkpoint(trainer, path: Path) -> None:
     trainer.validation_history = meta.get("validation", [])  # checkpoints written before validation existed
     trainer.nonfinite_in_a_row = meta["nonfinite_in_a_row"]
     set_rng_state(torch.load(path / f"rng-rank{trainer.accelerator.process_index}.pt", weights_only=False))
+    _restore_scaling_states(trainer, path)
 
 
 def schedule_changes(recipe, checkpoint: Path) -> list[str]:

@@ -79,9 +79,14 @@ def attach_scaling_states(model: nn.Module, device: torch.device | str | None = 
     return count
 
 
+def scaling_states(model: nn.Module) -> list[Tensor]:
+    """The model's scaling states, one per block, in block order (none without `attach_scaling_states`)."""
+    return [b.self_attn.fp8_scaling for b in getattr(model, "blocks", []) if hasattr(b.self_attn, "fp8_scaling")]
+
+
 def saturation_count(model: nn.Module) -> int:
     """Values that saturated e4m3 in delayed-scaled tensors, summed over calls and blocks (one host sync)."""
-    states = [b.self_attn.fp8_scaling for b in getattr(model, "blocks", []) if hasattr(b.self_attn, "fp8_scaling")]
+    states = scaling_states(model)
     return int(torch.stack([s[SATURATED] for s in states]).sum().item()) if states else 0
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from train.checkpoints import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from train.loop import run
@@ -27,6 +29,40 @@ def test_resume_latest_continues_the_exact_loss_curve_and_adapters(tmp_path):
 
     assert [h["loss"] for h in history] == [h["loss"] for h in full]
     assert [h["expert"] for h in history] == [h["expert"] for h in full]
+    for name in straight.states:
+        a, b = straight.lora_weights(name), resumed.lora_weights(name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_under_cudnn_fp8_attention_keeps_each_blocks_scaling_history(tmp_path):
+    """attention_backend cudnn_fp8 scales O and the gradients by the block's previous call's amaxes (CPU: its
+    emulation). The checkpoint keeps those states, so a resumed run quantises with the scales the uninterrupted
+    run uses and follows its loss curve bit for bit; without them every block would calibrate again."""
+    from wan_model.attention import set_attention_backend
+    from wan_model.cudnn_fp8_attention import CALLS
+    from wan_model.speed import SpeedOptions
+
+    fp8_attention = SpeedOptions(compile=False, save_attention="none", fp8_base="none", attention_backend="cudnn_fp8")
+
+    def recipe_in(folder, **training):
+        recipe = tiny_recipe(tmp_path / folder, steps=6, routing="phased", phase_steps=2, **training)
+        return dataclasses.replace(recipe, speed=fp8_attention)
+
+    try:
+        straight = make_trainer(recipe_in("a"))
+        full = run(straight, log=False)
+        recipe = recipe_in("b", save_every=3)
+        first = make_trainer(recipe, total_steps=3)
+        run(first, log=False)
+        last = list_checkpoints(tmp_path / "b" / "run" / "checkpoints")[-1]
+        saved = load_file(str(last / "fp8-scaling-rank0.safetensors"))
+        assert set(saved) == {"high_noise", "low_noise"}
+        assert all(bool((states[:, CALLS] > 0).all()) for states in saved.values())  # both experts ran by step 3
+        resumed = make_trainer(recipe)
+        history = run(resumed, resume=resolve_resume(recipe.training.output_dir, "latest"), log=False)
+    finally:
+        set_attention_backend("auto")
+    assert [h["loss"] for h in history] == [h["loss"] for h in full]
     for name in straight.states:
         a, b = straight.lora_weights(name), resumed.lora_weights(name)
         assert all(torch.equal(a[k], b[k]) for k in a), name

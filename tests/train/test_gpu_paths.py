@@ -101,7 +101,7 @@ def test_parking_under_cudnn_fp8_attention_trains_bitwise_as_keeping_both_expert
     """attention_backend cudnn_fp8 gives each block a scaling state that training writes: a parked expert carries
     it through host memory (train.parking copies `mutable_buffers` at every park) and, back in new device
     buffers, needs no second calibration, so parking changes no bit. Heads of 128, as cuDNN's FP8 graphs take.
-    (A resume calibrates again: the states are not in checkpoints.)"""
+    (Checkpoints keep the states too: tests/train/test_checkpoints.py resumes through them on the CPU.)"""
     pytest.importorskip("cudnn")
     from wan_model.attention import set_attention_backend
 
