@@ -129,7 +129,7 @@ def add_lora(model: nn.Module, targets: list[str], rank: int) -> list[nn.Paramet
 def speed_options(args) -> SpeedOptions:
     host = {"on": True, "off": False, "auto": "auto"}[args.host_checkpoints]
     return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
-                        save_attention_every=args.save_every, fp8_base=args.fp8,
+                        save_attention_every=args.save_every, fp8_base=args.fp8, fp8_fast_accum=args.fp8_fast_accum,
                         attention_backend="auto" if args.attention == "fp8" else args.attention,
                         offload=args.offload, host_checkpoints=host, memory_gib=args.memory_gib)
 
@@ -169,12 +169,6 @@ def run_one(impl: str, args, cfg: TransformerConfig, latent_shape, device) -> di
         apply_speed_options(model, options)
         if args.attention == "fp8":  # a bench lever, not a SpeedOptions choice (speed.py says why)
             set_attention_backend("fp8")
-        if args.fp8_fast_accum:  # the sampler's fast accumulation on training's forward GEMMs (issue 16 lever)
-            from wan_model.fp8 import FP8Linear
-
-            for module in model.modules():
-                if isinstance(module, FP8Linear):
-                    module.fast_accum = True
     else:
         model = build_diffusers(cfg, device)
         params = add_lora(model, DIFFUSERS_TARGETS, args.rank)
@@ -303,7 +297,7 @@ def main(argv=None) -> None:
                          "FP8 self-attention forward and backward")
     ap.add_argument("--fp8-fast-accum", action="store_true",
                     help="with --fp8 matmul / matmul_dgrad: fast accumulation in the forward FP8 GEMMs (the sampler's; "
-                         "training's default keeps cuBLAS's promoted accumulation). Not yet a recipe option")
+                         "training's default keeps cuBLAS's promoted accumulation): speed.fp8_fast_accum")
     ap.add_argument("--offload", default="none", choices=["none", "blocks"],
                     help="stream base weights from host memory (ours)")
     ap.add_argument("--label", default="", help="a name for this run in the JSON")

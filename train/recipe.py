@@ -344,6 +344,8 @@ def recipe_hash(recipe: Recipe) -> str:
     # The memory cap belongs to the machine, not the trajectory (a resume may move to another card); and
     # popped, hashes of recipes from before the key existed stay what they were.
     raw["speed"].pop("memory_gib")
+    if not recipe.speed.fp8_fast_accum:  # off: the hash of recipes from before the key existed
+        raw["speed"].pop("fp8_fast_accum")
     # Of the validation section only the held-out split changes what is trained on (the training set);
     # how often and how it is scored may change on a resume. No split: no key, as before the section existed.
     validation = raw.pop("validation")

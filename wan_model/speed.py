@@ -13,6 +13,9 @@ Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; do
   * fp8_base: e4m3 storage of the frozen block linears (`fp8.py`): 28.1 -> 14.0 GB on A14B, which pays
     for saving attention; "matmul" also runs their forward on FP8 tensor cores, "matmul_dgrad" their
     input gradient in backward too (predicted ~0.4 s less per A14B step; not yet measured).
+  * fp8_fast_accum: with fp8_base matmul / matmul_dgrad, the forward FP8 GEMMs accumulate in the tensor
+    cores' own precision, as the sampler's, instead of cuBLAS's float32 promotion (-0.13 s an A14B step in a
+    bench at 9265f72); off until the FP8 table measures what it does to the LoRA gradients.
   * attention_backend: `attention.py`'s kernel choice ("auto" falls back from cuDNN to FlashAttention-2
     at lengths where cuDNN fails). "cudnn_fp8": self-attention forward and backward on cuDNN's FP8 graphs
     (`cudnn_fp8_attention.py`; Hopper, `pip install nvidia-cudnn-frontend`): 7.77 s instead of 8.80 s per A14B
@@ -73,6 +76,9 @@ class SpeedOptions:
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
     fp8_base: Literal["none", "storage", "matmul", "matmul_dgrad"] = "storage"  # frozen block linears in e4m3
+    # with fp8_base matmul / matmul_dgrad: the forward FP8 GEMMs accumulate as the sampler's do (tensor-core
+    # precision, no float32 promotion; wan_model/fp8.py); faster, and other numbers (docs/benchmarks.md)
+    fp8_fast_accum: bool = False
     attention_backend: Literal["auto", "sdpa", "flash", "cudnn_fp8"] = "auto"  # see wan_model/attention.py
     offload: Literal["none", "blocks"] = "none"            # "blocks": base weights in host memory (small GPUs)
     # checkpointed block inputs in host memory (small GPUs); "auto" (with save_attention: auto): when that
@@ -95,6 +101,11 @@ class SpeedOptions:
         if self.attention_backend == "cudnn_fp8" and self.offload == "blocks":
             raise ValueError("speed.attention_backend: cudnn_fp8 keeps a scaling state on each block, which offload: "
                              "blocks does not stream: use attention_backend: auto with offload: blocks")
+        if not isinstance(self.fp8_fast_accum, bool):
+            raise ValueError(f"speed.fp8_fast_accum: expected true or false, got {self.fp8_fast_accum!r}")
+        if self.fp8_fast_accum and self.fp8_base not in ("matmul", "matmul_dgrad"):
+            raise ValueError(f"speed.fp8_fast_accum: accumulates FP8 GEMMs, which fp8_base: {self.fp8_base} does not "
+                             "run: set fp8_base: matmul_dgrad (or matmul), or leave fp8_fast_accum false")
         if self.save_attention_every < 1:
             raise ValueError(f"speed.save_attention_every: expected an integer >= 1, got {self.save_attention_every}")
         if self.host_checkpoints == "auto" and self.save_attention != "auto":
@@ -182,7 +193,7 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
     if options.planned:
         raise ValueError("speed.save_attention: auto must be resolved into a setting first (plan_speed)")
     if options.fp8_base != "none":
-        quantize_linears_(model, block_linear_names(model), options.fp8_base)
+        quantize_linears_(model, block_linear_names(model), options.fp8_base, fast_accum=options.fp8_fast_accum)
     set_attention_backend(options.attention_backend)
     if options.attention_backend == "cudnn_fp8":
         attach_scaling_states(model, device)  # after the dtype casts and moves above: float32 on the device

@@ -256,3 +256,22 @@ def test_optimizer_lora_and_clipping_values_out_of_range_are_refused_at_load(tmp
         fails(tmp_path, body, "recipe.yaml: training", "max_grad_norm must be >= 0")
     body = base(high_noise={"sampler": {"kind": "shift", "shift": float("nan")}})
     fails(tmp_path, body, "experts.high_noise.sampler", "shift must be > 0")
+
+
+def test_recipe_hash_is_unchanged_by_speed_keys_left_at_their_default():
+    """A resume refuses a checkpoint whose recipe hash differs: a key added to the recipe must hash as before
+    while it keeps its default (speed.fp8_fast_accum: false), or every earlier checkpoint would be refused.
+    The values were taken before the key existed."""
+    import dataclasses
+    from pathlib import Path
+
+    from tests.train.test_loop import tiny_recipe
+    from train.recipe import recipe_hash
+    from wan_model.speed import SpeedOptions
+
+    recipe = tiny_recipe(Path("/fixed"))
+    fast_path = SpeedOptions(compile=True, save_attention="all", fp8_base="matmul_dgrad", attention_backend="cudnn_fp8")
+    assert recipe_hash(recipe) == "438fc808bdf34d4a"
+    assert recipe_hash(dataclasses.replace(recipe, speed=fast_path)) == "d08d8918ea582558"
+    fast_accum = dataclasses.replace(fast_path, fp8_fast_accum=True)
+    assert recipe_hash(dataclasses.replace(recipe, speed=fast_accum)) != "d08d8918ea582558"

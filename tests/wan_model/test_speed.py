@@ -374,3 +374,20 @@ def test_auto_options_validated():
     for bad in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="memory_gib"):
             SpeedOptions(memory_gib=bad)
+
+
+def test_fp8_fast_accum_option_reaches_every_block_linear_and_needs_fp8_matmuls():
+    """speed.fp8_fast_accum: the block linears' forward FP8 GEMMs accumulate as the sampler's; refused where
+    fp8_base runs no FP8 GEMM (storage dequantises, none keeps bf16)."""
+    for base in ("none", "storage"):
+        with pytest.raises(ValueError, match="fp8_fast_accum"):
+            SpeedOptions(fp8_base=base, fp8_fast_accum=True)
+    with pytest.raises(ValueError, match="true or false"):
+        SpeedOptions(fp8_base="matmul_dgrad", fp8_fast_accum="yes")
+    for fast in (False, True):
+        model = lora_model("cpu", torch.bfloat16)
+        apply_speed_options(model, SpeedOptions(compile=False, save_attention="none", fp8_base="matmul_dgrad",
+                                                fp8_fast_accum=fast))
+        linears = [m for m in model.blocks.modules() if isinstance(m, FP8Linear)]
+        assert len(linears) == 10 * len(model.blocks)
+        assert all(m.fast_accum is fast and m.mode == "matmul_dgrad" for m in linears)
