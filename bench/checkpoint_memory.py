@@ -8,8 +8,10 @@ The second step's peak is split as the plan splits it: what the plan counts outs
 exact, and the rest is the measured transient (one block's recompute and backward in flight), printed beside the
 plan's and as its excess in units of L x d and L x f bf16 tensors. Then the step is recorded (torch.cuda.memory
 history) and replayed to the moment of its peak: the largest allocations alive there, with their sizes and, where
-the trace has Python frames, the line that made each. It found that compiling the checkpointed call (reverted)
-held ten L x f buffers at once: 22.71 GiB measured against 12.62 planned.
+the trace has Python frames, the line that made each. It found that the compiled checkpoint call, with attention
+recomputed inside it, held ten L x f buffers at once (22.71 GiB measured against 12.62 planned, 681b393); the
+model now runs that call only in blocks that keep attention, and the plan counts its transient
+(`--no-compiled-checkpoint`: the checkpoint around the compiled block everywhere, for an A/B in one tree).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def measure(args, cfg, latent_shape, device) -> dict:
     model = build_ours(cfg, device, "full")
     params = add_lora(model, OUR_TARGETS, args.rank)
     options = SpeedOptions(compile=True, save_attention=args.save_attention, fp8_base=args.fp8,
-                           attention_backend=args.attention)
+                           attention_backend=args.attention, compiled_checkpoint=not args.no_compiled_checkpoint)
     apply_speed_options(model, options, device)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     g = torch.Generator(device=device).manual_seed(0)
@@ -92,7 +94,8 @@ def measure(args, cfg, latent_shape, device) -> dict:
     tokens = math.prod(latent_shape[2:]) // math.prod(cfg.patch_size)
     saved = cfg.num_layers if args.save_attention == "all" else 0
     parts = predicted_peak(cfg, tokens, saved, rank=args.rank, fp8_weights=args.fp8 != "none",
-                           fp8_dgrad=args.fp8 == "matmul_dgrad", fp8_attention=args.attention == "cudnn_fp8")
+                           fp8_dgrad=args.fp8 == "matmul_dgrad", fp8_attention=args.attention == "cudnn_fp8",
+                           compiled_checkpoint=model._compiled_checkpoint is not None)
     transient = peak_gib - (parts["total"] - parts["transient"])
     ld, lf = tokens * cfg.dim * 2 / GIB, tokens * cfg.ffn_dim * 2 / GIB
     result = dict(peak_gib=round(peak_gib, 2), predicted_gib=round(parts["total"], 2),
@@ -113,6 +116,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fp8", default="matmul_dgrad", choices=["none", "storage", "matmul", "matmul_dgrad"])
     ap.add_argument("--attention", default="cudnn_fp8", choices=["auto", "sdpa", "flash", "cudnn_fp8"])
     ap.add_argument("--save-attention", default="all", choices=["none", "all"])
+    ap.add_argument("--no-compiled-checkpoint", action="store_true",
+                    help="the checkpoint around the compiled block in every block (speed.compiled_checkpoint: false)")
     ap.add_argument("--top", type=int, default=12, help="allocations listed at the peak")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -125,7 +130,8 @@ def main(argv=None) -> None:
     h, w = (int(v) for v in args.size.split("x"))
     latent_shape = (1, cfg.in_dim, *preset.latent_size(h, w, args.frames))
     emit(dict(preset=args.preset, size=args.size, frames=args.frames, blocks=args.blocks, fp8=args.fp8,
-              attention=args.attention, save_attention=args.save_attention, device=torch.cuda.get_device_name(),
+              attention=args.attention, save_attention=args.save_attention,
+              compiled_checkpoint=not args.no_compiled_checkpoint, device=torch.cuda.get_device_name(),
               torch=torch.__version__, **measure(args, cfg, latent_shape, device)), args.json)
 
 

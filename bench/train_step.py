@@ -128,7 +128,8 @@ def add_lora(model: nn.Module, targets: list[str], rank: int) -> list[nn.Paramet
 
 def speed_options(args) -> SpeedOptions:
     host = {"on": True, "off": False, "auto": "auto"}[args.host_checkpoints]
-    return SpeedOptions(compile=args.compile, save_attention=args.save_attention,
+    return SpeedOptions(compile=args.compile, compiled_checkpoint=not args.no_compiled_checkpoint,
+                        save_attention=args.save_attention,
                         save_attention_every=args.save_every, fp8_base=args.fp8, fp8_fast_accum=args.fp8_fast_accum,
                         attention_backend="auto" if args.attention == "fp8" else args.attention,
                         offload=args.offload, host_checkpoints=host, memory_gib=args.memory_gib)
@@ -298,6 +299,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fp8-fast-accum", action="store_true",
                     help="with --fp8 matmul / matmul_dgrad: fast accumulation in the forward FP8 GEMMs (the sampler's; "
                          "training's default keeps cuBLAS's promoted accumulation): speed.fp8_fast_accum")
+    ap.add_argument("--no-compiled-checkpoint", action="store_true",
+                    help="with --compile: the checkpoint around the compiled block in every block, not the compiled "
+                         "checkpoint call in blocks that keep attention (speed.compiled_checkpoint: false)")
     ap.add_argument("--offload", default="none", choices=["none", "blocks"],
                     help="stream base weights from host memory (ours)")
     ap.add_argument("--label", default="", help="a name for this run in the JSON")

@@ -346,6 +346,9 @@ def recipe_hash(recipe: Recipe) -> str:
     raw["speed"].pop("memory_gib")
     if not recipe.speed.fp8_fast_accum:  # off: the hash of recipes from before the key existed
         raw["speed"].pop("fp8_fast_accum")
+    # The compiled checkpoint call changes where the recompute runs, not the maths (float sums aside): a run
+    # that ran out of memory with it may resume without it.
+    raw["speed"].pop("compiled_checkpoint")
     # Of the validation section only the held-out split changes what is trained on (the training set);
     # how often and how it is scored may change on a resume. No split: no key, as before the section existed.
     validation = raw.pop("validation")

@@ -67,6 +67,13 @@ def get_attention_backend() -> str:
     return _backend
 
 
+def self_attention_on_flash_package(backend: str) -> bool:
+    """Whether `attention` hands CUDA bf16 self-attention to the flash-attention package under `backend`. Its
+    kernels are no aten ops in every release, so selective checkpointing cannot keep their outputs
+    (`speed.py`: the compiled checkpoint call is then not used)."""
+    return backend == "flash" or (backend == "auto" and _flash3_func is not None)
+
+
 @contextlib.contextmanager
 def attention_backend(name: str):
     """`set_attention_backend(name)` for the duration of a `with` block (a render), then the previous one."""

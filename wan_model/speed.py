@@ -5,6 +5,14 @@
 
 Levers (numbers: A14B expert, 480x832x81 = 32,760 tokens, LoRA rank 32, H100; docs/benchmarks.md):
   * compile: `torch.compile` each block (fuses the float32 norm / modulation / RoPE element-wise work).
+  * compiled_checkpoint: with compile, blocks that keep self-attention also compile their checkpointed call, so
+    the recompute is part of the compiled backward and skips FFN down's forward (WanTransformer.compile_blocks;
+    about 0.24 s an A14B step at 480p, two machines). Its backward holds 3.1 L x f bf16 more at once, which
+    the memory plan counts; under save_attention: auto the plan turns it off where that memory buys more.
+    Not where the flash-attention package serves self-attention (flash-attn 3 installed under "auto", or
+    "flash"): the save policy cannot see its kernel in every release, and a block that recomputes attention
+    inside the compiled call held ten L x f buffers on the GPU. (Such blocks keep no attention output
+    either, whatever save_attention says: the plan's count is then an upper bound on memory.)
   * save_attention: selective activation checkpointing. Blocks are still recomputed in backward, but
     the self-attention kernel's outputs (out [B, heads, L, head_dim] bf16 and its log-sum-exp) are kept
     from the first forward, so the recomputation skips the most expensive op. Costs L * dim * 2 bytes
@@ -36,15 +44,17 @@ backend, checkpoint policy, offload (moves weights to the host), compile last.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Literal
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .attention import set_attention_backend
+from .attention import self_attention_on_flash_package, set_attention_backend
 from .config import TransformerConfig
 from .cudnn_fp8_attention import attach_scaling_states
 from .fp8 import FP8_MODES, quantize_linears_
@@ -72,6 +82,9 @@ class SpeedOptions:
     Hopper set fp8_base: matmul for 9.69 s / 49.9 GiB (1.52x diffusers); offload: blocks for small GPUs."""
 
     compile: bool = True                                   # torch.compile each block (first step +~1 min)
+    # with compile: blocks keeping self-attention compile their checkpointed call (skips FFN down's replay;
+    # more transient memory, which save_attention: auto weighs and may turn it off for)
+    compiled_checkpoint: bool = True
     # keep self-attention outputs in checkpoints; "auto": as many blocks as the memory budget allows
     save_attention: Literal["none", "all", "every_k", "auto"] = "all"
     save_attention_every: int = 2                          # k of "every_k": blocks 0, k, 2k, ... keep theirs
@@ -101,6 +114,8 @@ class SpeedOptions:
         if self.attention_backend == "cudnn_fp8" and self.offload == "blocks":
             raise ValueError("speed.attention_backend: cudnn_fp8 keeps a scaling state on each block, which offload: "
                              "blocks does not stream: use attention_backend: auto with offload: blocks")
+        if not isinstance(self.compiled_checkpoint, bool):
+            raise ValueError(f"speed.compiled_checkpoint: expected true or false, got {self.compiled_checkpoint!r}")
         if not isinstance(self.fp8_fast_accum, bool):
             raise ValueError(f"speed.fp8_fast_accum: expected true or false, got {self.fp8_fast_accum!r}")
         if self.fp8_fast_accum and self.fp8_base not in ("matmul", "matmul_dgrad"):
@@ -120,6 +135,13 @@ class SpeedOptions:
         return self.save_attention == "auto"
 
 
+def compiled_call(options: SpeedOptions) -> bool:
+    """Whether the blocks that keep self-attention run the compiled checkpoint call (module docstring; the model
+    also leaves it to the checkpoint around the compiled block under offload hooks and sequence parallel)."""
+    return (options.compile and options.compiled_checkpoint
+            and not self_attention_on_flash_package(options.attention_backend))
+
+
 def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budget_gib: float, *, rank: int,
                host_available_gib: float, samples: int = 1, shards: int = 1) -> tuple[SpeedOptions, ActivationPlan | None]:
     """Resolve save_attention / host_checkpoints "auto" into settings `apply_speed_options` takes, from
@@ -131,12 +153,16 @@ def plan_speed(options: SpeedOptions, cfg: TransformerConfig, tokens: int, budge
     plan = plan_activations(cfg, tokens, budget_gib, rank=rank, fp8_weights=options.fp8_base != "none",
                             fp8_dgrad=options.fp8_base == "matmul_dgrad", streamed_blocks=options.offload == "blocks",
                             fp8_attention=options.attention_backend == "cudnn_fp8",
+                            # where the compiled checkpoint call can run (WanTransformer.forward)
+                            compiled_checkpoint=(compiled_call(options) and options.offload == "none"
+                                                 and shards == 1),
                             host_inputs=None if options.host_checkpoints == "auto" else options.host_checkpoints,
                             host_available_gib=host_available_gib, samples=samples, shards=shards)
     k = plan.saved_attention_blocks
     save = "none" if k == 0 else "all" if k == plan.blocks else "every_k"
     resolved = replace(options, save_attention=save, host_checkpoints=plan.host_checkpoints,
-                       save_attention_every=plan.save_attention_every or options.save_attention_every)
+                       save_attention_every=plan.save_attention_every or options.save_attention_every,
+                       compiled_checkpoint=options.compiled_checkpoint and plan.compiled_checkpoint)
     return resolved, plan
 
 
@@ -152,14 +178,22 @@ def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def self_attention_saver(every: int = 1) -> Callable[[int], tuple[ContextManager, ContextManager]]:
+def _self_attention_kept() -> tuple[ContextManager, ContextManager]:
+    return create_selective_checkpoint_contexts(_save_self_attention)
+
+
+# The checkpoint context_fn of every block that keeps its self-attention outputs: one object, since compiled
+# checkpointing guards on the context_fn it is given (a partial over the block index compiled every block
+# again); a partial, as dynamo traces one.
+keep_self_attention = functools.partial(_self_attention_kept)
+
+
+def self_attention_saver(every: int = 1) -> Callable[[int], Callable[[], tuple[ContextManager, ContextManager]] | None]:
     """A `WanTransformer.checkpoint_context_fn`: blocks i with i % every == 0 keep their self-attention
-    outputs through checkpointing, the others recompute everything."""
-    def context_fn(block_index: int) -> tuple[ContextManager, ContextManager]:
-        if block_index % every:
-            return noop_context_fn()
-        return create_selective_checkpoint_contexts(_save_self_attention)
-    return context_fn
+    outputs through checkpointing (context_fn `keep_self_attention`), the others recompute everything (None)."""
+    def context_fn_for(block_index: int) -> Callable[[], tuple[ContextManager, ContextManager]] | None:
+        return None if block_index % every else keep_self_attention
+    return context_fn_for
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -197,6 +231,12 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
     set_attention_backend(options.attention_backend)
     if options.attention_backend == "cudnn_fp8":
         attach_scaling_states(model, device)  # after the dtype casts and moves above: float32 on the device
+    if options.save_attention != "none" and self_attention_on_flash_package(options.attention_backend):
+        warnings.warn(f"speed.save_attention: {options.save_attention}, but the flash-attention package serves "
+                      f"self-attention (attention_backend: {options.attention_backend}"
+                      f"{', flash-attn 3 installed' if options.attention_backend == 'auto' else ''}), and "
+                      "checkpointing keeps only aten's and wanlora's attention kernels: every block recomputes its "
+                      "attention; attention_backend: sdpa keeps them", stacklevel=2)
     if options.save_attention == "none":
         model.checkpoint_context_fn = None
     else:
@@ -209,5 +249,5 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions,
         place_for_block_offload(model, device)
         offloader = BlockOffloader(model.blocks, device)
     if options.compile:
-        model.compile_blocks()
+        model.compile_blocks(checkpoint_call=compiled_call(options))
     return offloader

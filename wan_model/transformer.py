@@ -24,8 +24,8 @@ stay in the model dtype (bf16 in training), as diffusers' `WanTransformer3DModel
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+import warnings
 from typing import Callable, ContextManager
 
 import torch
@@ -212,6 +212,27 @@ class Head(nn.Module):
         return linear_fp32(self.head, modulate(x.float(), shift, scale, self.eps))
 
 
+# A checkpoint's context_fn: its (forward, recompute) context managers.
+ContextFn = Callable[[], tuple[ContextManager, ContextManager]]
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    """What dynamo raises when it cannot compile a function whole (fullgraph): a graph break, a backend
+    failure, the recompile limit (a plain Exception in recent torch). Looked up when needed: importing dynamo
+    here would slow every import of this module."""
+    exc = torch._dynamo.exc
+    return tuple(e for e in (getattr(exc, "TorchDynamoException", None), getattr(exc, "FailOnRecompileLimitHit", None))
+                 if e is not None)
+
+
+def checkpointed_block(block: WanBlock, x: Tensor, e0: Tensor, context: Tensor, rope: tuple[Tensor, Tensor],
+                       context_fn: ContextFn) -> Tensor:
+    """`block`'s uncompiled forward under non-reentrant checkpointing: what `compile_blocks` compiles for
+    training blocks that keep their self-attention outputs, so that the recompute is compiled with the backward
+    (see there). context_fn: the selective policy's (a partial, one object per policy)."""
+    return checkpoint(block.eager_forward, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
+
+
 class WanTransformer(nn.Module):
     """Wan 2.2 DiT with the official parameter names; see the module docstring for the maths."""
 
@@ -229,9 +250,11 @@ class WanTransformer(nn.Module):
         self.head = Head(config)
         self._checkpoint_every = 0  # 0: off; n: recompute every n-th block in backward
         self.sequence_parallel = None  # a wan_model.sequence_parallel.SequenceParallel splits the tokens
-        # Selective checkpointing: block index -> checkpoint's (forward, recompute) context managers, e.g.
-        # `torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)` (see `speed.py`); None: plain.
-        self.checkpoint_context_fn: Callable[[int], tuple[ContextManager, ContextManager]] | None = None
+        # Selective checkpointing: block index -> the checkpoint's context_fn (a zero-argument callable returning
+        # its (forward, recompute) context managers, e.g. `speed.keep_self_attention`) or None (recompute all);
+        # None here: plain. Blocks with one policy get one object (compiled checkpointing compiles once for it).
+        self.checkpoint_context_fn: Callable[[int], ContextFn | None] | None = None
+        self._compiled_checkpoint: Callable | None = None  # compile_blocks: the checkpointed call, compiled
         # Checkpointed block inputs kept in pinned host memory (`offload.HostCheckpointInputs`); None: on device.
         self.host_checkpoints: HostCheckpointInputs | None = None
         self.init_weights()
@@ -272,7 +295,7 @@ class WanTransformer(nn.Module):
         for block in self.blocks:
             block.self_attn.sequence_parallel = sp
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, checkpoint_call: bool = True, **compile_kwargs) -> None:
         """`torch.compile` every block in place (regional compilation; parameter names unchanged).
 
         The blocks share one compiled graph, which fuses the float32 norm, modulation, residual and RoPE
@@ -284,12 +307,48 @@ class WanTransformer(nn.Module):
         for validation and previews, autocast state, a second expert's options) all count against dynamo's one
         recompile limit, 8 by default: past it dynamo runs the blocks eagerly, silently slower and with more
         memory than the activation plan counted (+49% in a GPU test). The limit is raised to
-        RECOMPILE_LIMIT, never lowered."""
+        RECOMPILE_LIMIT, never lowered.
+
+        Checkpointed blocks that keep their self-attention outputs run a second compiled function in training,
+        the checkpoint call itself (`checkpointed_block`): the recompute is then part of the compiled backward,
+        where AOT's partitioner recomputes only what the backward uses. Around a compiled block, the checkpoint
+        replays the whole forward graph, FFN down included, whose output no backward reads (4.6 TFLOP per A14B
+        block at 480p). That compiled backward holds more FFN-width buffers at once than the old path's
+        recompute and backward: memory_plan counts it (TRANSIENT_COMPILED_CALL_PER_TOKEN_FFN). Blocks that
+        recompute self-attention keep the checkpoint around the compiled block: with attention recomputed
+        inside it, the compiled backward held ten L x f buffers at once (H200, 4 A14B blocks at 480p: 22.71 GiB
+        against 12.62 planned, docs/benchmarks.md), and those blocks are the memory plan's choice exactly when
+        memory is short. Shapes are static in the compiled call (the checkpoint's higher-order op broke the
+        graph on symbolic ones): each token grid compiles one or two graphs (block 0, whose input needs no
+        gradient; the others). The whole checkpointed block must compile as one graph (fullgraph): where it
+        cannot (a graph break, the recompile limit), the model warns and goes back to the checkpoint around the
+        compiled block for good, rather than running the block uncompiled. Blocks with forward hooks
+        (`offload: blocks` streams weights from them) or under sequence parallel keep the checkpoint around the
+        compiled block. checkpoint_call False: every checkpointed block keeps the checkpoint around the compiled
+        block (the memory plan's choice where the compiled call's transient costs more than it saves)."""
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in 2.7
         setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         for block in self.blocks:
+            block.eager_forward = block.forward
             block.forward = torch.compile(block.forward, **compile_kwargs)
+        self._compiled_checkpoint = None if not checkpoint_call else torch.compile(
+            checkpointed_block, **{**compile_kwargs, "dynamic": False, "fullgraph": True})
+
+    def _checkpoint_compiled(self, block: WanBlock, x: Tensor, e0: Tensor, context: Tensor,
+                             rope: tuple[Tensor, Tensor], context_fn: ContextFn) -> Tensor:
+        """The compiled checkpoint call; where dynamo cannot compile it whole, a warning and, from then on, the
+        checkpoint around the compiled block (dynamo fails before running anything, so nothing ran twice). A
+        failure to compile its backward, built at the first backward, is raised there, as for the compiled
+        blocks."""
+        try:
+            return self._compiled_checkpoint(block, x, e0, context, rope, context_fn)
+        except _compile_failures() as exc:
+            warnings.warn(f"compiled checkpointing failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          "the blocks go back to the checkpoint around the compiled block, whose recompute also "
+                          "replays FFN down", stacklevel=2)
+            self._compiled_checkpoint = None
+            return checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
 
     def forward(self, latents: Tensor, timestep: Tensor, context: Tensor,
                 context_lens: Tensor | None = None) -> Tensor:
@@ -322,11 +381,15 @@ class WanTransformer(nn.Module):
         recompute = self._checkpoint_every and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and i % self._checkpoint_every == 0:
-                context_fn = (noop_context_fn if self.checkpoint_context_fn is None
-                              else functools.partial(self.checkpoint_context_fn, i))
+                context_fn = None if self.checkpoint_context_fn is None else self.checkpoint_context_fn(i)
                 keep = self.host_checkpoints.keep(x) if self.host_checkpoints else contextlib.nullcontext()
+                # The compiled call for blocks that keep self-attention only (compile_blocks says why).
+                compiled = (context_fn is not None and self._compiled_checkpoint is not None and sp is None
+                            and not (block._forward_pre_hooks or block._forward_hooks))
                 with keep:
-                    x = checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=context_fn)
+                    x = (self._checkpoint_compiled(block, x, e0, context, rope, context_fn) if compiled else
+                         checkpoint(block, x, e0, context, rope, use_reentrant=False,
+                                    context_fn=context_fn or noop_context_fn))
             else:
                 x = block(x, e0, context, rope)
         out = self.head(x, e)

@@ -149,7 +149,7 @@ def test_checkpointing_keeps_the_fp8_forward_instead_of_recomputing_it(monkeypat
         fp8_forward_backward(q, k, v, torch.ones_like(q), state)       # calibrated outside the count
         for context_fn, runs in ((self_attention_saver(1), 1), (None, 2)):
             calls.clear()
-            kwargs = {"context_fn": lambda: context_fn(0)} if context_fn else {}
+            kwargs = {"context_fn": context_fn(0)} if context_fn else {}
             out = checkpoint(lambda a, b, c: attention(a * 1.0, b, c, self_attention=True, scaling_state=state),
                              q, k, v, use_reentrant=False, **kwargs)
             out.sum().backward()
@@ -179,7 +179,7 @@ def test_checkpointing_keeps_one_byte_an_element(monkeypatch):
     state = cfa.new_scaling_state()
     with attention_backend("cudnn_fp8"):
         out = checkpoint(lambda a, b_, c: attention(a * 1.0, b_, c, self_attention=True, scaling_state=state),
-                         q, k, v, use_reentrant=False, context_fn=lambda: speed.self_attention_saver(1)(0))
+                         q, k, v, use_reentrant=False, context_fn=speed.self_attention_saver(1)(0))
         out.sum().backward()
     assert [t.dtype for t in kept] == [torch.float8_e4m3fn, torch.float32, torch.float32]
     assert sum(t.numel() * t.element_size() for t in kept) == b * length * heads * dim + b * heads * length * 4 + 4
@@ -283,6 +283,7 @@ def test_compiled_checkpointed_block_trains_on_the_cudnn_fp8_backend():
         finally:
             set_attention_backend("auto")
         results[backend] = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+        assert model._compiled_checkpoint is not None  # the checkpointed blocks compiled whole (no fallback)
         if backend == "cudnn_fp8":
             assert all(b.self_attn.fp8_scaling[cfa.CALLS] == 4 for b in model.blocks)
             assert cfa.saturation_count(model) == 0

@@ -152,7 +152,7 @@ def test_checkpointing_keeps_the_8bit_forward_instead_of_recomputing_it(monkeypa
     with attention_backend("fp8"):
         for context_fn, runs in ((self_attention_saver(1), 1), (None, 2)):
             calls.clear()
-            kwargs = {"context_fn": lambda: context_fn(0)} if context_fn else {}
+            kwargs = {"context_fn": context_fn(0)} if context_fn else {}
             out = checkpoint(lambda a, b, c: attention(a * 1.0, b, c, self_attention=True), q, k, v,
                              use_reentrant=False, **kwargs)
             out.sum().backward()

@@ -1,10 +1,13 @@
 """The activation memory plan (wan_model/memory_plan.py) against the peaks measured on the GPU."""
 
+import dataclasses
+
 import pytest
 
 from wan_model.config import PRESETS
-from wan_model.memory_plan import (MARGIN, attention_forward_seconds, host_copy_seconds, pinned_input_bytes,
-                                   plan_activations, plan_saved_attention, predicted_peak, resident_gib)
+from wan_model.memory_plan import (MARGIN, TRANSIENT_COMPILED_CALL_PER_TOKEN_FFN, attention_forward_seconds,
+                                   host_copy_seconds, pinned_input_bytes, plan_activations, plan_saved_attention,
+                                   predicted_peak, recompute_seconds, resident_gib)
 
 A14B = PRESETS["t2v-A14B"].transformer
 TI2V = PRESETS["ti2v-5B"].transformer
@@ -151,3 +154,65 @@ def test_cudnn_fp8_attention_saves_only_its_e4m3_output():
     plain = predicted_peak(cfg, 32760, 40)["saved_attention"]
     fp8 = predicted_peak(cfg, 32760, 40, fp8_attention=True)["saved_attention"]
     assert plain - fp8 == pytest.approx(40 * 32760 * cfg.dim / 2**30)
+
+
+# The compiled checkpoint call (blocks keeping attention, compile on): (config, tokens, saved blocks, measured
+# peak GiB, where). matmul_dgrad and cudnn_fp8 in all three; the first is where e was fitted.
+MEASURED_COMPILED_CALL = [
+    (dataclasses.replace(A14B, num_layers=4), 32760, 4, 17.14,
+     "4 A14B blocks 480x832x81, bench/checkpoint_memory.py, H200, 681b393 (fitted)"),
+    (A14B, 32760, 40, 47.53, "480x832x81, bench/train_step.py, H200, 168708a"),
+    (TI2V, 27280, 30, 22.30, "704x1280x121, bench/train_step.py, H200, 168708a"),
+]
+
+
+@pytest.mark.parametrize("cfg, tokens, saved, measured, where", MEASURED_COMPILED_CALL)
+def test_compiled_checkpoint_prediction_is_at_or_just_above_every_measured_peak(cfg, tokens, saved, measured, where):
+    """As above, for the compiled checkpoint call's steps; without its term every prediction falls short."""
+    options = dict(fp8_dgrad=True, fp8_attention=True)
+    predicted = predicted_peak(cfg, tokens, saved, compiled_checkpoint=True, **options)["total"]
+    assert measured - 0.1 <= predicted <= measured * 1.03, (where, predicted)
+    assert predicted_peak(cfg, tokens, saved, **options)["total"] < measured - 0.1, where
+
+
+def test_the_compiled_call_term_is_one_transient_only_where_a_block_keeps_attention():
+    """e x L f x 2 bytes once (it is one block's recompute and backward), and none without a keeping block:
+    blocks that recompute attention keep the checkpoint around the compiled block."""
+    extra = TRANSIENT_COMPILED_CALL_PER_TOKEN_FFN * 32760 * A14B.ffn_dim * 2 / 2**30
+    for saved in (1, 20, 40):
+        with_call = predicted_peak(A14B, 32760, saved, compiled_checkpoint=True)
+        without = predicted_peak(A14B, 32760, saved)
+        assert with_call["transient"] - without["transient"] == pytest.approx(extra)
+        assert with_call["total"] - without["total"] == pytest.approx(extra)
+    assert predicted_peak(A14B, 32760, 0, compiled_checkpoint=True) == predicted_peak(A14B, 32760, 0)
+
+
+def test_the_plan_keeps_the_compiled_call_where_it_is_predicted_faster():
+    """480p on 75 GiB: every block keeps attention with the call's memory too, so the call stays. 720p on 80 GiB
+    (inputs on the device): its 6 GiB would cost 8 saved blocks, each an attention forward of 117 TFLOP
+    recomputed, for FFN down forwards of 11 TFLOP: the plan turns it off. Either way the chosen plan is the one
+    of the two predicted faster, and it fits."""
+    fast = dict(fp8_dgrad=True, fp8_attention=True)
+    plan = plan_activations(A14B, 32760, 75.0, compiled_checkpoint=True, **fast)
+    assert plan.compiled_checkpoint and plan.saved_attention_blocks == 40
+    assert "compiled checkpoint call" in plan.describe()
+    assert plan.predicted_peak_gib == pytest.approx(
+        predicted_peak(A14B, 32760, 40, compiled_checkpoint=True, **fast)["total"], abs=0.01)
+    with_call = plan_saved_attention(A14B, 75600, 80.0, compiled_checkpoint=True)
+    without = plan_saved_attention(A14B, 75600, 80.0)
+    assert with_call.compiled_checkpoint and with_call.saved_attention_blocks < without.saved_attention_blocks
+    plan = plan_activations(A14B, 75600, 80.0, compiled_checkpoint=True)
+    assert plan == without and not plan.compiled_checkpoint
+    assert recompute_seconds(A14B, 75600, without) < recompute_seconds(A14B, 75600, with_call)
+    # Short clips: attention is cheap next to FFN down (L < 0.36 f), so the call wins even at fewer saved blocks.
+    tokens, cap = 2048, None
+    for budget in (x / 4 for x in range(72, 240)):
+        a = plan_saved_attention(A14B, tokens, budget, compiled_checkpoint=True)
+        b = plan_saved_attention(A14B, tokens, budget)
+        if 0 < a.saved_attention_blocks < b.saved_attention_blocks:
+            cap = budget
+            break
+    assert cap is not None
+    chosen = plan_activations(A14B, tokens, cap, compiled_checkpoint=True)
+    assert chosen.compiled_checkpoint and chosen.predicted_peak_gib <= cap * (1 - MARGIN)
+    assert plan_activations(A14B, tokens, cap).saved_attention_blocks > chosen.saved_attention_blocks

@@ -13,6 +13,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan_model import attention as attn_mod
+from wan_model import cudnn_fp8_attention as cfa
 from wan_model.config import PRESETS
 from wan_model.fp8 import FP8Linear
 from wan_model.speed import _ATTENTION_OPS, BLOCK_LINEARS, SpeedOptions, apply_speed_options
@@ -244,6 +245,30 @@ def test_host_checkpoints_with_saved_attention_same_grads_and_no_attention_recom
         assert rel(grads1[name], grads0[name]) < 1e-5, name
 
 
+def test_host_checkpoints_reach_the_compiled_checkpoint_call():
+    """The plan may keep the compiled checkpoint call with host checkpoints (720p with inputs on the host, every
+    block keeping attention): the compiled call's saved block input still goes through the host copy, once per
+    block and step, and the gradients are the plain path's."""
+    ref = lora_model("cpu", torch.float32)
+    data = batch(ref, "cpu")
+    loss0, grads0 = loss_and_grads(ref, data)
+    model = lora_model("cpu", torch.float32)
+    apply_speed_options(model, dataclasses.replace(PLAIN, compile=True, host_checkpoints=True, save_attention="all"))
+    calls = []
+    compiled = model._checkpoint_compiled
+    model._checkpoint_compiled = lambda *args: calls.append(1) or compiled(*args)
+    for _ in range(2):  # the second step runs the compiled code
+        model.host_checkpoints.stashed = 0
+        model.zero_grad(set_to_none=True)
+        loss1, grads1 = loss_and_grads(model, data)
+    assert model._compiled_checkpoint is not None  # compiled whole, no fallback
+    assert len(calls) == 2 * len(model.blocks)  # every block of both steps took the compiled call
+    assert model.host_checkpoints.stashed == len(model.blocks)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name in grads0:
+        assert rel(grads1[name], grads0[name]) < 1e-5, name
+
+
 def test_host_checkpoints_release_the_block_inputs_after_forward():
     """Between forward and backward nothing may hold a stashed block input (on a GPU that memory is the
     point of the option). A pack hook that closed over the input kept all of them alive: autograd keeps
@@ -348,6 +373,62 @@ def test_auto_is_resolved_by_the_memory_plan_before_it_is_applied():
         apply_speed_options(model, auto)
 
 
+def test_the_plan_decides_the_compiled_checkpoint_call_and_the_model_follows():
+    """plan_speed resolves speed.compiled_checkpoint with the rest: kept at 480p on 75 GiB (every block keeps
+    attention with its memory too), turned off at 720p on 80 GiB with the inputs on the device (its memory
+    would cost saved blocks), never planned where the model cannot run it (no compile, offload: blocks,
+    sequence parallel) or the recipe turned it off. apply_speed_options compiles the call only when on."""
+    from wan_model.speed import plan_speed
+
+    a14b = PRESETS["t2v-A14B"].transformer
+    auto = SpeedOptions(save_attention="auto", fp8_base="matmul_dgrad")
+    with pytest.raises(ValueError, match="compiled_checkpoint"):
+        SpeedOptions(compiled_checkpoint="yes")
+    resolved, plan = plan_speed(auto, a14b, 32760, 75.0, rank=32, host_available_gib=0.0)
+    assert resolved.compiled_checkpoint and plan.compiled_checkpoint and resolved.save_attention == "all"
+    resolved, plan = plan_speed(auto, a14b, 75600, 80.0, rank=32, host_available_gib=0.0)
+    assert not resolved.compiled_checkpoint and not plan.compiled_checkpoint and 0 < plan.saved_attention_blocks < 40
+    for options, shards in ((dataclasses.replace(auto, compile=False), 1),
+                            (dataclasses.replace(auto, compiled_checkpoint=False), 1),
+                            (dataclasses.replace(auto, offload="blocks"), 1), (auto, 2)):
+        _, plan = plan_speed(options, a14b, 32760, 75.0, rank=32, host_available_gib=0.0, shards=shards)
+        assert not plan.compiled_checkpoint, (options, shards)
+    for call in (True, False):
+        model = WanTransformer(PRESETS["tiny-t2v"].transformer)
+        apply_speed_options(model, SpeedOptions(compile=True, save_attention="all", fp8_base="none",
+                                                compiled_checkpoint=call))
+        assert (model._compiled_checkpoint is not None) is call
+
+
+def test_no_compiled_checkpoint_call_where_flash_attention_serves_self_attention(monkeypatch):
+    """flash-attention's kernels are not aten ops in every release, so the save policy cannot keep their outputs
+    and a "keeping" block would recompute attention inside the compiled call (ten L x f buffers on the GPU):
+    with flash-attn 3 importable under "auto" neither the plan nor the model uses the call, and apply_speed_options
+    warns that no block keeps its attention; cudnn_fp8's own op still runs the call."""
+    from wan_model.speed import plan_speed
+
+    monkeypatch.setattr(attn_mod, "_flash3_func", lambda q, k, v: q)  # flash-attn 3 "installed"
+    a14b = PRESETS["t2v-A14B"].transformer
+    auto = SpeedOptions(save_attention="auto", fp8_base="matmul_dgrad")
+    _, plan = plan_speed(auto, a14b, 32760, 75.0, rank=32, host_available_gib=0.0)
+    assert not plan.compiled_checkpoint
+    _, plan = plan_speed(dataclasses.replace(auto, attention_backend="cudnn_fp8"), a14b, 32760, 75.0, rank=32,
+                         host_available_gib=0.0)
+    assert plan.compiled_checkpoint
+    try:
+        for backend, call in (("auto", False), ("cudnn_fp8", True)):
+            model = WanTransformer(PRESETS["tiny-t2v"].transformer)
+            options = SpeedOptions(compile=True, save_attention="all", fp8_base="none", attention_backend=backend)
+            if call:
+                apply_speed_options(model, options)
+            else:  # and the user learns that no attention output is kept
+                with pytest.warns(UserWarning, match="every block recomputes its attention"):
+                    apply_speed_options(model, options)
+            assert (model._compiled_checkpoint is not None) is call, backend
+    finally:
+        attn_mod.set_attention_backend("auto")
+
+
 def test_the_plan_counts_cudnn_fp8_attentions_e4m3_output():
     """attention_backend cudnn_fp8 keeps an e4m3 output per saved block instead of the bf16 one: the plan's
     prediction shrinks by L x d bytes a block, and with a budget between the two only the FP8 setting saves all."""
@@ -391,3 +472,115 @@ def test_fp8_fast_accum_option_reaches_every_block_linear_and_needs_fp8_matmuls(
         linears = [m for m in model.blocks.modules() if isinstance(m, FP8Linear)]
         assert len(linears) == 10 * len(model.blocks)
         assert all(m.fast_accum is fast and m.mode == "matmul_dgrad" for m in linears)
+
+
+CKPT_CONFIG = dict(model_type="t2v", dim=64, ffn_dim=96, num_heads=2, num_layers=6, in_dim=16, out_dim=16,
+                   text_len=16, text_dim=32, freq_dim=32)
+
+
+def ckpt_model(compiled: bool, backend: str = "auto", checkpointing: bool = True):
+    """A 6-block model with random non-zero weights, q / FFN weights trained, every second block keeping its
+    self-attention through checkpointing; (model, trained weights)."""
+    from wan_model.config import TransformerConfig
+
+    torch.manual_seed(0)
+    model = WanTransformer(TransformerConfig(**CKPT_CONFIG))
+    model.init_weights()
+    with torch.no_grad():  # zero-initialised projections (the head's, FFN down's) would leave no gradient
+        for w in model.parameters():
+            if w.dim() == 2 and not w.any():
+                w.normal_(std=w.shape[1] ** -0.5)
+    model.requires_grad_(False)
+    trained = [w for b in model.blocks for w in (b.self_attn.q.weight, b.ffn[0].weight, b.ffn[2].weight)]
+    for w in trained:
+        w.requires_grad_(True)
+    model.enable_gradient_checkpointing(checkpointing)
+    apply_speed_options(model, SpeedOptions(compile=compiled, save_attention="every_k", save_attention_every=2,
+                                            fp8_base="none", attention_backend=backend))
+    return model, trained
+
+
+def ckpt_step(model, trained, profiled: bool = False):
+    """One loss.backward() on fixed inputs; (gradients, backward profile or None)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(1)
+    latents, context, t = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 16, 32), torch.tensor([600.0])
+    model.zero_grad()
+    loss = model(latents, t, context).float().pow(2).mean()
+    if not profiled:
+        loss.backward()
+        return torch.cat([w.grad.flatten() for w in trained]), None
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    return torch.cat([w.grad.flatten() for w in trained]), prof
+
+
+def ffn_down_shaped_gemms(prof) -> int:
+    """GEMMs in a profile whose operands have FFN down's forward shapes, [L, ffn] x [ffn, dim] (FFN up's input
+    gradient has them too: compare against a run without checkpointing)."""
+    tokens, ffn, dim = 3 * 4 * 4, CKPT_CONFIG["ffn_dim"], CKPT_CONFIG["dim"]
+    want = [[tokens, ffn], [ffn, dim]]
+    count = 0
+    for e in prof.events():
+        shapes = [list(s) for s in e.input_shapes]
+        if (e.name == "aten::addmm" and shapes[1:3] == want) or (e.name == "aten::mm" and shapes[:2] == want):
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("backend", ["auto", "cudnn_fp8"])
+def test_compiled_checkpoint_trains_as_eager_without_recomputing_ffn_down(backend):
+    """compile_blocks also compiles the checkpointed call of blocks that keep self-attention, so their recompute
+    is part of the compiled backward and runs only what the backward uses: FFN down's forward GEMM (its output
+    feeds only the block's output) is not run again, where the checkpoint around the compiled block replays it.
+    Blocks that recompute self-attention keep that checkpoint around the compiled block (its compiled backward
+    held ten L x f buffers on the GPU): with every_k 2, blocks 1, 3, 5 replay FFN down, once each. Gradients as
+    eager. Blocks that share a save policy share a graph: 3 for 6 blocks (the compiled call of block 0, whose
+    input needs no gradient, and of blocks 2, 4; the compiled block of the others), where a context_fn per
+    block index made one for each block. With cudnn_fp8 (the CPU emulation) the keeping blocks run its
+    forward graph once per step."""
+    def run(compiled: bool, around: bool = False, checkpointing: bool = True):
+        model, trained = ckpt_model(compiled, backend, checkpointing)
+        if around:
+            model._compiled_checkpoint = None  # the checkpoint around the compiled block
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        ckpt_step(model, trained)
+        grads, prof = ckpt_step(model, trained, profiled=True)
+        calls = [int(b.self_attn.fp8_scaling[cfa.CALLS]) for b in model.blocks] if backend == "cudnn_fp8" else None
+        return grads, ffn_down_shaped_gemms(prof), torch._dynamo.utils.counters["stats"]["unique_graphs"], calls
+
+    try:
+        want, _, _, _ = run(compiled=False)
+        got, gemms, graphs, calls = run(compiled=True)
+        _, gemms_around, _, _ = run(compiled=True, around=True)
+        _, gemms_plain, _, _ = run(compiled=True, checkpointing=False)
+    finally:
+        attn_mod.set_attention_backend("auto")
+    assert gemms == gemms_plain + 3 < gemms_around, (gemms, gemms_plain, gemms_around)
+    assert graphs == 3, graphs
+    if backend == "cudnn_fp8":  # two steps: forward and backward graph each in the keeping blocks 0, 2, 4
+        assert calls[0] == calls[2] == calls[4] == 4, calls
+    # float32 sums in another order can move a value across an e4m3 rounding boundary: 1e-4 with cudnn_fp8
+    assert rel(got, want) < (1e-5 if backend == "auto" else 1e-3), rel(got, want)
+
+
+def test_compiled_checkpoint_that_cannot_compile_whole_warns_and_keeps_training():
+    """A graph break in the checkpointed block (fullgraph fails before anything runs): a warning, the model
+    goes back to the checkpoint around the compiled block for good, and the gradients stay eager's."""
+    want, _ = ckpt_step(*ckpt_model(compiled=False))
+    model, trained = ckpt_model(compiled=True)
+    for block in model.blocks:
+        forward = block.eager_forward
+
+        def broken(*args, _forward=forward):
+            torch._dynamo.graph_break()
+            return _forward(*args)
+
+        block.eager_forward = broken
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="compiled checkpointing failed"):
+        got, _ = ckpt_step(model, trained)
+    assert model._compiled_checkpoint is None
+    assert rel(got, want) < 1e-5, rel(got, want)
