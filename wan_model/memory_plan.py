@@ -131,7 +131,8 @@ def predicted_peak(cfg: TransformerConfig, tokens: int, saved_blocks: int, *, ra
         "inputs": (1 if host_inputs else n) * tokens * d * 2 / GIB,
         "saved_attention": saved_blocks * (tokens * d * (1 if fp8_attention else 2) + h * tokens * 4) / GIB,
         "transient": (TRANSIENT_PER_TOKEN_DIM * tokens * d * 2 + ffn_units * tokens * f * 2) / GIB
-                     + (compiled_call_gib(cfg, tokens) if compiled_checkpoint and saved_blocks > 0 else 0.0),
+                     + (compiled_call_gib(cfg, tokens, fp8_attention) if compiled_checkpoint and saved_blocks > 0
+                        else 0.0),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -164,9 +165,11 @@ def attention_forward_seconds(cfg: TransformerConfig, tokens: int, samples: int 
     return samples * 4 * length * length * cfg.dim / shards / ATTENTION_FORWARD_FLOPS_PER_S
 
 
-def compiled_call_gib(cfg: TransformerConfig, tokens: int) -> float:
-    """The compiled checkpoint call's extra transient (e x L f x 2 bytes), in GiB."""
-    return TRANSIENT_COMPILED_CALL_PER_TOKEN_FFN * tokens * cfg.ffn_dim * 2 / GIB
+def compiled_call_gib(cfg: TransformerConfig, tokens: int, fp8_attention: bool) -> float:
+    """The compiled checkpoint call's extra transient (e x L f x 2 bytes), in GiB. Measured with `cudnn_fp8`
+    attention only: with bf16 attention outputs saved there is none (4 A14B blocks on an H200 at b8c33da:
+    -3.04 L f against the plan with e, i.e. e ~ 0; docs/benchmarks.md, 2026-12-05)."""
+    return TRANSIENT_COMPILED_CALL_PER_TOKEN_FFN * tokens * cfg.ffn_dim * 2 / GIB if fp8_attention else 0.0
 
 
 def ffn_down_replay_seconds(cfg: TransformerConfig, tokens: int) -> float:
@@ -209,7 +212,7 @@ def plan_saved_attention(cfg: TransformerConfig, tokens: int, budget_gib: float,
                          f"attention, over {usable:.1f} GiB ({budget_gib:.1f} GiB less {MARGIN:.0%}); "
                          f"use {', '.join(fixes) + ' or ' if fixes else ''}a smaller bucket or batch")
     per_block = predicted_peak(cfg, tokens, 1, **{**options, "compiled_checkpoint": False})["total"] - base["total"]
-    first = compiled_call_gib(cfg, tokens) if compiled_checkpoint else 0.0  # with the first saving block, once
+    first = compiled_call_gib(cfg, tokens, options["fp8_attention"]) if compiled_checkpoint else 0.0  # once
     fits = min(n, max(0, int((usable - base["total"] - first) // per_block)))
     # Saving follows "every_k" (blocks 0, k, 2k, ...), which gives ceil(n / k) blocks: the most of those
     # counts that fits (for 40 blocks a fit of 21-39 saves 20, of 15-19 saves 14).

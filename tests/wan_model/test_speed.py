@@ -375,8 +375,8 @@ def test_auto_is_resolved_by_the_memory_plan_before_it_is_applied():
 
 def test_the_plan_decides_the_compiled_checkpoint_call_and_the_model_follows():
     """plan_speed resolves speed.compiled_checkpoint with the rest: kept at 480p on 75 GiB (every block keeps
-    attention with its memory too), turned off at 720p on 80 GiB with the inputs on the device (its memory
-    would cost saved blocks), never planned where the model cannot run it (no compile, offload: blocks,
+    attention with its memory too), turned off at 720p on 80 GiB with the inputs on the device and cudnn_fp8
+    attention (its memory would cost saved blocks; with bf16 attention it has none and stays), never planned where the model cannot run it (no compile, offload: blocks,
     sequence parallel) or the recipe turned it off. apply_speed_options compiles the call only when on."""
     from wan_model.speed import plan_speed
 
@@ -386,8 +386,11 @@ def test_the_plan_decides_the_compiled_checkpoint_call_and_the_model_follows():
         SpeedOptions(compiled_checkpoint="yes")
     resolved, plan = plan_speed(auto, a14b, 32760, 75.0, rank=32, host_available_gib=0.0)
     assert resolved.compiled_checkpoint and plan.compiled_checkpoint and resolved.save_attention == "all"
-    resolved, plan = plan_speed(auto, a14b, 75600, 80.0, rank=32, host_available_gib=0.0)
+    fp8 = dataclasses.replace(auto, attention_backend="cudnn_fp8")  # where the call has its extra transient
+    resolved, plan = plan_speed(fp8, a14b, 75600, 80.0, rank=32, host_available_gib=0.0)
     assert not resolved.compiled_checkpoint and not plan.compiled_checkpoint and 0 < plan.saved_attention_blocks < 40
+    resolved, plan = plan_speed(auto, a14b, 75600, 80.0, rank=32, host_available_gib=0.0)  # bf16: it costs nothing
+    assert resolved.compiled_checkpoint and plan.compiled_checkpoint and 0 < plan.saved_attention_blocks < 40
     for options, shards in ((dataclasses.replace(auto, compile=False), 1),
                             (dataclasses.replace(auto, compiled_checkpoint=False), 1),
                             (dataclasses.replace(auto, offload="blocks"), 1), (auto, 2)):
@@ -432,7 +435,7 @@ def test_no_compiled_checkpoint_call_where_flash_attention_serves_self_attention
 def test_the_plan_counts_cudnn_fp8_attentions_e4m3_output():
     """attention_backend cudnn_fp8 keeps an e4m3 output per saved block instead of the bf16 one: the plan's
     prediction shrinks by L x d bytes a block, and with a budget between the two only the FP8 setting saves all."""
-    from wan_model.memory_plan import MARGIN
+    from wan_model.memory_plan import MARGIN, compiled_call_gib
     from wan_model.speed import plan_speed
 
     a14b = PRESETS["t2v-A14B"].transformer
@@ -441,7 +444,9 @@ def test_the_plan_counts_cudnn_fp8_attentions_e4m3_output():
     _, fp8 = plan_speed(dataclasses.replace(auto, attention_backend="cudnn_fp8"), a14b, 32760, 120.0, rank=32,
                         host_available_gib=0.0)
     assert plain.saved_attention_blocks == fp8.saved_attention_blocks == 40
-    assert plain.predicted_peak_gib - fp8.predicted_peak_gib == pytest.approx(40 * 32760 * a14b.dim / 2**30, rel=1e-3)
+    # L x d bytes a block less, and the compiled call's transient more (it has one with e4m3 outputs only)
+    assert plain.predicted_peak_gib - fp8.predicted_peak_gib == pytest.approx(
+        40 * 32760 * a14b.dim / 2**30 - compiled_call_gib(a14b, 32760, True), rel=1e-3)
     between = (plain.predicted_peak_gib + fp8.predicted_peak_gib) / 2 / (1 - MARGIN)
     _, plain = plan_speed(auto, a14b, 32760, between, rank=32, host_available_gib=0.0)
     _, fp8 = plan_speed(dataclasses.replace(auto, attention_backend="cudnn_fp8"), a14b, 32760, between, rank=32,
