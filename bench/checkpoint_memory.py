@@ -86,7 +86,13 @@ def measure(args, cfg, latent_shape, device) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")  # C++ frames name no buffer
-    step()
+    # Early stop ends a checkpoint's recompute by raising an exception from a pack hook inside the compiled
+    # block's autograd Function; with Python stacks recorded, that raise came back as "SystemError: ... returned
+    # NULL without setting an exception" (b8c33da, checkpoint around the compiled block, bf16 attention). The
+    # unrecorded first step ran the same path. Around a compiled block, early stop saves nothing: the block is
+    # one Function, recomputed whole before its tensors are packed.
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        step()
     torch.cuda.synchronize()
     peak_gib = (torch.cuda.max_memory_allocated() - before) / GIB
     snapshot = torch.cuda.memory._snapshot()
