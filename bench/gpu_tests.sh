@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU-marked test in one run, logged for the commit it tested.
 #
-#   bench/gpu_tests.sh [COMMIT_SHA] [pytest args...]
+#   bench/gpu_tests.sh [COMMIT_SHA] [--part K/N] [pytest args...]
 #
 # Run on a CUDA machine from the repository root, on a clean checkout of COMMIT_SHA (default: git's HEAD;
 # pass it when the tree travels without .git, as to the lent GPU machine). Writes docs/bench/gpu_tests.log
 # (first line `commit: <sha>`), written to $OUT too as it goes when that is set. Exit status: pytest's.
+#
+# --part K/N runs every N-th GPU test from the K-th on (collection order), so N calls of a time-limited
+# machine run the whole suite (41 tests took about 600 s of pytest on an H200 at 2012313, past one 600-s
+# call). Part 1 starts the log; part K > 1 appends to docs/bench/gpu_tests.log, which must already name the
+# same commit on its first line: put the log that part 1 sent back in place before the next call.
 #
 # The GPU image lacks some of the test suite's packages (diffusers, decord, ftfy). If they do not import,
 # wheels in .whl/ are installed to /tmp/site first; fetch them on a machine with pip, in the repo root:
@@ -14,8 +19,16 @@
 #     diffusers==0.42.1 decord==0.6.0 ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata lazy-importer
 set -uo pipefail
 cd "$(dirname "$0")/.."
-sha=${1:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-[ $# -gt 0 ] && shift
+sha=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then sha=$1; shift; fi
+part=""
+if [ "${1:-}" = "--part" ]; then
+  part=${2:-}; shift 2 || shift
+  if ! [[ "$part" =~ ^([1-9][0-9]*)/([1-9][0-9]*)$ ]] || [ "${BASH_REMATCH[1]}" -gt "${BASH_REMATCH[2]}" ]; then
+    echo "gpu_tests: --part takes K/N with 1 <= K <= N, got '$part'" >&2
+    exit 2
+  fi
+fi
 PY=${PYTHON:-python3}
 
 if ! "$PY" -c 'import diffusers, decord, ftfy' 2>/dev/null; then
@@ -31,17 +44,41 @@ fi
 
 log=docs/bench/gpu_tests.log
 mkdir -p docs/bench
+selection=(tests)
+if [ -n "$part" ]; then
+  k=${part%/*} n=${part#*/}
+  # Collection order is the files' and the tests' order, so each part is the same on every machine.
+  mapfile -t ids < <("$PY" -m pytest -m gpu tests --collect-only -p no:cacheprovider 2>/dev/null | grep '::')
+  selection=()
+  for i in "${!ids[@]}"; do
+    if (( i % n == k - 1 )); then selection+=("${ids[$i]}"); fi
+  done
+  if [ ${#selection[@]} -eq 0 ]; then
+    echo "gpu_tests: part $part holds no test (${#ids[@]} GPU tests collected)" >&2
+    exit 2
+  fi
+fi
+if [ -n "$part" ] && [ "$k" -gt 1 ]; then
+  if [ "$(head -1 "$log" 2>/dev/null)" != "commit: $sha" ]; then
+    echo "gpu_tests: part $part appends to $log, whose first line is not 'commit: $sha'; put part 1's log there" >&2
+    exit 2
+  fi
+else
+  echo "commit: $sha" > "$log"
+fi
 {
-  echo "commit: $sha"
+  [ -n "$part" ] && echo "===== part $part: ${#selection[@]} of ${#ids[@]} GPU tests ====="
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1
-  echo "command: $PY -m pytest -m gpu tests -vv -p no:cacheprovider -p no:logging -rA --durations=15 $*"
-} > "$log"
+  what=tests
+  [ -n "$part" ] && what="<part $part of the collected ids>"
+  echo "command: $PY -m pytest -m gpu $what -vv -p no:cacheprovider -p no:logging -rA --durations=15 $*"
+} >> "$log"
 # -vv names each test as it finishes (pyproject's addopts has -q, which one -v only cancels), and the log
 # streams into $OUT as well: a run cut by a time limit still records which tests passed (two were cut and
 # only their dots survived).
 copies=("$log")
 if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/"; copies+=("$OUT/$(basename "$log")"); fi
-PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu tests -vv -p no:cacheprovider -p no:logging -rA --durations=15 "$@" 2>&1 \
-  | tee -a "${copies[@]}"
+PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu "${selection[@]}" -vv -p no:cacheprovider -p no:logging -rA --durations=15 \
+  "$@" 2>&1 | tee -a "${copies[@]}"
 exit "${PIPESTATUS[0]}"
