@@ -38,7 +38,7 @@ from .labels import LABEL_VALUES, AestheticLabels, LabelError, resolve_labels
 from .prompts import check_template, prompt_variants, unit_hash
 from .scan import ClipItem, scan_folder
 from .typed_config import ConfigError
-from .video import VideoError, clip_windows, probe, read_frames, to_model_range
+from .video import MediaInfo, VideoError, clip_windows, probe, read_frames, to_model_range
 
 REPORT_NAME = "report.json"
 LABELS_NAME = "labels.json"
@@ -166,13 +166,17 @@ def training_buckets(ds: DatasetConfig, preset: ModelPreset) -> list[Bucket]:
     return make_buckets(b.base_area, b.aspects, frame_counts, preset.latent_stride[1])
 
 
-def usable_media(item: ClipItem, ds: DatasetConfig, preset: ModelPreset, buckets: list[Bucket]) -> bool:
+def usable_media(item: ClipItem, ds: DatasetConfig, preset: ModelPreset, buckets: list[Bucket],
+                 probes: dict[str, MediaInfo] | None = None) -> bool:
     """Whether the clip passes the media checks prepare makes first (decodable, size, duration, a bucket it
-    fills), without decoding frames: what a validation split is drawn among."""
+    fills), from its probe alone: what a validation split is drawn among. probes: where the probe is kept for
+    prepare, which then does not open the file for it again."""
     try:
         info = probe(item.path)
     except VideoError:
         return False
+    if probes is not None:
+        probes[str(item.path)] = info
     if check_media(info.width, info.height, info.duration_s, info.kind, ds.filters):
         return False
     if check_score(item.score, ds.filters):  # a metadata score (one computed from pixels is not known yet)
@@ -185,7 +189,7 @@ class _Preparer:
     """The per-clip steps of `prepare`, sharing the run's settings, cache and duplicate memory."""
 
     def __init__(self, config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike,
-                 hashes: dict[str, str] | None = None):
+                 hashes: dict[str, str] | None = None, probes: dict[str, MediaInfo] | None = None):
         self.ds: DatasetConfig = config.dataset
         self.preset = get_preset(config.model.preset)
         self.fps = self.ds.fps or self.preset.sample_fps
@@ -197,6 +201,7 @@ class _Preparer:
                              f"VAE given is {kind!r}; build it from the same preset (build_encoders)")
         self.vae, self.text_encoder = vae, text_encoder
         self.hashes = hashes or {}  # path -> sha256 already computed (the validation split reads every file)
+        self.probes = probes or {}  # path -> MediaInfo already probed (likewise)
         self.cache = LatentCache(self.ds.cache_dir)
         self.measured = JsonTable(Path(self.ds.cache_dir) / LABELS_NAME)
         self.dedupe = Deduper()
@@ -253,7 +258,7 @@ class _Preparer:
         return report
 
     def _process(self, item: ClipItem, report: ClipReport) -> str | None:
-        info = probe(item.path)
+        info = self.probes.get(str(item.path)) or probe(item.path)
         filters = self.ds.filters
         reason = check_media(info.width, info.height, info.duration_s, info.kind, filters)
         if reason:
@@ -343,6 +348,7 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
         return prepare(config, vae, text_encoder, progress=progress), None
     held: set[str] | None = None
     hashes: dict[str, str] = {}
+    probes: dict[str, MediaInfo] = {}
     if val.root is not None:
         held_root, train_root = Path(val.root).resolve(), Path(config.dataset.root).resolve()
         if held_root == train_root or held_root.is_relative_to(train_root) or train_root.is_relative_to(held_root):
@@ -358,7 +364,7 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
         # are drawn (an I2V still, a clip shorter than every bucket would leave the held-out set empty).
         by_content: dict[str, list[str]] = {}
         for item in scan.items:
-            if not usable_media(item, config.dataset, preset, buckets):
+            if not usable_media(item, config.dataset, preset, buckets, probes):
                 continue
             hashes[str(item.path)] = file_sha256(item.path)
             by_content.setdefault(hashes[str(item.path)], []).append(item.clip_id)
@@ -367,9 +373,9 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
         if not held:
             raise ConfigError(f"validation.fraction {val.fraction}: {config.dataset.root} has {len(by_content)} "
                               f"usable clip(s), too few to hold one out; add clips or set validation.root")
-    train = prepare(config, vae, text_encoder, progress=progress, hashes=hashes,
+    train = prepare(config, vae, text_encoder, progress=progress, hashes=hashes, probes=probes,
                     select=None if held is None else (lambda item: item.clip_id not in held))
-    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress, hashes=hashes,
+    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress, hashes=hashes, probes=probes,
                           select=None if held is None else (lambda item: item.clip_id in held))
     if not held_report.used:
         reasons = "; ".join(f"{c.clip_id}: {c.reason}" for c in held_report.clips if c.status == "skipped")[:400]
@@ -379,15 +385,17 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
 
 
 def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *, progress: bool = True,
-            select: Callable[[ClipItem], bool] | None = None, hashes: dict[str, str] | None = None) -> PrepareReport:
+            select: Callable[[ClipItem], bool] | None = None, hashes: dict[str, str] | None = None,
+            probes: dict[str, MediaInfo] | None = None) -> PrepareReport:
     """Scan, filter, label, prompt, encode and cache a dataset (module docstring); returns what happened.
 
     select: which scanned clips this run takes (None: all); the validation split passes one.
     hashes: file path -> sha256 already computed in this run (each file is read for it once).
+    probes: file path -> its probe (MediaInfo) already made in this run.
     Writes report.json, dataset_card.md and contact_sheet.png into dataset.cache_dir."""
     start = time.perf_counter()
     check_template(config.dataset.caption_template)
-    runner = _Preparer(config, vae, text_encoder, hashes)
+    runner = _Preparer(config, vae, text_encoder, hashes, probes)
     repaired = runner.repair()
     scan = scan_folder(config.dataset.root, config.dataset.metadata)
     root = Path(config.dataset.root)

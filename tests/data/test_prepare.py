@@ -342,12 +342,23 @@ def test_windows_and_images(demo, tmp_path):
     assert windows == [0, 4]  # 9 frames, windows of 5 spread evenly: starts 0 and 4
 
 
-def test_held_out_split_is_seeded_and_never_trained_on(demo, tmp_path):
-    """validation.fraction: the held-out clips are chosen by id and seed, cached apart, absent from training."""
+def test_held_out_split_is_seeded_and_never_trained_on(demo, tmp_path, monkeypatch):
+    """validation.fraction: the held-out clips are chosen by id and seed, cached apart, absent from training.
+    Each clip is probed once: the split's usability check keeps its probe for prepare."""
+    import collections
     import dataclasses
 
+    import data.prepare
     from data.config import ValidationSettings
     from data.prepare import held_out_ids, prepare_all
+
+    probed = collections.Counter()
+
+    def counting_probe(path, _probe=data.prepare.probe):
+        probed[str(path)] += 1
+        return _probe(path)
+
+    monkeypatch.setattr(data.prepare, "probe", counting_probe)
 
     ids = [f"clip{i}" for i in range(10)]
     assert held_out_ids(ids, 0.2, seed=0) == held_out_ids(list(reversed(ids)), 0.2, seed=0)
@@ -361,6 +372,7 @@ def test_held_out_split_is_seeded_and_never_trained_on(demo, tmp_path):
     held_ids = {c.clip_id for c in held.used}
     assert held_ids and train_ids and not train_ids & held_ids
     assert held.cache_dir == tmp_path / "cache" / "validation"
+    assert probed and set(probed.values()) == {1}, probed
     from data.dataset import CachedDataset
 
     assert {CachedDataset(tmp_path / "cache")[i]["clip_id"] for i in range(len(CachedDataset(tmp_path / "cache")))} \
