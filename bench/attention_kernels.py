@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 import wan_model.fp8_attention as fp8_attention_module  # noqa: E402
 from wan_model.fp8_attention import (_fp8_attention_kernel, _fp8_attention_kernel_op, fp8_attention,  # noqa: E402
                                      quantize_qkv, reference_fp8_attention)

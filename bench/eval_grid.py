@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
 from bench.sample import bench_device, random_pipeline  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 from train.evaluate import SuiteEntry, Variant, evaluate  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.lora_formats import META_EXPERT, LoraModule, lora_targets, save_lora  # noqa: E402

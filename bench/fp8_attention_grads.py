@@ -35,7 +35,7 @@ import wan_model.transformer as transformer_module  # noqa: E402
 from bench.fp8_gradients import (BENCH_PRESETS, build, device_and_dtype, latent_shape_of, loss_of,  # noqa: E402
                                  sample)
 from bench.report import emit  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 from wan_model.attention import attention, set_attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.cudnn_fp8_attention import new_scaling_state  # noqa: E402

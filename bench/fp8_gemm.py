@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.attention_kernels import rel, time_ms  # noqa: E402
 from bench.report import emit  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 from wan_model.fp8 import quantize_rows  # noqa: E402
 
 ROWS = 2 * 32_760

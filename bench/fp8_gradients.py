@@ -49,7 +49,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 from bench.train_step import OUR_TARGETS, add_lora  # noqa: E402
 from wan_model.attention import set_attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -42,3 +44,21 @@ def emit(result: dict, json_path: Path | None) -> None:
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
+
+
+def git_commit() -> str:
+    """BENCH_COMMIT when set, else git's HEAD, with "+modified" when tracked files differ from it: the device
+    machine's copy of the tree carries an older .git (2026-12-05: a result named 28564e0 for 2012313's tree),
+    so a figure never names a commit whose code it did not run."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=root).stdout.strip()
+    except OSError:
+        return "unknown"
+    if not head:
+        return "unknown"
+    return f"{head}+modified (set BENCH_COMMIT)" if changed else head

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
 from bench.sample import random_pipeline  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
 from wan_model.pipeline import GenerationRequest  # noqa: E402
 from wan_model.sampling_speed import SamplingSpeed  # noqa: E402

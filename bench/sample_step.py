@@ -29,7 +29,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import emit, profiled_kernels  # noqa: E402
+from bench.report import emit, git_commit, profiled_kernels  # noqa: E402
 from bench.train_step import build_diffusers, init_random_  # noqa: E402
 from wan_model.attention import attention_backend  # noqa: E402
 from wan_model.config import PRESETS  # noqa: E402
@@ -64,19 +63,6 @@ def build_ours(cfg, device):
     init_random_(model)
     # As load_pipeline loads the sampler's experts (since 9ca32d9): the float32-read parameters in float32.
     return keep_float32_parameters_(model).eval().requires_grad_(False)
-
-
-def git_commit() -> str:
-    """BENCH_COMMIT when set (the device machine's copy of the tree may carry an older .git), else git's HEAD."""
-    import os
-
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def kernel_profile(step, top: int) -> list[dict]:

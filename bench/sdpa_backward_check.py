@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fp8_attention_grads import block_attention_inputs, float32_attention_grads, gradients, rel  # noqa: E402
 from bench.fp8_gradients import build, latent_shape_of, sample  # noqa: E402
 from bench.report import emit  # noqa: E402
-from bench.sample_step import git_commit  # noqa: E402
+from bench.report import git_commit  # noqa: E402
 
 KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION}

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import memory_fraction_for, profiled_kernels  # noqa: E402
+from bench.report import git_commit, memory_fraction_for, profiled_kernels  # noqa: E402
 from wan_model.attention import set_attention_backend  # noqa: E402
 from wan_model.config import PRESETS, TransformerConfig  # noqa: E402
 from wan_model.speed import SpeedOptions, apply_speed_options, plan_speed  # noqa: E402
@@ -348,7 +348,7 @@ def main(argv=None) -> None:
                    frames=args.frames, latent_shape=latent_shape,
                    rank=args.rank, checkpointing=args.checkpointing, memory_fraction=args.memory_fraction,
                    memory_gib=args.memory_gib, fp8_fast_accum=args.fp8_fast_accum,
-                   matmul_ceiling_tflops=round(ceiling, 1),
+                   matmul_ceiling_tflops=round(ceiling, 1), commit=git_commit(),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    torch=torch.__version__, results=results)
     if args.json:
