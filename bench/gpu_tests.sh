@@ -8,7 +8,7 @@
 # (first line `commit: <sha>`), written to $OUT too as it goes when that is set. Exit status: pytest's.
 #
 # --part K/N runs every N-th GPU test from the K-th on (collection order), so N calls of a time-limited
-# machine run the whole suite (41 tests took about 600 s of pytest on an H200 at 2012313, past one 600-s
+# machine run the whole suite (41 tests took about 680 s of pytest on an H200 at 2012313, past one 600-s
 # call). Part 1 starts the log; part K > 1 appends to docs/bench/gpu_tests.log, which must already name the
 # same commit on its first line: put the log that part 1 sent back in place before the next call.
 #
@@ -19,8 +19,18 @@
 #     diffusers==0.42.1 decord==0.6.0 ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata lazy-importer
 set -uo pipefail
 cd "$(dirname "$0")/.."
-sha=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then sha=$1; shift; fi
+# The commit: the first argument when it is a hex sha; else BENCH_COMMIT; else git's HEAD, marked "+modified"
+# when tracked files outside docs/bench differ from it (the device machine's copy carries an older .git).
+if [[ "${1:-}" =~ ^[0-9a-f]{7,40}$ ]]; then
+  sha=$1; shift
+elif [ -n "${BENCH_COMMIT:-}" ]; then
+  sha=$BENCH_COMMIT
+else
+  sha=$(git rev-parse --verify -q HEAD 2>/dev/null) || sha=unknown
+  if [ "$sha" != unknown ] && [ -n "$(git status --porcelain --untracked-files=no -- . ':!docs/bench' 2>&1)" ]; then
+    sha="$sha+modified"
+  fi
+fi
 part=""
 if [ "${1:-}" = "--part" ]; then
   part=${2:-}; shift 2 || shift
@@ -47,8 +57,17 @@ mkdir -p docs/bench
 selection=(tests)
 if [ -n "$part" ]; then
   k=${part%/*} n=${part#*/}
-  # Collection order is the files' and the tests' order, so each part is the same on every machine.
-  mapfile -t ids < <("$PY" -m pytest -m gpu tests --collect-only -p no:cacheprovider 2>/dev/null | grep '::')
+  # Collection order is the files' and the tests' order, so each part is the same on every machine. The
+  # verbosity is pinned (one -q lists node ids); a file that fails to import stops the run here, as it would
+  # stop pytest's own run, rather than leaving its tests out of every part.
+  collected=$("$PY" -m pytest -m gpu tests --collect-only -o addopts="" -q -p no:cacheprovider 2>&1)
+  status=$?
+  if [ $status -ne 0 ] && [ $status -ne 5 ]; then
+    echo "$collected" >&2
+    echo "gpu_tests: collecting the GPU tests failed (pytest exit $status); nothing run" >&2
+    exit 2
+  fi
+  mapfile -t ids < <(grep '::' <<< "$collected")
   selection=()
   for i in "${!ids[@]}"; do
     if (( i % n == k - 1 )); then selection+=("${ids[$i]}"); fi

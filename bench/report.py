@@ -54,11 +54,12 @@ def git_commit() -> str:
         return os.environ["BENCH_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                 text=True, cwd=root).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=root)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/bench"],
+                                capture_output=True, text=True, cwd=root)
     except OSError:
         return "unknown"
-    if not head:
+    if head.returncode != 0 or not head.stdout.strip():
         return "unknown"
-    return f"{head}+modified (set BENCH_COMMIT)" if changed else head
+    clean = status.returncode == 0 and not status.stdout.strip()  # a failing status: not known to be clean
+    return head.stdout.strip() if clean else f"{head.stdout.strip()}+modified (set BENCH_COMMIT)"
