@@ -166,17 +166,35 @@ def training_buckets(ds: DatasetConfig, preset: ModelPreset) -> list[Bucket]:
     return make_buckets(b.base_area, b.aspects, frame_counts, preset.latent_stride[1])
 
 
+@dataclass
+class FileFacts:
+    """What one prepare run has read of each clip file, read once: its probe and its sha256. The validation
+    split reads both for every clip before prepare takes the clips (prepare_all)."""
+
+    _probes: dict[str, MediaInfo] = field(default_factory=dict)
+    _sha256: dict[str, str] = field(default_factory=dict)
+
+    def probe(self, path: Path) -> MediaInfo:
+        """`video.probe` (VideoError when unusable; failures are not kept)."""
+        if str(path) not in self._probes:
+            self._probes[str(path)] = probe(path)
+        return self._probes[str(path)]
+
+    def sha256(self, path: Path) -> str:
+        if str(path) not in self._sha256:
+            self._sha256[str(path)] = file_sha256(path)
+        return self._sha256[str(path)]
+
+
 def usable_media(item: ClipItem, ds: DatasetConfig, preset: ModelPreset, buckets: list[Bucket],
-                 probes: dict[str, MediaInfo] | None = None) -> bool:
+                 files: FileFacts | None = None) -> bool:
     """Whether the clip passes the media checks prepare makes first (decodable, size, duration, a bucket it
-    fills), from its probe alone: what a validation split is drawn among. probes: where the probe is kept for
-    prepare, which then does not open the file for it again."""
+    fills), from its probe alone: what a validation split is drawn among. files: this run's, which keep the
+    probe for prepare."""
     try:
-        info = probe(item.path)
+        info = (files or FileFacts()).probe(item.path)
     except VideoError:
         return False
-    if probes is not None:
-        probes[str(item.path)] = info
     if check_media(info.width, info.height, info.duration_s, info.kind, ds.filters):
         return False
     if check_score(item.score, ds.filters):  # a metadata score (one computed from pixels is not known yet)
@@ -189,7 +207,7 @@ class _Preparer:
     """The per-clip steps of `prepare`, sharing the run's settings, cache and duplicate memory."""
 
     def __init__(self, config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike,
-                 hashes: dict[str, str] | None = None, probes: dict[str, MediaInfo] | None = None):
+                 files: FileFacts | None = None):
         self.ds: DatasetConfig = config.dataset
         self.preset = get_preset(config.model.preset)
         self.fps = self.ds.fps or self.preset.sample_fps
@@ -200,8 +218,7 @@ class _Preparer:
             raise ValueError(f"model.preset {self.preset.name!r} trains on {self.preset.vae.kind} VAE latents, but the "
                              f"VAE given is {kind!r}; build it from the same preset (build_encoders)")
         self.vae, self.text_encoder = vae, text_encoder
-        self.hashes = hashes or {}  # path -> sha256 already computed (the validation split reads every file)
-        self.probes = probes or {}  # path -> MediaInfo already probed (likewise)
+        self.files = files or FileFacts()
         self.cache = LatentCache(self.ds.cache_dir)
         self.measured = JsonTable(Path(self.ds.cache_dir) / LABELS_NAME)
         self.dedupe = Deduper()
@@ -258,12 +275,12 @@ class _Preparer:
         return report
 
     def _process(self, item: ClipItem, report: ClipReport) -> str | None:
-        info = self.probes.get(str(item.path)) or probe(item.path)
+        info = self.files.probe(item.path)
         filters = self.ds.filters
         reason = check_media(info.width, info.height, info.duration_s, info.kind, filters)
         if reason:
             return reason
-        sha = self.hashes.get(str(item.path)) or file_sha256(item.path)
+        sha = self.files.sha256(item.path)
         if filters.dedupe and (reason := self.dedupe.check_bytes(item.clip_id, sha)):
             return reason
         indices = info.indices_at(self.fps)
@@ -347,8 +364,7 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
     if not val.enabled:
         return prepare(config, vae, text_encoder, progress=progress), None
     held: set[str] | None = None
-    hashes: dict[str, str] = {}
-    probes: dict[str, MediaInfo] = {}
+    files = FileFacts()
     if val.root is not None:
         held_root, train_root = Path(val.root).resolve(), Path(config.dataset.root).resolve()
         if held_root == train_root or held_root.is_relative_to(train_root) or train_root.is_relative_to(held_root):
@@ -364,18 +380,16 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
         # are drawn (an I2V still, a clip shorter than every bucket would leave the held-out set empty).
         by_content: dict[str, list[str]] = {}
         for item in scan.items:
-            if not usable_media(item, config.dataset, preset, buckets, probes):
-                continue
-            hashes[str(item.path)] = file_sha256(item.path)
-            by_content.setdefault(hashes[str(item.path)], []).append(item.clip_id)
+            if usable_media(item, config.dataset, preset, buckets, files):
+                by_content.setdefault(files.sha256(item.path), []).append(item.clip_id)
         drawn = held_out_ids([min(ids) for ids in by_content.values()], val.fraction, val.seed)
         held = {clip for ids in by_content.values() if min(ids) in drawn for clip in ids}
         if not held:
             raise ConfigError(f"validation.fraction {val.fraction}: {config.dataset.root} has {len(by_content)} "
                               f"usable clip(s), too few to hold one out; add clips or set validation.root")
-    train = prepare(config, vae, text_encoder, progress=progress, hashes=hashes, probes=probes,
+    train = prepare(config, vae, text_encoder, progress=progress, files=files,
                     select=None if held is None else (lambda item: item.clip_id not in held))
-    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress, hashes=hashes, probes=probes,
+    held_report = prepare(validation_config(config), vae, text_encoder, progress=progress, files=files,
                           select=None if held is None else (lambda item: item.clip_id in held))
     if not held_report.used:
         reasons = "; ".join(f"{c.clip_id}: {c.reason}" for c in held_report.clips if c.status == "skipped")[:400]
@@ -385,17 +399,15 @@ def prepare_all(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLi
 
 
 def prepare(config: PrepareConfig, vae: VAELike, text_encoder: TextEncoderLike, *, progress: bool = True,
-            select: Callable[[ClipItem], bool] | None = None, hashes: dict[str, str] | None = None,
-            probes: dict[str, MediaInfo] | None = None) -> PrepareReport:
+            select: Callable[[ClipItem], bool] | None = None, files: FileFacts | None = None) -> PrepareReport:
     """Scan, filter, label, prompt, encode and cache a dataset (module docstring); returns what happened.
 
     select: which scanned clips this run takes (None: all); the validation split passes one.
-    hashes: file path -> sha256 already computed in this run (each file is read for it once).
-    probes: file path -> its probe (MediaInfo) already made in this run.
+    files: the probes and sha256s this run already made (FileFacts; each file is read for them once).
     Writes report.json, dataset_card.md and contact_sheet.png into dataset.cache_dir."""
     start = time.perf_counter()
     check_template(config.dataset.caption_template)
-    runner = _Preparer(config, vae, text_encoder, hashes, probes)
+    runner = _Preparer(config, vae, text_encoder, files)
     repaired = runner.repair()
     scan = scan_folder(config.dataset.root, config.dataset.metadata)
     root = Path(config.dataset.root)
