@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -192,19 +191,18 @@ def main(argv: list[str] | None = None) -> int:
                                                            "re-download it")
             raise UsageError(f"--lora {spec}: {str(err).splitlines()[0]}{hint}") from None
         print(report)
-    height, width = args.size or pipe.preset.sample_size
+    # --size on the model's grid, once (a warning when it moves); generate() then has nothing to snap
+    height, width, frames = snap_size(*(args.size or pipe.preset.sample_size), args.frames or pipe.preset.frame_num,
+                                      pipe.preset)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                                height=height, width=width, frames=args.frames, steps=args.steps,
+                                height=height, width=width, frames=frames, steps=args.steps,
                                 shift=args.shift, guide_scale=args.guide, solver=args.solver, image=image,
                                 fit_image=not args.exact_size)
     result = pipe.generate(request, progress=True)
     rendered = tuple(result.video.shape[-2:])
-    with warnings.catch_warnings():  # generate() has warned already when --size is off the grid
-        warnings.simplefilter("ignore")
-        snapped = snap_size(height, width, result.video.shape[1], pipe.preset)[:2]  # --size on the model's grid
-    if image is not None and not args.exact_size and rendered != snapped:
-        print(f"rendered {rendered[0]}x{rendered[1]}: the area of {snapped[0]}x{snapped[1]} at the image's aspect "
-              f"ratio ({image.shape[-2]}x{image.shape[-1]}); --exact-size renders {snapped[0]}x{snapped[1]} from a "
+    if image is not None and not args.exact_size and rendered != (height, width):
+        print(f"rendered {rendered[0]}x{rendered[1]}: the area of {height}x{width} at the image's aspect "
+              f"ratio ({image.shape[-2]}x{image.shape[-1]}); --exact-size renders {height}x{width} from a "
               f"centred crop")
     mp4, png = save_video(result.video, output_stem(args.out), fps=pipe.preset.sample_fps)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

@@ -154,6 +154,9 @@ class WanPipeline:
         from .lora_formats import META_EXPERT, load_lora
 
         path = Path(path)
+        if expert and expert not in self.experts:  # before any file is read (an A14B expert's is about 0.3 GB)
+            raise ValueError(f"{path}: expert {expert!r} was asked for, but {self.preset.name} has experts "
+                             f"{sorted(self.experts)}")
         if path.is_dir():
             files = sorted(path.glob("*.safetensors"))  # top level only: diffusers/ holds the same adapters
             if not files:
@@ -168,12 +171,9 @@ class WanPipeline:
                 self._loaded_loras.pop(next(iter(self._loaded_loras)))  # the oldest read
             self._loaded_loras[key] = load_lora(path, config=self.preset.transformer)
         weights, report = self._loaded_loras[key]
-        if expert and expert not in self.experts:
-            raise ValueError(f"{path}: expert {expert!r} was asked for, but {self.preset.name} has experts "
-                             f"{sorted(self.experts)}")
         target = expert or report.metadata.get(META_EXPERT)
         targets = [target] if target else list(self.experts)
-        unknown = [t for t in targets if t not in self.experts]
+        unknown = [t for t in targets if t not in self.experts]  # the expert the file's metadata names
         if unknown:
             raise ValueError(f"{path}: LoRA is for expert {unknown[0]!r}, but {self.preset.name} has experts "
                              f"{sorted(self.experts)}; pass @EXPERT to choose one")

@@ -121,6 +121,10 @@ def test_lora_for_another_expert_name_is_refused(pipes, tmp_path):
                      {META_EXPERT: "low_noise"})
     with pytest.raises(ValueError, match="has experts \\['dense'\\]"):
         pipes["tiny-ti2v"].add_lora(path)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="expert 'low_noise' was asked for, but tiny-ti2v has experts"):
+        pipes["tiny-ti2v"].add_lora(damaged, expert="low_noise")  # refused before the file is read
 
 
 def test_guidance_one_runs_the_conditional_branch_alone(pipes):
